@@ -1,0 +1,149 @@
+"""``veca bench backbone``: VECA vs dense ViT vs VECA with attention removed, across resolutions.
+
+Rows: resolution × {dense ViT, VECA at each width, VECA-no-attention (the limit)}; columns:
+query–key pairs per layer, analytic GFLOPs (attention included), median latency (min–max), images/s
+and peak memory. At each resolution every model is warmed up, then timed round-robin (one call of
+each per round) so that load from elsewhere on the machine hits every row alike; ratios come from
+the same rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from veca_ssl.bench.timing import Stats, markdown_table, peak_memory_bytes, write_rows
+from veca_ssl.models import build_backbone
+from veca_ssl.models.flops import dense_attention_pairs, veca_attention_pairs
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="veca bench backbone", description=__doc__.split("\n")[0])
+    p.add_argument("--family", default="small", choices=["tiny", "small", "base", "large"])
+    p.add_argument("--patch-size", type=int, default=16)
+    p.add_argument("--resolutions", type=int, nargs="+", default=[224, 448, 896, 1344])
+    p.add_argument("--widths", type=int, nargs="+", default=None, help="core budgets (default: all)")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--attn-backend", default="auto", help="VECA attention backend (sdpa, sdpa_masked, …)")
+    p.add_argument("--compare-masked", action="store_true",
+                   help="also time VECA at the largest width with one masked SDPA call")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--quick", action="store_true", help="224 and 448 px, widths 8 and 64 only")
+    p.add_argument("--out", default="outputs/bench/backbone.json", help="CSV/JSON results path")
+    return p
+
+
+def _variants(args) -> list[tuple[str, torch.nn.Module, int | None]]:
+    common = dict(patch_size=args.patch_size)
+    veca = build_backbone(f"veca_{args.family}", attn_backend=args.attn_backend, **common)
+    widths = args.widths or ([veca.budgets[0], veca.budgets[-1]] if args.quick else list(veca.budgets))
+    out: list[tuple[str, torch.nn.Module, int | None]] = [
+        (f"vit_{args.family} (dense)", build_backbone(f"vit_{args.family}", **common), None)]
+    out += [(f"veca_{args.family} C={c}", veca, c) for c in widths]
+    if args.compare_masked:
+        masked = build_backbone(f"veca_{args.family}", attn_backend="sdpa_masked", **common)
+        masked.load_state_dict(veca.state_dict())
+        out.append((f"veca_{args.family} C={widths[-1]} masked-SDPA", masked, widths[-1]))
+    limit = build_backbone(f"veca_{args.family}", attn_backend="none", **common)
+    out.append((f"veca_{args.family} C={widths[-1]} no-attention (limit)", limit, widths[-1]))
+    return out
+
+
+def run(args) -> list[dict]:
+    if args.quick:
+        args.resolutions = [224, 448]
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    variants = _variants(args)
+    for _, model, _ in variants:
+        model.to(device=device, dtype=dtype).eval()
+    rows: list[dict] = []
+    for res in args.resolutions:
+        images = torch.randn(args.batch_size, 3, res, res, device=device, dtype=dtype)
+        calls = []
+        for _, model, c in variants:
+            kw = {} if c is None else {"num_cores": c}
+            calls.append(lambda m=model, kw=kw, x=images: m.forward_features(x, **kw))
+        times: list[list[float]] = [[] for _ in variants]
+        with torch.inference_mode():
+            for call in calls:
+                for _ in range(args.warmup):
+                    call()
+            for _ in range(args.repeats):
+                for i, call in enumerate(calls):
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    call()
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                    times[i].append(time.perf_counter() - t0)
+            mems = [None if args.no_memory else peak_memory_bytes(call, device) for call in calls]
+        n = (res // args.patch_size) ** 2
+        dense_median = statistics.median(times[0])
+        limit_median = statistics.median(times[-1])
+        for (name, model, c), t, mem in zip(variants, times, mems):
+            st = Stats(statistics.median(t), min(t), max(t), len(t))
+            pairs = dense_attention_pairs(n + 1) if c is None else veca_attention_pairs(n, c)
+            rows.append({
+                "resolution": res, "model": name, "patches": n, "cores": c, "qk_pairs_per_layer": pairs,
+                "gflops": model.flops(res, res, c) / 1e9, "latency_ms": st.median * 1e3,
+                "latency_min_ms": st.min * 1e3, "latency_max_ms": st.max * 1e3,
+                "images_per_s": args.batch_size / st.median,
+                "peak_mem_mb": None if mem is None else mem / 2**20,
+                "speedup_vs_dense": dense_median / st.median, "x_limit": st.median / limit_median,
+            })
+        print(f"[{res}px] done", flush=True)
+    return rows
+
+
+def summarize(rows: list[dict]) -> list[str]:
+    lines = []
+    for res in sorted({r["resolution"] for r in rows}):
+        rs = [r for r in rows if r["resolution"] == res]
+        vecas = [r for r in rs if r["cores"] is not None and "no-attention" not in r["model"]
+                 and "masked" not in r["model"]]
+        widest = max(vecas, key=lambda r: r["cores"])
+        lat = [r["latency_ms"] for r in sorted(vecas, key=lambda r: r["cores"])]
+        mono = all(b >= a * 0.97 for a, b in zip(lat, lat[1:]))  # 3% timing noise allowance
+        lines.append(f"{res}px: C={widest['cores']} is {widest['speedup_vs_dense']:.2f}x faster than dense, "
+                     f"{widest['x_limit']:.3f}x the no-attention limit; latency non-decreasing in C: {mono}")
+    widest_rows = [r for r in rows if r["cores"] is not None and "no-attention" not in r["model"]
+                   and "masked" not in r["model"]]
+    top = max(r["cores"] for r in widest_rows)
+    mem = [(r["patches"], r["peak_mem_mb"]) for r in widest_rows if r["cores"] == top and r["peak_mem_mb"]]
+    if len(mem) >= 3:
+        xs, ys = zip(*mem)
+        mx, my = statistics.fmean(xs), statistics.fmean(ys)
+        sxy = sum((x - mx) * (y - my) for x, y in mem)
+        sxx, syy = sum((x - mx) ** 2 for x in xs), sum((y - my) ** 2 for y in ys)
+        r2 = sxy * sxy / (sxx * syy) if sxx and syy else float("nan")
+        lines.append(f"peak memory of C={top} vs patches: {sxy / sxx * 1024:.2f} MB per 1k patches, "
+                     f"linear fit R^2 = {r2:.4f}")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    print(f"veca bench backbone: family={args.family} patch={args.patch_size} device={args.device} "
+          f"threads={torch.get_num_threads()} batch={args.batch_size} warmup={args.warmup} "
+          f"repeats={args.repeats} (median, min–max)", flush=True)
+    rows = run(args)
+    cols = ["resolution", "model", "qk_pairs_per_layer", "gflops", "latency_ms", "latency_min_ms",
+            "latency_max_ms", "images_per_s", "peak_mem_mb", "speedup_vs_dense", "x_limit"]
+    print(markdown_table(rows, cols))
+    for line in summarize(rows):
+        print(line)
+    paths = write_rows(rows, args.out)
+    print("results: " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

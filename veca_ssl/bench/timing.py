@@ -1,0 +1,148 @@
+"""Benchmark hygiene shared by every ``veca bench``: warm-up, medians, spread, peak memory, tables.
+
+SPEC §7: warm up each shape at least 3 times, take the median of at least 5 runs and report the
+spread (min–max). Peak memory is measured, not estimated: on CUDA with the caching allocator's peak
+counter; on Linux CPUs with the kernel's resident-set high-water mark (``VmHWM``), reset through
+``/proc/self/clear_refs`` before the measured call. glibc would otherwise serve large tensors from
+its heap and keep freed pages resident, hiding the real peak, so the mmap threshold is pinned low:
+every large tensor is then a fresh mapping that is returned to the kernel when freed.
+"""
+
+from __future__ import annotations
+
+import csv
+import ctypes
+import json
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class Stats:
+    """Latency of repeated calls, in seconds."""
+
+    median: float
+    min: float
+    max: float
+    runs: int
+
+    def fmt_ms(self) -> str:
+        return f"{self.median * 1e3:.1f} ({self.min * 1e3:.1f}–{self.max * 1e3:.1f})"
+
+
+def _sync(device: torch.device | str | None) -> None:
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(fn: Callable[[], object], warmup: int = 3, repeats: int = 5, device=None) -> Stats:
+    """Call ``fn`` ``warmup`` times untimed, then ``repeats`` times timed; return median and spread."""
+    if warmup < 0 or repeats < 1:
+        raise ValueError(f"warmup must be >= 0 and repeats >= 1, got warmup={warmup}, repeats={repeats}")
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return Stats(statistics.median(times), min(times), max(times), repeats)
+
+
+_MALLOC_TUNED = False
+
+
+def _pin_mmap_threshold() -> None:
+    """Make glibc hand every allocation >= 64 KiB straight to mmap/munmap (see module docstring)."""
+    global _MALLOC_TUNED
+    if _MALLOC_TUNED:
+        return
+    _MALLOC_TUNED = True
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_mmap_threshold = -3
+        libc.mallopt(m_mmap_threshold, 64 * 1024)
+    except OSError:  # not glibc: the measurement is still taken, just less exact
+        pass
+
+
+def _read_status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def peak_memory_bytes(fn: Callable[[], object], device=None) -> int | None:
+    """Peak memory (bytes) that one call of ``fn`` adds over what was resident before it.
+
+    Returns ``None`` where the platform gives no way to measure it (non-Linux CPU).
+    """
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    _pin_mmap_threshold()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current RSS
+    except OSError:
+        return None
+    base = _read_status_kib("VmRSS")
+    fn()
+    peak = _read_status_kib("VmHWM")
+    if base is None or peak is None:
+        return None
+    return max(0, peak - base) * 1024
+
+
+def markdown_table(rows: Sequence[dict], columns: Sequence[str] | None = None) -> str:
+    """Render dict rows as a GitHub Markdown table (floats with 4 significant digits)."""
+    if not rows:
+        return "(no rows)"
+    columns = list(columns or rows[0].keys())
+
+    def cell(v: object) -> str:
+        if v is None:
+            return "–"
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return str(v)
+
+    out = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    out += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def write_rows(rows: Sequence[dict], path: str | Path) -> list[Path]:
+    """Write rows as ``<path>.csv`` and ``<path>.json`` (suffix of ``path`` ignored)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stem = path.with_suffix("")
+    columns: list[str] = []
+    for r in rows:
+        columns += [k for k in r if k not in columns]
+    csv_path, json_path = stem.with_suffix(".csv"), stem.with_suffix(".json")
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    json_path.write_text(json.dumps([dict(r) for r in rows], indent=2))
+    return [csv_path, json_path]
+
+
+__all__ = ["Stats", "measure", "peak_memory_bytes", "markdown_table", "write_rows", "asdict"]

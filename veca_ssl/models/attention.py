@@ -1,0 +1,118 @@
+"""Multi-head attention with VECA's core–periphery pattern and a dense fallback.
+
+With ``num_cores = C`` the sequence is ``[R_C; Z]`` (C cores, then N patches) and
+    cores   attend to cores + patches:  R' = Attn(R_C, [R_C; Z], [R_C; Z])
+    patches attend to cores only:      Z' = Attn(Z, R_C, R_C)
+so a layer scores ``2NC + C²`` query–key pairs instead of ``(N + C)²``: no patch ever sees another.
+
+Backends (``attn_backend``):
+  ``sdpa``        two ``scaled_dot_product_attention`` calls (cores, patches); the default and the
+                  fastest on CPU — see ``veca bench backbone --attn-backends``.
+  ``sdpa_masked`` one SDPA call over the full sequence with a block-sparse boolean mask; scores all
+                  (N + C)² pairs, kept for the side-by-side measurement.
+  ``math``        explicit matmul + softmax, same two-part pattern: PyTorch's FLOP counter sees every
+                  product, so the analytic FLOP count can be tested against it.
+  ``xformers``    ``xformers.ops.memory_efficient_attention`` (CUDA only, optional dependency).
+  ``auto``        xformers on CUDA when installed, else ``sdpa``.
+  ``none``        attention removed (output = values): the limit VECA can approach, for benchmarks.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .rope import apply_rope
+
+ATTN_BACKENDS = ("auto", "sdpa", "sdpa_masked", "math", "xformers", "none")
+
+
+@functools.lru_cache(maxsize=1)
+def _xformers_ops():
+    try:
+        import xformers.ops as xops  # optional GPU extra
+    except ImportError:
+        return None
+    return xops
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, backend: str, mask: Tensor | None = None) -> Tensor:
+    if backend == "math":
+        scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        return scores.softmax(dim=-1) @ v
+    if backend == "xformers" and mask is None:
+        xops = _xformers_ops()
+        out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return out.transpose(1, 2)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def core_periphery_mask(num_cores: int, num_tokens: int, device=None) -> Tensor:
+    """Boolean (T, T) mask, True where attention is allowed: core rows see all, patch rows see cores."""
+    mask = torch.zeros(num_tokens, num_tokens, dtype=torch.bool, device=device)
+    mask[:num_cores] = True
+    mask[:, :num_cores] = True
+    return mask
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    if backend not in ATTN_BACKENDS:
+        raise ValueError(f"unknown attn_backend {backend!r}; valid: {', '.join(ATTN_BACKENDS)}")
+    if backend == "auto":
+        return "xformers" if device.type == "cuda" and _xformers_ops() is not None else "sdpa"
+    if backend == "xformers" and (device.type != "cuda" or _xformers_ops() is None):
+        raise ValueError("attn_backend='xformers' needs CUDA and `pip install veca-ssl[gpu]`; use 'sdpa'")
+    return backend
+
+
+class Attention(nn.Module):
+    """Pre-projected multi-head attention; ``num_cores`` switches on the core–periphery pattern.
+
+    ``rope`` is an optional (cos, sin) pair for the rotated tokens, which are the last
+    ``T - rope_skip`` tokens (dense ViTs leave the class/register tokens unrotated).
+    """
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, proj_bias: bool = True,
+                 attn_backend: str = "auto") -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"embed_dim={dim} must be divisible by num_heads={num_heads}")
+        if attn_backend not in ATTN_BACKENDS:
+            raise ValueError(f"unknown attn_backend {attn_backend!r}; valid: {', '.join(ATTN_BACKENDS)}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.attn_backend = attn_backend
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim, bias=proj_bias)
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None, num_cores: int | None = None,
+                rope_skip: int = 0) -> Tensor:
+        b, t, d = x.shape
+        backend = resolve_backend(self.attn_backend, x.device)
+        qkv = self.qkv(x).view(b, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # (B, heads, T, head_dim) each
+        if backend == "none":
+            out = v
+        else:
+            if rope is not None:
+                cos, sin = rope
+                if rope_skip:
+                    q = torch.cat([q[:, :, :rope_skip], apply_rope(q[:, :, rope_skip:], cos, sin)], dim=2)
+                    k = torch.cat([k[:, :, :rope_skip], apply_rope(k[:, :, rope_skip:], cos, sin)], dim=2)
+                else:
+                    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            if num_cores is None:
+                out = _sdpa(q, k, v, "sdpa" if backend == "sdpa_masked" else backend)
+            elif backend == "sdpa_masked":
+                out = _sdpa(q, k, v, "sdpa", core_periphery_mask(num_cores, t, x.device))
+            else:
+                c = num_cores
+                out_cores = _sdpa(q[:, :, :c], k, v, backend)
+                out_patches = _sdpa(q[:, :, c:], k[:, :, :c], v[:, :, :c], backend)
+                out = torch.cat([out_cores, out_patches], dim=2)
+        return self.proj(out.transpose(1, 2).reshape(b, t, d))

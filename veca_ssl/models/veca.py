@@ -1,0 +1,148 @@
+"""VECA: Visual Elastic Core Attention (arXiv 2605.12491).
+
+Patches never attend to each other: every block runs on ``[R_C; Z]`` where ``R_C`` is the prefix of
+``C`` tokens of an ordered bank of ``M`` learned cores, and patches only read from the cores (see
+``attention.py``). Cost per layer is ``2NC + C²`` query–key pairs — linear in the number of patches.
+
+Elasticity: the bank is one (M, D) parameter and a forward pass slices its first ``C`` rows, so a
+budget's output can only depend on cores < C and cores >= C receive exactly-zero gradient rows
+(DDP needs no ``find_unused_parameters``). Training with nested budgets makes every prefix a
+working model: pick any budget in ``budgets`` at inference without retraining.
+
+Positions: 2D RoPE on queries and keys. Patches sit at their cell centres on [-1, 1]²; each core has
+a learned coordinate (raw, pre-tanh), initialised by farthest-point sampling inside ±0.95 so every
+prefix is spread over the image, and moved after every block but the last by a small linear head
+on the core's state: ``raw += alpha_l · Linear_l(core)`` (``alpha_l`` learned, initialised 0.01).
+During training the patch coordinates of each image are shifted (±0.08) and rescaled (×[0.5, 2],
+log-uniform) — the coordinate augmentation of the reference, which keeps the cores from
+over-fitting to one absolute layout of the patches.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from .base import Backbone, init_weights
+from .block import Block
+from .flops import backbone_flops, veca_attention_pairs
+from .layers import PatchEmbed, ffn_hidden_dim
+from .rope import farthest_point_coords, patch_coords, rope_cos_sin, rope_inv_periods
+
+
+def nested_budgets(num_cores: int, core_chunk: int = 8) -> tuple[int, ...]:
+    if core_chunk < 1 or num_cores < core_chunk or num_cores % core_chunk:
+        raise ValueError(
+            f"num_cores={num_cores} must be a positive multiple of core_chunk={core_chunk} "
+            f"(e.g. {max(core_chunk, num_cores // max(core_chunk, 1) * core_chunk)})"
+        )
+    return tuple(range(core_chunk, num_cores + 1, core_chunk))
+
+
+class VECA(Backbone):
+    arch = "veca"
+
+    def __init__(self, patch_size: int = 16, embed_dim: int = 384, depth: int = 12, num_heads: int = 6,
+                 num_cores: int = 64, core_chunk: int = 8, ffn_layer: str = "swiglu",
+                 ffn_ratio: float | None = None, qkv_bias: bool = True, drop_path_rate: float = 0.0,
+                 layerscale_init: float | None = None, norm_eps: float = 1e-6, rope_base: float = 100.0,
+                 rope_zero_fraction: float = 0.125, coord_shift: float = 0.08,
+                 coord_rescale: tuple[float, float] = (0.5, 2.0), coord_alpha_init: float = 0.01,
+                 attn_backend: str = "auto", in_chans: int = 3, grad_checkpointing: bool = False) -> None:
+        super().__init__({
+            "patch_size": patch_size, "embed_dim": embed_dim, "depth": depth, "num_heads": num_heads,
+            "num_cores": num_cores, "core_chunk": core_chunk, "ffn_layer": ffn_layer, "ffn_ratio": ffn_ratio,
+            "qkv_bias": qkv_bias, "drop_path_rate": drop_path_rate, "layerscale_init": layerscale_init,
+            "norm_eps": norm_eps, "rope_base": rope_base, "rope_zero_fraction": rope_zero_fraction,
+            "coord_shift": coord_shift, "coord_rescale": list(coord_rescale),
+            "coord_alpha_init": coord_alpha_init, "attn_backend": attn_backend, "in_chans": in_chans,
+        })
+        self._budgets = nested_budgets(num_cores, core_chunk)
+        if depth < 1:
+            raise ValueError(f"depth must be >= 1, got {depth}")
+        self.embed_dim, self.depth, self.num_heads, self.patch_size = embed_dim, depth, num_heads, patch_size
+        self.num_cores = num_cores
+        self.ffn_layer, self.ffn_hidden = ffn_layer, ffn_hidden_dim(embed_dim, ffn_layer, ffn_ratio)
+        self.coord_shift, self.coord_rescale = coord_shift, tuple(coord_rescale)
+        self.grad_checkpointing = grad_checkpointing
+
+        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
+        self.cores = nn.Parameter(torch.empty(num_cores, embed_dim))
+        # stored pre-tanh so the per-layer updates stay unconstrained
+        self.core_coords = nn.Parameter(torch.atanh(farthest_point_coords(num_cores)))
+        self.mask_token = nn.Parameter(torch.zeros(embed_dim))
+        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        self.blocks = nn.ModuleList(
+            Block(embed_dim, num_heads, ffn_layer, ffn_ratio, qkv_bias, True, True, dpr[i], layerscale_init,
+                  norm_eps, attn_backend)
+            for i in range(depth)
+        )
+        # a coordinate update after the last block would feed nothing: depth - 1 heads
+        self.coord_heads = nn.ModuleList(nn.Linear(embed_dim, 2) for _ in range(depth - 1))
+        self.coord_alpha = nn.Parameter(torch.full((max(depth - 1, 0),), float(coord_alpha_init)))
+        self.norm = nn.LayerNorm(embed_dim, eps=norm_eps)
+        self.register_buffer("rope_inv_periods", rope_inv_periods(embed_dim // num_heads, rope_base,
+                                                                  rope_zero_fraction), persistent=False)
+        self.apply(init_weights)
+        nn.init.trunc_normal_(self.cores, std=0.02)
+
+    @property
+    def budgets(self) -> tuple[int, ...]:
+        return self._budgets
+
+    def check_budget(self, num_cores: int | None) -> int:
+        if num_cores is None:
+            return self.num_cores
+        if isinstance(num_cores, bool) or int(num_cores) != num_cores or int(num_cores) not in self._budgets:
+            raise ValueError(f"num_cores={num_cores!r} is not a valid core budget; valid budgets: "
+                             f"{self._budgets}")
+        return int(num_cores)
+
+    def _patch_coords(self, batch: int, grid: tuple[int, int], device) -> Tensor:
+        coords = patch_coords(grid, device)[None]  # (1, N, 2)
+        lo, hi = self.coord_rescale
+        if self.training and (self.coord_shift > 0 or lo != 1.0 or hi != 1.0):
+            shift = (torch.rand(batch, 1, 2, device=device) * 2 - 1) * self.coord_shift
+            log_scale = torch.empty(batch, 1, 1, device=device).uniform_(math.log(lo), math.log(hi))
+            coords = coords * log_scale.exp() + shift
+        return coords
+
+    def _run(self, images: Tensor, num_cores: int | None, masks: Tensor | None, collect: set[int]):
+        c = self.check_budget(num_cores)
+        z, grid = self.patch_embed(images)
+        b, n, _ = z.shape
+        if masks is not None:
+            if masks.shape != (b, n):
+                raise ValueError(f"masks must be (B, N) = {(b, n)}, got {tuple(masks.shape)}")
+            z = torch.where(masks.unsqueeze(-1), self.mask_token.to(z.dtype), z)
+        x = torch.cat([self.cores[:c].to(z.dtype).expand(b, -1, -1), z], dim=1)
+
+        cos_p, sin_p = rope_cos_sin(self._patch_coords(b, grid, z.device), self.rope_inv_periods)
+        cos_p, sin_p = cos_p.expand(b, -1, -1), sin_p.expand(b, -1, -1)
+        core_raw = self.core_coords[:c].expand(b, -1, -1)
+        outs: dict[int, Tensor] = {}
+        for i, blk in enumerate(self.blocks):
+            cos_c, sin_c = rope_cos_sin(torch.tanh(core_raw), self.rope_inv_periods)
+            rope = (torch.cat([cos_c, cos_p], 1).unsqueeze(1), torch.cat([sin_c, sin_p], 1).unsqueeze(1))
+            x = self._block(blk, x, rope, c)
+            if i in collect:
+                outs[i] = x
+            if i < self.depth - 1:
+                core_raw = core_raw + self.coord_alpha[i] * self.coord_heads[i](x[:, :c]).float()
+        return x, outs, c, c, grid
+
+    def core_coordinates(self, num_cores: int | None = None) -> Tensor:
+        """Initial (layer-0) core coordinates in [-1, 1]², (C, 2) as (y, x)."""
+        return torch.tanh(self.core_coords[: self.check_budget(num_cores)]).detach()
+
+    def flops(self, height: int, width: int, num_cores: int | None = None) -> float:
+        c = self.check_budget(num_cores)
+        n = (height // self.patch_size) * (width // self.patch_size)
+        coord_heads = (self.depth - 1) * 2 * c * self.embed_dim * 2
+        return float(backbone_flops(
+            num_patches=n, num_tokens=n + c,
+            attn_pairs=0 if self.config["attn_backend"] == "none" else veca_attention_pairs(n, c), dim=self.embed_dim,
+            depth=self.depth, hidden=self.ffn_hidden, ffn_layer=self.ffn_layer,
+            in_chans=self.patch_embed.in_chans, patch_size=self.patch_size, extra=coord_heads))
