@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .base import Backbone
@@ -63,26 +64,44 @@ def _find_weights(path: Path) -> Path:
     return path
 
 
+def _read_safetensors(path: Path, map_location: str | torch.device) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path), device=str(map_location))
+    except Exception as exc:  # safetensors raises its own error types for truncated files
+        raise ValueError(f"cannot read weights {path}: {exc} (truncated or not a safetensors file?)") from exc
+
+
+def _safetensors_format(path: Path) -> str | None:
+    """The ``format`` metadata entry (ours: EXPORT_FORMAT); None when absent or unreadable."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("format")
+    except Exception:  # unreadable: _read_safetensors reports it with the file name
+        return None
+
+
 def load_backbone(path: str | Path, map_location: str | torch.device = "cpu", which: str = "teacher",
                   **kwargs) -> Backbone:
     """Load a backbone from an export (.safetensors + .json), a training checkpoint (the EMA teacher by
     default, ``which="student"`` for the student) or a directory holding either.
 
-    External teachers (DINOv2/DINOv3/timm ``.pth`` state dicts) go through
-    ``veca_ssl.models.convert``; extra ``kwargs`` are passed there (e.g. ``arch=``).
+    External teachers (DINOv2/DINOv3/timm ``.pth`` state dicts, and ``.safetensors`` files that are not
+    our exports, e.g. timm's) go through ``veca_ssl.models.convert``; extra ``kwargs`` are passed there
+    (e.g. ``arch=``, ``num_heads=``).
     """
     path = _find_weights(Path(path))
     if path.suffix == ".safetensors":
         sidecar = path.with_suffix(".json")
         if not sidecar.exists():
+            if _safetensors_format(path) != EXPORT_FORMAT:  # e.g. timm/HF model.safetensors (issue 7)
+                from . import convert
+
+                return convert.backbone_from_state_dict(_read_safetensors(path, map_location), source=str(path),
+                                                        **kwargs)
             raise FileNotFoundError(f"{path} has no config sidecar {sidecar}; export with save_backbone()")
         meta = json.loads(sidecar.read_text())
         model = build_from_config(meta["config"])
-        try:
-            state = load_file(str(path), device=str(map_location))
-        except Exception as exc:  # safetensors raises its own error types for truncated files
-            raise ValueError(f"cannot read weights {path}: {exc} (truncated or not a safetensors file?)") from exc
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(_read_safetensors(path, map_location), strict=True)
         return model
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)

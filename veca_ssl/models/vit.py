@@ -30,14 +30,15 @@ class VisionTransformer(Backbone):
                  qkv_bias: bool = True, proj_bias: bool = True, ffn_bias: bool = True,
                  drop_path_rate: float = 0.0, layerscale_init: float | None = None, norm_eps: float = 1e-6,
                  rope_base: float = 100.0, rope_zero_fraction: float = 0.0, attn_backend: str = "auto",
-                 in_chans: int = 3, grad_checkpointing: bool = False) -> None:
+                 in_chans: int = 3, grad_checkpointing: bool = False, pos_interp_antialias: bool = False) -> None:
         if pos_embed not in POS_EMBEDS:
             raise ValueError(f"unknown pos_embed {pos_embed!r}; valid: {', '.join(POS_EMBEDS)}")
         pos_embed_grid = pos_embed_grid or 224 // patch_size
         super().__init__({
             "patch_size": patch_size, "embed_dim": embed_dim, "depth": depth, "num_heads": num_heads,
             "num_registers": num_registers, "pos_embed": pos_embed, "pos_embed_grid": pos_embed_grid,
-            "pos_interp_offset": pos_interp_offset, "ffn_layer": ffn_layer, "ffn_ratio": ffn_ratio,
+            "pos_interp_offset": pos_interp_offset, "pos_interp_antialias": pos_interp_antialias,
+            "ffn_layer": ffn_layer, "ffn_ratio": ffn_ratio,
             "qkv_bias": qkv_bias, "proj_bias": proj_bias, "ffn_bias": ffn_bias,
             "drop_path_rate": drop_path_rate, "layerscale_init": layerscale_init, "norm_eps": norm_eps,
             "rope_base": rope_base, "rope_zero_fraction": rope_zero_fraction, "attn_backend": attn_backend,
@@ -45,6 +46,7 @@ class VisionTransformer(Backbone):
         })
         self.embed_dim, self.depth, self.num_heads, self.patch_size = embed_dim, depth, num_heads, patch_size
         self.num_registers, self.pos_embed_type, self.pos_interp_offset = num_registers, pos_embed, pos_interp_offset
+        self.pos_interp_antialias = pos_interp_antialias
         self.ffn_layer, self.ffn_hidden = ffn_layer, ffn_hidden_dim(embed_dim, ffn_layer, ffn_ratio)
         self.grad_checkpointing = grad_checkpointing
 
@@ -71,7 +73,11 @@ class VisionTransformer(Backbone):
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
 
     def interpolate_pos_embed(self, grid: tuple[int, int]) -> Tensor:
-        """Learned positions for an (Hp, Wp) grid: (1, 1 + Hp*Wp, D), bicubic as in DINOv2."""
+        """Learned positions for an (Hp, Wp) grid: (1, 1 + Hp*Wp, D), bicubic as in DINOv2.
+
+        ``pos_interp_antialias`` selects PyTorch's antialiased bicubic (the setting of DINOv2's register
+        models and of timm's ``resample_abs_pos_embed``), which differs even when upsampling.
+        """
         pos = self.pos_embed
         m = self.config["pos_embed_grid"]
         if grid == (m, m):
@@ -80,9 +86,9 @@ class VisionTransformer(Backbone):
         if self.pos_interp_offset:  # DINOv2's scale-factor form, kept for weight fidelity
             off = self.pos_interp_offset
             patch_pos = F.interpolate(patch_pos, scale_factor=((grid[0] + off) / m, (grid[1] + off) / m),
-                                      mode="bicubic")
+                                      mode="bicubic", antialias=self.pos_interp_antialias)
         else:
-            patch_pos = F.interpolate(patch_pos, size=grid, mode="bicubic")
+            patch_pos = F.interpolate(patch_pos, size=grid, mode="bicubic", antialias=self.pos_interp_antialias)
         patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, -1, pos.shape[-1]).to(pos.dtype)
         return torch.cat([pos[:, :1], patch_pos], dim=1)
 

@@ -1,0 +1,267 @@
+"""``veca extract``: frozen features of a dataset at one core width, written to disk in shards.
+
+Each shard holds ``image`` (N, D), optionally ``patch_mean`` (N, D) and ``patches`` (N, Hp*Wp, D),
+plus ``labels`` and dataset ``indices`` — one ``.safetensors`` file per shard (default) or one
+``.npy`` file per array. ``manifest.json`` describes the run (model, checkpoint, width, resolution,
+dataset, count, dtype, shard size) and lists the finished shards with their byte sizes and SHA-256.
+Shards and manifest are written atomically (temporary file + rename) and the manifest is updated
+after every shard, so an interrupted extraction resumes where it stopped: listed shards whose files
+verify are skipped. Each shard is extracted on its own (same batches whatever happened before), so
+resumed shards are byte-identical to those of an uninterrupted run.
+
+``read_features(dir)`` returns the arrays concatenated over shards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Subset
+
+from eval.common import Width, is_main_process, resolve_widths
+
+MANIFEST = "manifest.json"
+FORMATS = ("safetensors", "npy")
+DTYPES = {"float32": (torch.float32, np.float32), "float16": (torch.float16, np.float16)}
+#: Manifest fields that must match for a resume to continue an existing extraction.
+IDENTITY = ("model", "checkpoint", "width", "resolution", "dataset", "count", "dtype", "format",
+            "shard_size", "features")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _write_shard(out_dir: Path, index: int, arrays: dict[str, np.ndarray], fmt: str,
+                 meta: dict[str, str]) -> list[dict]:
+    """Write one shard atomically; return ``[{"file", "bytes", "sha256"}]`` of its files."""
+    name = f"shard-{index:05d}"
+    if fmt == "safetensors":
+        from safetensors.numpy import save
+
+        blobs = {f"{name}.safetensors": save({k: np.ascontiguousarray(v) for k, v in arrays.items()},
+                                             metadata=meta)}
+    else:
+        import io
+
+        blobs = {}
+        for key, arr in arrays.items():
+            buf = io.BytesIO()
+            np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
+            blobs[f"{name}.{key}.npy"] = buf.getvalue()
+    files = []
+    for fname, data in blobs.items():
+        _atomic_write_bytes(out_dir / fname, data)
+        files.append({"file": fname, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+    return files
+
+
+def _shard_ok(out_dir: Path, entry: dict) -> bool:
+    for f in entry["files"]:
+        p = out_dir / f["file"]
+        if not p.is_file() or p.stat().st_size != f["bytes"] or _sha256(p) != f["sha256"]:
+            return False
+    return True
+
+
+def _write_manifest(out_dir: Path, manifest: dict) -> None:
+    _atomic_write_bytes(out_dir / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+
+
+def extract_to_shards(
+    model: torch.nn.Module,
+    dataset: Dataset,
+    output_dir: str | Path,
+    width: Width,
+    resolution: int,
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+    shard_size: int = 10000,
+    fmt: str = "safetensors",
+    dtype: str = "float32",
+    with_patch_mean: bool = True,
+    with_patches: bool = False,
+    info: dict | None = None,
+    max_shards: int | None = None,
+    on_shard: Callable[[int], None] | None = None,
+    num_workers: int = 0,
+    progress: bool = True,
+) -> dict:
+    """Extract ``dataset`` features at ``width`` into shards under ``output_dir``; resume if possible.
+
+    Args:
+        info: identity of the run recorded in the manifest (``model``, ``checkpoint``, ``dataset``).
+        max_shards: stop after writing this many new shards (the rest is done by a later call).
+        on_shard: called with the shard index after each shard and its manifest entry are on disk.
+
+    Returns:
+        The manifest (``manifest["complete"]`` tells whether every shard is written).
+    """
+    from eval.features import extract_features
+
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; valid: {', '.join(FORMATS)}")
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    budgets = tuple(getattr(model, "budgets", ()) or ())
+    if width is None:
+        width = max(budgets) if budgets else None  # default: the full width
+    else:
+        resolve_widths(model, [width])  # ValueError naming the width and the valid budgets
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    info = dict(info or {})
+    features = ["image"] + (["patch_mean"] if with_patch_mean else []) + (["patches"] if with_patches else [])
+    manifest = {"model": info.get("model"), "checkpoint": info.get("checkpoint"), "width": width,
+                "resolution": resolution, "dataset": info.get("dataset"), "count": len(dataset),
+                "dtype": dtype, "format": fmt, "shard_size": shard_size,
+                "features": features + ["labels", "indices"], "embed_dim": int(getattr(model, "embed_dim", 0)),
+                "shards": [], "complete": False}
+    path = out / MANIFEST
+    if path.exists():
+        old = json.loads(path.read_text())
+        diff = [k for k in IDENTITY if old.get(k) != manifest[k]]
+        if diff:
+            raise ValueError(
+                f"{path} belongs to another extraction (differs in {', '.join(diff)}: "
+                f"{ {k: old.get(k) for k in diff} } vs { {k: manifest[k] for k in diff} }); "
+                "use a new --output-dir or delete it")
+        for entry in old.get("shards", []):  # keep the verified prefix of finished shards
+            if entry["index"] != len(manifest["shards"]) or not _shard_ok(out, entry):
+                break
+            manifest["shards"].append(entry)
+    n = len(dataset)
+    n_shards = max(1, -(-n // shard_size))
+    torch_dtype, np_dtype = DTYPES[dtype]
+    written = 0
+    for index in range(len(manifest["shards"]), n_shards):
+        if max_shards is not None and written >= max_shards:
+            break
+        start, stop = index * shard_size, min(n, (index + 1) * shard_size)
+        fs = extract_features(model, Subset(dataset, range(start, stop)), [width], resolution, batch_size,
+                              device, with_patch_mean=with_patch_mean, with_patches=with_patches,
+                              num_workers=num_workers, progress=progress, dtype=torch_dtype)[width]
+        arrays = {"image": fs.image.numpy().astype(np_dtype)}
+        if with_patch_mean:
+            arrays["patch_mean"] = fs.patch_mean.numpy().astype(np_dtype)
+        if with_patches:
+            arrays["patches"] = fs.patches.numpy().astype(np_dtype)
+        arrays["labels"] = fs.labels.numpy().astype(np.int64)
+        arrays["indices"] = (fs.indices + start).numpy().astype(np.int64)
+        if is_main_process():
+            # One metadata key only: safetensors serialises metadata from a hash map, so with several
+            # keys their order (hence the file bytes) would differ between runs.
+            meta = {"veca_extract": json.dumps({"shard": index, "start": start, "count": stop - start})}
+            files = _write_shard(out, index, arrays, fmt, meta)
+            manifest["shards"].append({"index": index, "start": start, "count": stop - start, "files": files})
+            manifest["complete"] = len(manifest["shards"]) == n_shards
+            _write_manifest(out, manifest)
+        written += 1
+        if on_shard is not None:
+            on_shard(index)
+    manifest["complete"] = len(manifest["shards"]) == n_shards
+    if is_main_process():
+        _write_manifest(out, manifest)
+    return manifest
+
+
+def read_features(directory: str | Path) -> dict[str, np.ndarray]:
+    """All arrays of an extraction directory, concatenated over shards in order.
+
+    Raises ValueError when the extraction is incomplete (resume it with ``veca extract`` first).
+    """
+    d = Path(directory)
+    if not (d / MANIFEST).is_file():
+        raise FileNotFoundError(f"no {MANIFEST} in {str(d)!r}; is it a `veca extract` output directory?")
+    manifest = json.loads((d / MANIFEST).read_text())
+    if not manifest.get("complete"):
+        raise ValueError(f"extraction in {str(d)!r} is incomplete ({len(manifest['shards'])} shards written); "
+                         "run `veca extract` again with the same options to resume")
+    parts: dict[str, list[np.ndarray]] = {}
+    for entry in manifest["shards"]:
+        if manifest["format"] == "safetensors":
+            from safetensors.numpy import load_file
+
+            arrays = load_file(str(d / entry["files"][0]["file"]))
+        else:
+            arrays = {f["file"].split(".")[-2]: np.load(d / f["file"], allow_pickle=False) for f in entry["files"]}
+        for k, v in arrays.items():
+            parts.setdefault(k, []).append(v)
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from eval.common import add_model_args
+
+    p = argparse.ArgumentParser(prog="veca extract", description=__doc__.split("\n")[0])
+    add_model_args(p)
+    p.add_argument("--data", required=True, help="dataset SPEC[@SPLIT], e.g. imagefolder:/data/train")
+    p.add_argument("--width", type=int, default=None, help="core width (default: the largest budget)")
+    p.add_argument("--resolution", type=int, default=224)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--format", choices=FORMATS, default="safetensors")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
+    p.add_argument("--shard-size", type=int, default=10000, help="images per shard")
+    p.add_argument("--no-patch-mean", action="store_true", help="do not store the mean patch token")
+    p.add_argument("--patches", action="store_true", help="also store all patch tokens (large)")
+    p.add_argument("--max-shards", type=int, default=None, help="stop after N new shards (resume later)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from eval.common import (
+        build_eval_dataset,
+        check_checkpoint,
+        model_description,
+        model_from_args,
+        progress_enabled,
+        resolve_device,
+    )
+
+    args = build_parser().parse_args(argv)
+    check_checkpoint(args.checkpoint)
+    device = resolve_device(args.device)
+    model = model_from_args(args)
+    dataset = build_eval_dataset(args.data, args.resolution)
+    info = {"model": model_description(None, args.model, model) if args.model else model_description(
+        args.checkpoint, None, model), "checkpoint": args.checkpoint, "dataset": args.data}
+    manifest = extract_to_shards(
+        model, dataset, args.output_dir, args.width, args.resolution, args.batch_size, device,
+        args.shard_size, args.format, args.dtype, with_patch_mean=not args.no_patch_mean,
+        with_patches=args.patches, info=info, max_shards=args.max_shards, num_workers=args.num_workers,
+        progress=progress_enabled(not args.no_progress))
+    state = "complete" if manifest["complete"] else "incomplete (run again to resume)"
+    print(f"{len(manifest['shards'])} shard(s), {manifest['count']} images, width {manifest['width']}: "
+          f"{state} → {args.output_dir}/{MANIFEST}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""Weighted k-NN classification of frozen features — the DINOv2 protocol (arXiv:2304.07193, §7).
+
+Features are L2-normalised; the ``k`` nearest training features (cosine similarity) of a query vote
+for their class with weight ``exp(sim / T)``, T = 0.07 (DINO, arXiv:2104.14294, §4.1); reported for
+k ∈ {10, 20, 100, 200} as top-1 and top-5 accuracy (%). Neighbour search has two backends with the
+same results on tie-free data: ``torch`` (exact, chunked over queries so the Q×N similarity matrix is
+never held in memory at once) and ``faiss`` (``IndexFlatIP``, on GPU when faiss sees one).
+
+``python -m eval.knn --checkpoint CKPT --train SPEC --test SPEC`` / ``veca eval knn``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+KNN_KS: tuple[int, ...] = (10, 20, 100, 200)
+KNN_TEMPERATURE = 0.07
+BACKENDS = ("torch", "faiss")
+
+
+def knn_search_torch(bank: torch.Tensor, queries: torch.Tensor, k: int,
+                     chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact inner-product top-``k``: ``(sims, idx)`` of shape (Q, k), sorted by decreasing similarity."""
+    sims, idx = [], []
+    for start in range(0, queries.shape[0], chunk_size):
+        s = queries[start:start + chunk_size] @ bank.T  # (chunk, N): the only large temporary
+        top_s, top_i = s.topk(k, dim=1, largest=True, sorted=True)
+        sims.append(top_s)
+        idx.append(top_i)
+    if not sims:
+        return bank.new_zeros((0, k)), torch.zeros((0, k), dtype=torch.long, device=bank.device)
+    return torch.cat(sims), torch.cat(idx)
+
+
+def faiss_available() -> bool:
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def knn_search_faiss(bank: torch.Tensor, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact inner-product top-``k`` with ``faiss.IndexFlatIP`` (GPU index when faiss has a GPU)."""
+    import faiss
+
+    xb = np.ascontiguousarray(bank.detach().float().cpu().numpy())
+    xq = np.ascontiguousarray(queries.detach().float().cpu().numpy())
+    index = faiss.IndexFlatIP(xb.shape[1])
+    if getattr(faiss, "get_num_gpus", lambda: 0)() > 0:
+        index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+    index.add(xb)
+    sims, idx = index.search(xq, k)
+    return torch.from_numpy(sims).to(bank.device), torch.from_numpy(idx).long().to(bank.device)
+
+
+def knn_search(bank: torch.Tensor, queries: torch.Tensor, k: int, backend: str = "torch",
+               chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``k`` neighbours of ``queries`` in ``bank`` by inner product with the chosen backend."""
+    if backend == "torch":
+        return knn_search_torch(bank, queries, k, chunk_size)
+    if backend == "faiss":
+        if not faiss_available():
+            raise ValueError("backend 'faiss' requested but faiss is not installed; use --backend torch")
+        return knn_search_faiss(bank, queries, k)
+    raise ValueError(f"unknown k-NN backend {backend!r}; valid: {', '.join(BACKENDS)}")
+
+
+def knn_vote(sims: torch.Tensor, neighbour_labels: torch.Tensor, ks: Sequence[int], temperature: float,
+             num_classes: int) -> dict[int, torch.Tensor]:
+    """Class scores ``sum_{j<k} exp(sim_j / T) * onehot(label_j)`` for each ``k`` (neighbours sorted).
+
+    The per-query constant ``exp(-max_sim / T)`` is factored out for numerical range; it scales every
+    class score of a query equally, so rankings (and accuracies) are exactly those of ``exp(sim / T)``.
+    """
+    weights = torch.exp((sims - sims[:, :1]) / temperature)  # (Q, K)
+    # scatter_add per k instead of DINOv2's (Q, K, C) one-hot product: same sums, O(Q·K) memory.
+    out = {}
+    for k in ks:
+        scores = weights.new_zeros((weights.shape[0], num_classes))
+        out[k] = scores.scatter_add_(1, neighbour_labels[:, :k], weights[:, :k])
+    return out
+
+
+def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, k: int) -> float:
+    """Percentage of rows whose label is among the ``k`` highest scores (k clipped to #classes)."""
+    if labels.numel() == 0:
+        return float("nan")
+    k = min(k, scores.shape[1])
+    top = scores.topk(k, dim=1).indices
+    return float((top == labels[:, None]).any(dim=1).float().mean() * 100)
+
+
+def knn_classify(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    test_labels: torch.Tensor,
+    ks: Sequence[int] = KNN_KS,
+    temperature: float = KNN_TEMPERATURE,
+    backend: str = "torch",
+    num_classes: int | None = None,
+    chunk_size: int = 1024,
+    device: torch.device | str | None = None,
+) -> dict[str, float]:
+    """DINOv2 weighted k-NN: ``{"knn_k{k}_top1": %, "knn_k{k}_top5": %}`` for every ``k``.
+
+    ``k`` larger than the bank is clipped to the bank size (the metric keeps the requested name).
+    """
+    if train_features.shape[0] == 0:
+        raise ValueError("k-NN needs a non-empty training bank")
+    if any(k < 1 for k in ks):
+        raise ValueError(f"k values must be >= 1, got {list(ks)}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    device = torch.device(device) if device is not None else train_features.device
+    bank = F.normalize(train_features.to(device).float(), dim=1)
+    queries = F.normalize(test_features.to(device).float(), dim=1)
+    train_labels = train_labels.to(device).long()
+    test_labels = test_labels.to(device).long()
+    if num_classes is None:
+        num_classes = int(max(train_labels.max(), test_labels.max() if test_labels.numel() else 0)) + 1
+    clipped = {k: min(k, bank.shape[0]) for k in ks}
+    max_k = max(clipped.values())
+    metrics: dict[str, float] = {}
+    # Vote chunk by chunk too, so the (Q, K, C) one-hot tensor stays small.
+    hits: dict[str, list[torch.Tensor]] = {}
+    for start in range(0, queries.shape[0], chunk_size):
+        q = queries[start:start + chunk_size]
+        sims, idx = knn_search(bank, q, max_k, backend, chunk_size)
+        scores = knn_vote(sims, train_labels[idx], sorted(set(clipped.values())), temperature, num_classes)
+        y = test_labels[start:start + chunk_size]
+        for k in ks:
+            s = scores[clipped[k]]
+            for top in (1, 5):
+                kk = min(top, num_classes)
+                hit = (s.topk(kk, dim=1).indices == y[:, None]).any(dim=1)
+                hits.setdefault(f"knn_k{k}_top{top}", []).append(hit)
+    for name, parts in hits.items():
+        metrics[name] = float(torch.cat(parts).float().mean() * 100)
+    return metrics
+
+
+def run_knn(train_sets: dict, test_sets: dict, ks: Sequence[int] = KNN_KS,
+            temperature: float = KNN_TEMPERATURE, backend: str = "torch",
+            device: torch.device | str = "cpu", chunk_size: int = 1024) -> dict:
+    """k-NN at every width: ``{width: metrics}`` from ``{width: FeatureSet}`` of train and test."""
+    out = {}
+    for w, train in train_sets.items():
+        test = test_sets[w]
+        out[w] = knn_classify(train.image, train.labels, test.image, test.labels, ks, temperature,
+                              backend, chunk_size=chunk_size, device=device)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from eval.common import add_data_args, add_model_args, add_run_args
+
+    p = argparse.ArgumentParser(prog="veca eval knn", description=__doc__.split("\n")[0])
+    add_model_args(p)
+    add_data_args(p, names=("train", "test"))
+    add_run_args(p)
+    g = p.add_argument_group("k-NN")
+    g.add_argument("--ks", default=",".join(map(str, KNN_KS)), help="neighbour counts")
+    g.add_argument("--temperature", type=float, default=KNN_TEMPERATURE)
+    g.add_argument("--backend", choices=BACKENDS, default="torch")
+    g.add_argument("--chunk-size", type=int, default=1024, help="queries per similarity chunk")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from eval.common import classification_features, setup
+    from eval.report import finish_report
+
+    args = build_parser().parse_args(argv)
+    ctx = setup(args)
+    train_sets, test_sets, _ = classification_features(ctx, args, n_last_blocks=1, patch_mean=False)
+    ks = [int(k) for k in args.ks.split(",") if k.strip()]
+    metrics = run_knn(train_sets, test_sets, ks, args.temperature, args.backend, ctx.device, args.chunk_size)
+    finish_report(ctx, args, metrics, title="k-NN", protocol="knn")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,221 @@
+"""Linear probe on frozen features — the DINOv2 protocol (arXiv:2304.07193, §7 and its eval code).
+
+Many ``nn.Linear`` heads are trained at once in one module, one per (feature set, learning rate):
+feature sets are the image feature of the last block or the concatenation over the last 4 blocks, each
+with or without the mean patch token of the last block; learning rates span the DINOv2 grid scaled by
+``batch / 256``. SGD with momentum 0.9 and a cosine schedule, heads initialised N(0, 0.01). The head
+with the best top-1 on a validation split (held out of train with a fixed seed when none is given) is
+then reported on the test set. Features are cached, so each epoch is a few matrix products.
+
+``python -m eval.linear --checkpoint CKPT --train SPEC --test SPEC`` / ``veca eval linear``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from eval.features import FeatureSet
+from eval.knn import topk_accuracy
+
+#: DINOv2 learning-rate grid (``eval/linear.py``), scaled by batch size / 256.
+DINOV2_LRS: tuple[float, ...] = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2,
+                                 5e-2, 1e-1)
+
+
+@dataclass
+class LinearProbeConfig:
+    """Hyper-parameters of the linear probe (defaults follow DINOv2 where it has one)."""
+
+    epochs: int = 10
+    batch_size: int = 128
+    lrs: Sequence[float] = DINOV2_LRS
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    val_fraction: float = 0.1  # held out of train when no validation set is given
+    seed: int = 0
+    n_last_blocks: Sequence[int] = field(default_factory=lambda: (1, 4))
+    avgpool: Sequence[bool] = (False, True)
+
+
+def linear_inputs(fs: FeatureSet, n_last_blocks: Sequence[int] = (1, 4),
+                  avgpool: Sequence[bool] = (False, True)) -> dict[str, torch.Tensor]:
+    """DINOv2 ``create_linear_input`` for every feature set: ``{"blocks4+avgpool": (N, 5D), …}``.
+
+    ``n`` larger than the number of extracted blocks is clipped (shallow test models); duplicates
+    after clipping are dropped.
+    """
+    out: dict[str, torch.Tensor] = {}
+    available = fs.cls.shape[1]
+    for n in dict.fromkeys(min(n, available) for n in n_last_blocks):
+        cls = fs.cls[:, -n:].flatten(1).float()
+        for pool in avgpool:
+            if pool and fs.patch_mean is None:
+                continue
+            name = f"blocks{n}" + ("+avgpool" if pool else "")
+            out[name] = torch.cat([cls, fs.patch_mean.float()], dim=1) if pool else cls
+    return out
+
+
+class LinearHeads(nn.Module):
+    """All probe heads in one module: ``forward(inputs)`` → ``{head_name: logits}``."""
+
+    def __init__(self, in_dims: dict[str, int], lrs: Sequence[float], num_classes: int):
+        super().__init__()
+        self.heads = nn.ModuleDict()
+        self.feature_of: dict[str, str] = {}
+        self.lr_of: dict[str, float] = {}
+        for feat, dim in in_dims.items():
+            for lr in lrs:
+                name = f"{feat}_lr{lr:g}".replace(".", "p")  # ModuleDict keys must not contain "."
+                head = nn.Linear(dim, num_classes)
+                nn.init.normal_(head.weight, std=0.01)  # DINOv2 LinearClassifier init
+                nn.init.zeros_(head.bias)
+                self.heads[name] = head
+                self.feature_of[name] = feat
+                self.lr_of[name] = lr
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {name: head(inputs[self.feature_of[name]]) for name, head in self.heads.items()}
+
+
+def split_holdout(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fixed-seed random split of ``range(n)`` into (train, held-out) index tensors."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"val_fraction must be in (0, 1), got {fraction}")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_val = max(1, round(n * fraction))
+    if n_val >= n:
+        raise ValueError(f"training set of {n} items is too small to hold out a validation split")
+    return perm[n_val:], perm[:n_val]
+
+
+def train_heads(inputs: dict[str, torch.Tensor], labels: torch.Tensor, num_classes: int,
+                cfg: LinearProbeConfig, device: torch.device | str = "cpu") -> LinearHeads:
+    """Train every head together with SGD + momentum and a per-iteration cosine schedule."""
+    device = torch.device(device)
+    torch.manual_seed(cfg.seed)
+    heads = LinearHeads({k: v.shape[1] for k, v in inputs.items()}, cfg.lrs, num_classes).to(device)
+    scale = cfg.batch_size / 256  # DINOv2: lr × (batch × world) / 256
+    groups = [{"params": h.parameters(), "lr": heads.lr_of[n] * scale, "base_lr": heads.lr_of[n] * scale}
+              for n, h in heads.heads.items()]
+    opt = torch.optim.SGD(groups, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    n = labels.shape[0]
+    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    total = max(1, cfg.epochs * steps_per_epoch)
+    x = {k: v.to(device) for k, v in inputs.items()}
+    y = labels.to(device).long()
+    gen = torch.Generator().manual_seed(cfg.seed)
+    step = 0
+    heads.train()
+    for _ in range(cfg.epochs):
+        perm = torch.randperm(n, generator=gen).to(device)
+        for start in range(0, n, cfg.batch_size):
+            batch = perm[start:start + cfg.batch_size]
+            factor = 0.5 * (1 + math.cos(math.pi * step / total))
+            for g in opt.param_groups:
+                g["lr"] = g["base_lr"] * factor
+            logits = heads({k: v[batch] for k, v in x.items()})
+            # Heads are independent, so summing their losses gives each head exactly its own gradient.
+            loss = sum(F.cross_entropy(out, y[batch]) for out in logits.values())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+    return heads.eval()
+
+
+@torch.no_grad()
+def evaluate_heads(heads: LinearHeads, inputs: dict[str, torch.Tensor], labels: torch.Tensor,
+                   batch_size: int = 4096) -> dict[str, dict[str, float]]:
+    """``{head: {"top1": %, "top5": %}}`` of every head."""
+    device = next(heads.parameters()).device
+    logits: dict[str, list[torch.Tensor]] = {}
+    for start in range(0, labels.shape[0], batch_size):
+        out = heads({k: v[start:start + batch_size].to(device) for k, v in inputs.items()})
+        for name, lg in out.items():
+            logits.setdefault(name, []).append(lg.cpu())
+    y = labels.cpu().long()
+    return {name: {"top1": topk_accuracy(torch.cat(lg), y, 1), "top5": topk_accuracy(torch.cat(lg), y, 5)}
+            for name, lg in logits.items()}
+
+
+def linear_probe(train: FeatureSet, test: FeatureSet, val: FeatureSet | None = None,
+                 cfg: LinearProbeConfig | None = None, num_classes: int | None = None,
+                 device: torch.device | str = "cpu") -> dict[str, float | str]:
+    """Train all heads on ``train``, pick the best on ``val`` (or a held-out split), report on ``test``.
+
+    Returns ``{"linear_top1", "linear_top5", "linear_val_top1", "linear_head"}`` (accuracies in %).
+    """
+    cfg = cfg or LinearProbeConfig()
+    train_x = linear_inputs(train, cfg.n_last_blocks, cfg.avgpool)
+    test_x = linear_inputs(test, cfg.n_last_blocks, cfg.avgpool)
+    train_y, test_y = train.labels, test.labels
+    if val is not None:
+        val_x, val_y = linear_inputs(val, cfg.n_last_blocks, cfg.avgpool), val.labels
+    else:
+        tr_idx, va_idx = split_holdout(len(train), cfg.val_fraction, cfg.seed)
+        val_x, val_y = {k: v[va_idx] for k, v in train_x.items()}, train_y[va_idx]
+        train_x, train_y = {k: v[tr_idx] for k, v in train_x.items()}, train_y[tr_idx]
+    if num_classes is None:
+        num_classes = int(max(train_y.max(), val_y.max(), test_y.max())) + 1
+    heads = train_heads(train_x, train_y, num_classes, cfg, device)
+    val_scores = evaluate_heads(heads, val_x, val_y)
+    # Best val top-1; ties go to the earlier head (smaller feature set, smaller lr) deterministically.
+    best = max(val_scores, key=lambda name: val_scores[name]["top1"])
+    test_scores = evaluate_heads(heads, {k: v for k, v in test_x.items()}, test_y)[best]
+    return {"linear_top1": test_scores["top1"], "linear_top5": test_scores["top5"],
+            "linear_val_top1": val_scores[best]["top1"], "linear_head": best}
+
+
+def run_linear(train_sets: dict, test_sets: dict, val_sets: dict | None = None,
+               cfg: LinearProbeConfig | None = None, device: torch.device | str = "cpu") -> dict:
+    """Linear probe at every width: ``{width: metrics}``."""
+    return {w: linear_probe(train_sets[w], test_sets[w], val_sets[w] if val_sets else None, cfg,
+                            device=device) for w in train_sets}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from eval.common import add_data_args, add_model_args, add_run_args
+
+    p = argparse.ArgumentParser(prog="veca eval linear", description=__doc__.split("\n")[0])
+    add_model_args(p)
+    add_data_args(p)
+    add_run_args(p)
+    g = p.add_argument_group("linear probe")
+    g.add_argument("--epochs", type=int, default=10)
+    g.add_argument("--probe-batch-size", type=int, default=128, help="batch size of head training")
+    g.add_argument("--lrs", default=",".join(f"{lr:g}" for lr in DINOV2_LRS), help="base lr grid")
+    g.add_argument("--val-fraction", type=float, default=0.1, help="held out of train without --val")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> LinearProbeConfig:
+    return LinearProbeConfig(epochs=args.epochs, batch_size=args.probe_batch_size,
+                             lrs=tuple(float(x) for x in args.lrs.split(",") if x.strip()),
+                             val_fraction=args.val_fraction, seed=args.seed)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from eval.common import classification_features, setup
+    from eval.report import finish_report
+
+    args = build_parser().parse_args(argv)
+    cfg = config_from_args(args)
+    ctx = setup(args)
+    train_sets, test_sets, val_sets = classification_features(
+        ctx, args, n_last_blocks=max(cfg.n_last_blocks), patch_mean=True)
+    metrics = run_linear(train_sets, test_sets, val_sets, cfg, ctx.device)
+    finish_report(ctx, args, metrics, title="Linear probe", protocol="linear")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""Linear probe (DINOv2 protocol) and logistic regression on synthetic cached features."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from eval.features import FeatureSet
+from eval.linear import LinearHeads, LinearProbeConfig, linear_inputs, linear_probe, split_holdout
+from eval.logreg import LogRegConfig, logistic_regression
+
+CLASSES, DIM = 10, 16
+
+
+def _features(n: int, seed: int, shuffle_labels: bool = False, blocks: int = 4) -> FeatureSet:
+    """Class-centred Gaussian clusters (linearly separable with margin) in every block feature."""
+    g = torch.Generator().manual_seed(100)  # same class centres for every split
+    centres = torch.randn(CLASSES, DIM, generator=g) * 4
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % CLASSES
+    cls = centres[labels][:, None, :] + 0.3 * torch.randn(n, blocks, DIM, generator=g)
+    patch_mean = torch.randn(n, DIM, generator=g)  # uninformative
+    if shuffle_labels:
+        labels = torch.randint(0, CLASSES, (n,), generator=g)  # independent of the features
+    return FeatureSet(width=8, cls=cls, labels=labels, indices=torch.arange(n), patch_mean=patch_mean)
+
+
+FAST = LinearProbeConfig(epochs=6, batch_size=64, lrs=(1e-3, 1e-2, 1e-1, 1.0))
+
+
+def test_linear_inputs_follow_dinov2_create_linear_input() -> None:
+    fs = _features(5, seed=0)
+    x = linear_inputs(fs)
+    assert list(x) == ["blocks1", "blocks1+avgpool", "blocks4", "blocks4+avgpool"]
+    torch.testing.assert_close(x["blocks1"], fs.cls[:, -1])
+    torch.testing.assert_close(x["blocks4"], torch.cat([fs.cls[:, i] for i in range(4)], dim=1))
+    torch.testing.assert_close(x["blocks4+avgpool"], torch.cat([x["blocks4"], fs.patch_mean], dim=1))
+    shallow = _features(5, seed=0, blocks=2)
+    assert list(linear_inputs(shallow)) == ["blocks1", "blocks1+avgpool", "blocks2", "blocks2+avgpool"]
+
+
+def test_heads_cover_the_grid_of_feature_sets_and_learning_rates() -> None:
+    heads = LinearHeads({"blocks1": 4, "blocks4+avgpool": 20}, lrs=(1e-3, 0.05), num_classes=3)
+    assert len(heads.heads) == 4
+    assert sorted(heads.lr_of.values()) == [1e-3, 1e-3, 0.05, 0.05]
+    out = heads({"blocks1": torch.randn(2, 4), "blocks4+avgpool": torch.randn(2, 20)})
+    assert all(v.shape == (2, 3) for v in out.values())
+
+
+def test_holdout_split_is_seeded_and_disjoint() -> None:
+    a_tr, a_va = split_holdout(100, 0.1, seed=3)
+    b_tr, b_va = split_holdout(100, 0.1, seed=3)
+    assert torch.equal(a_va, b_va) and len(a_va) == 10
+    assert set(a_tr.tolist()).isdisjoint(a_va.tolist()) and len(a_tr) + len(a_va) == 100
+
+
+def test_linearly_separable_features_reach_100_percent() -> None:
+    res = linear_probe(_features(400, seed=1), _features(200, seed=2), cfg=FAST)
+    assert res["linear_top1"] == 100.0
+    assert res["linear_top5"] == 100.0
+    assert res["linear_val_top1"] == 100.0
+
+
+def test_shuffled_labels_give_chance_accuracy() -> None:
+    # Test labels are uniform and independent of the features, so whatever the chosen head predicts,
+    # each test item is right with probability exactly 1/10: accuracy ~ Binomial(1000, 0.1) / 1000,
+    # std 0.95 points. A 5-point window around 10 % is > 5 standard deviations wide.
+    train = _features(600, seed=3, shuffle_labels=True)
+    test = _features(1000, seed=4, shuffle_labels=True)
+    res = linear_probe(train, test, cfg=FAST)
+    assert abs(res["linear_top1"] - 10.0) < 5.0
+    assert abs(res["linear_top5"] - 50.0) < 8.0  # Binomial(1000, 0.5): std 1.6 points
+
+
+def test_given_validation_set_is_used_for_head_selection() -> None:
+    val = _features(50, seed=7)
+    res = linear_probe(_features(300, seed=5), _features(100, seed=6), val=val, cfg=FAST)
+    assert res["linear_val_top1"] == 100.0
+    assert res["linear_head"].startswith("blocks")
+
+
+def test_logistic_regression_separable_and_chance() -> None:
+    cfg = LogRegConfig(cs=(0.1, 1.0), max_iter=200)
+    tr, te = _features(300, seed=8), _features(200, seed=9)
+    res = logistic_regression(tr.image, tr.labels, te.image, te.labels, cfg)
+    assert res["logreg_top1"] == 100.0 and res["logreg_C"] in (0.1, 1.0)
+    tr, te = _features(300, seed=10, shuffle_labels=True), _features(1000, seed=11, shuffle_labels=True)
+    res = logistic_regression(tr.image, tr.labels, te.image, te.labels, cfg)
+    assert abs(res["logreg_top1"] - 10.0) < 5.0  # same binomial argument as the linear probe
+
+
+def test_logistic_regression_needs_two_classes() -> None:
+    x = torch.randn(10, 3)
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        logistic_regression(x, torch.zeros(10, dtype=torch.long), x, torch.zeros(10, dtype=torch.long))

@@ -1,0 +1,178 @@
+"""``veca bench data``: multi-crop samples/s per CPU core, from a JPEG folder and from its shards.
+
+Generates a temporary ImageNet-like JPEG folder (random smooth textures plus grain, ~500×375 by
+default, both orientations), converts it into WebDataset shards, and times on one core
+(``torch.set_num_threads(1)``, single process) the full DINOv2 sample — decode, 2 global crops at 224
+and 8 local crops at 96 with all augmentations, iBOT masks — from the folder and from the shards, next
+to its parts (decode only, augment only) and with reduced-scale JPEG decoding switched off.
+SPEC §7 hygiene: ≥ 3 warm-up calls, median of ≥ 5 timed calls, spread (min–max) reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from veca_ssl.bench.timing import markdown_table, measure, write_rows
+from veca_ssl.data import (
+    ImageFolderDataset,
+    MaskingGenerator,
+    MultiCropTransform,
+    SSLDataset,
+    SSLIterableDataset,
+    WdsDataset,
+    make_shards,
+)
+
+
+def _texture(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
+    """A photo-like RGB array: upsampled colour noise (large structures) + stripes + fine grain."""
+    coarse = rng.integers(0, 256, (max(2, height // 24), max(2, width // 24), 3), dtype=np.uint8)
+    base = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BICUBIC), dtype=np.float32)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    angle, freq = rng.uniform(0, np.pi), rng.uniform(0.02, 0.2)
+    stripes = 25.0 * np.sin(freq * (np.cos(angle) * xx + np.sin(angle) * yy))
+    grain = rng.normal(0.0, 8.0, (height, width, 1)).astype(np.float32)
+    return np.clip(base + stripes[..., None] + grain, 0, 255).astype(np.uint8)
+
+
+def generate_jpeg_folder(root: Path, count: int, size: tuple[int, int], seed: int = 0) -> Path:
+    """Write ``count`` JPEGs (quality 90) around ``size`` = (W, H) into two class folders."""
+    rng = np.random.default_rng(seed)
+    for c in ("class_a", "class_b"):
+        (root / c).mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        w, h = size if i % 4 else size[::-1]  # a quarter in portrait orientation, like ImageNet
+        w, h = int(w * rng.uniform(0.85, 1.0)), int(h * rng.uniform(0.85, 1.0))
+        buf = io.BytesIO()
+        Image.fromarray(_texture(rng, w, h)).save(buf, format="JPEG", quality=90)
+        (root / ("class_a" if i % 2 else "class_b") / f"img_{i:05d}.jpg").write_bytes(buf.getvalue())
+    return root
+
+
+class _Cycle:
+    """Calls ``step(i)`` for ``chunk`` consecutive indices per call, wrapping around ``n``.
+
+    Also records the CPU time of every call: on a shared machine wall time includes waiting for a
+    core, while process CPU time of this single-threaded loop is the cost per core.
+    """
+
+    def __init__(self, n: int, chunk: int, step: Callable[[int], object]) -> None:
+        self.n, self.chunk, self.step, self.pos = n, chunk, step, 0
+        self.cpu: list[float] = []
+
+    def __call__(self) -> None:
+        t0 = time.process_time()
+        for _ in range(self.chunk):
+            self.step(self.pos % self.n)
+            self.pos += 1
+        self.cpu.append(time.process_time() - t0)
+
+
+def run(args: argparse.Namespace, workdir: Path) -> list[dict]:
+    torch.set_num_threads(1)
+    size = tuple(int(v) for v in args.size.lower().split("x"))
+    folder = generate_jpeg_folder(workdir / "jpeg", args.images, (size[0], size[1]))
+    manifest = make_shards(str(folder), workdir / "shards", shard_size=max(1, args.images // 8), progress=False)
+    folder_ds = ImageFolderDataset(folder)
+    mb = sum(Path(p).stat().st_size for p in folder_ds.paths) / 2**20
+    print(f"# {args.images} JPEGs (~{size[0]}x{size[1]}, {mb:.1f} MiB) and {manifest['num_shards']} shards in {workdir}")
+
+    def transform(use_draft: bool, jitter_mode: str = "exact") -> MultiCropTransform:
+        return MultiCropTransform(
+            args.global_size, args.local_size, args.local_crops, use_draft=use_draft, jitter_mode=jitter_mode
+        )
+
+    grid = (args.global_size // args.patch_size,) * 2
+    masks = MaskingGenerator(grid)
+    ssl_draft = SSLDataset(folder_ds, transform(True), masks, args.patch_size)
+    ssl_full = SSLDataset(folder_ds, transform(False), masks, args.patch_size)
+    ssl_fused = SSLDataset(folder_ds, transform(True, "fused"), masks, args.patch_size)
+    decoded = [folder_ds.load(i)[0] for i in range(min(len(folder_ds), 32))]
+    plain = transform(False)
+    stream = SSLIterableDataset(
+        WdsDataset(manifest["spec"][4:], endless=True, shuffle_buffer=100, seed=0), transform(True), masks, args.patch_size
+    )
+    stream_it = iter(stream)
+
+    cases: list[tuple[str, Callable[[int], object]]] = [
+        ("decode only (JPEG → RGB, full size)", lambda i: folder_ds.load(i)),
+        ("augment only (pre-decoded image)", lambda i: plain(decoded[i % len(decoded)], np.random.default_rng(i))),
+        ("folder → SSL sample, full-size decode", lambda i: ssl_full[(i, i)]),
+        ("folder → SSL sample (draft decode)", lambda i: ssl_draft[(i, i)]),
+        ("shards → SSL sample (draft decode)", lambda i: next(stream_it)),
+        ("folder → SSL sample, draft + fused jitter", lambda i: ssl_fused[(i, i)]),
+    ]
+    rows = []
+    for name, step in cases:
+        cycle = _Cycle(len(folder_ds), args.chunk, step)
+        stats = measure(cycle, warmup=args.warmup, repeats=args.repeats)
+        cpu = cycle.cpu[-args.repeats :]  # the timed calls
+        rows.append(
+            {
+                "pipeline": name,
+                "samples/s/core": args.chunk / statistics.median(cpu),
+                "min": args.chunk / max(cpu),
+                "max": args.chunk / min(cpu),
+                "ms/sample (cpu)": statistics.median(cpu) * 1e3 / args.chunk,
+                "wall samples/s": args.chunk / stats.median,
+                "wall min": args.chunk / stats.max,
+                "wall max": args.chunk / stats.min,
+            }
+        )
+        print(f"#   {name}: {rows[-1]['samples/s/core']:.1f} samples/s per core", file=sys.stderr)
+    if args.profile:
+        prof = cProfile.Profile()
+        prof.runcall(_Cycle(len(folder_ds), args.chunk * 2, lambda i: ssl_draft[(i, i)]))
+        pstats.Stats(prof, stream=sys.stderr).sort_stats("tottime").print_stats(15)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="veca bench data", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=200, help="JPEGs to generate (default 200)")
+    parser.add_argument("--size", default="500x375", help="nominal image size WxH (default 500x375)")
+    parser.add_argument("--global-size", type=int, default=224)
+    parser.add_argument("--local-size", type=int, default=96)
+    parser.add_argument("--local-crops", type=int, default=8)
+    parser.add_argument("--patch-size", type=int, default=16)
+    parser.add_argument("--chunk", type=int, default=20, help="samples per timed call (default 20)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--workdir", default=None, help="keep generated images/shards here (default: temp dir)")
+    parser.add_argument("--profile", action="store_true", help="print a cProfile of the folder pipeline")
+    parser.add_argument("--out", default=None, help="also write the rows to this .json (and .csv)")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.images < 1 or args.chunk < 1 or args.warmup < 3 or args.repeats < 5:
+        parser.error("need --images >= 1, --chunk >= 1, --warmup >= 3 and --repeats >= 5 (SPEC §7)")
+    if args.workdir:
+        rows = run(args, Path(args.workdir))
+    else:
+        with tempfile.TemporaryDirectory(prefix="veca-bench-data-") as tmp:
+            rows = run(args, Path(tmp))
+    print(markdown_table(rows))
+    print(
+        f"\n(single process, torch threads = 1; {args.chunk} samples per timed call, median of {args.repeats} "
+        f"after {args.warmup} warm-up calls. samples/s/core from process CPU time, min/max = its spread; "
+        "wall-clock columns include time spent waiting for a core on a busy machine)"
+    )
+    if args.out:
+        for path in write_rows(rows, args.out):
+            print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

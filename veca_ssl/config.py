@@ -1,0 +1,118 @@
+"""Layered OmegaConf configs, validated before any work starts (SPEC §3.3, §8).
+
+defaults (configs/default.yaml) -> model preset (configs/models/<model.name>.yaml, optional)
+-> experiment file -> command-line ``key=value`` overrides. Unknown keys and values of the wrong
+type raise one ``ConfigError`` naming the key and the fix.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from veca_ssl import CONFIG_DIR
+
+
+class ConfigError(ValueError):
+    """A configuration problem found before training starts."""
+
+
+def resolve_config_path(name: str | Path) -> Path:
+    """A path as given, or a name under the repository's ``configs/`` (``quickstart`` works)."""
+    path = Path(name)
+    candidates = [path, CONFIG_DIR / path, CONFIG_DIR / f"{path}.yaml"]
+    for cand in candidates:
+        if cand.is_file():
+            return cand
+    raise ConfigError(f"config file not found: {name} (looked in the current directory and {CONFIG_DIR})")
+
+
+def _check_keys_and_types(default, given, prefix: str = "") -> None:
+    """Every key of ``given`` must exist in ``default`` with a compatible type (null defaults: any)."""
+    if not isinstance(given, DictConfig):
+        return
+    for key in given.keys():
+        path = f"{prefix}{key}"
+        if key not in default:
+            valid = ", ".join(str(k) for k in default.keys())
+            raise ConfigError(f"unknown config key '{path}'; valid keys here: {valid}")
+        ref, val = default[key], given[key]
+        if isinstance(ref, DictConfig) and len(ref) == 0:  # free-form dict (e.g. model.overrides)
+            continue
+        if isinstance(ref, DictConfig):
+            if val is not None and not isinstance(val, DictConfig):
+                raise ConfigError(f"config key '{path}' must be a mapping, got {val!r}")
+            _check_keys_and_types(ref, val, path + ".")
+            continue
+        ref_v, new_v = ref, val
+        if ref_v is None or new_v is None:
+            continue
+        if isinstance(ref_v, ListConfig):
+            if not isinstance(new_v, ListConfig):
+                raise ConfigError(f"config key '{path}' must be a list like {list(ref_v)}, got {new_v!r}")
+            continue
+        ok = (isinstance(new_v, type(ref_v))
+              or (isinstance(ref_v, float) and isinstance(new_v, int) and not isinstance(new_v, bool)))
+        if isinstance(ref_v, int) and isinstance(new_v, bool) and not isinstance(ref_v, bool):
+            ok = False
+        if not ok:
+            raise ConfigError(f"config key '{path}' must be of type {type(ref_v).__name__} "
+                              f"(default {ref_v!r}), got {new_v!r} ({type(new_v).__name__})")
+
+
+def load_config(config: str | Path | None = None, overrides: list[str] | None = None) -> DictConfig:
+    """Build the resolved config. Raises ``ConfigError`` naming any bad key or value."""
+    default = OmegaConf.load(CONFIG_DIR / "default.yaml")
+    layers = []
+    if config is not None:
+        layers.append(("experiment " + str(config), OmegaConf.load(resolve_config_path(config))))
+    try:
+        cli = OmegaConf.from_dotlist(list(overrides or []))
+    except Exception as exc:  # malformed "key=value"
+        raise ConfigError(f"cannot parse command-line overrides {overrides}: {exc}") from None
+    layers.append(("command line", cli))
+    # the model preset layer sits between the defaults and the experiment
+    model_name = default.model.name
+    for _, layer in layers:
+        model_name = OmegaConf.select(layer, "model.name", default=model_name)
+    preset_file = CONFIG_DIR / "models" / f"{model_name}.yaml"
+    if preset_file.is_file():
+        layers.insert(0, ("model preset " + preset_file.name, OmegaConf.load(preset_file)))
+    cfg = default
+    for origin, layer in layers:
+        try:
+            _check_keys_and_types(default, layer)
+        except ConfigError as exc:
+            raise ConfigError(f"{exc} (in {origin})") from None
+        cfg = OmegaConf.merge(cfg, layer)
+    OmegaConf.set_struct(cfg, True)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: DictConfig) -> None:
+    """Semantic checks that need more than types (values, ranges, cross-key consistency)."""
+    if cfg.mode not in ("ssl", "distill"):
+        raise ConfigError(f"mode={cfg.mode!r}; valid: 'ssl', 'distill'")
+    if cfg.budgets.policy not in ("sample", "sandwich", "full"):
+        raise ConfigError(f"budgets.policy={cfg.budgets.policy!r}; valid: 'sample', 'sandwich', 'full'")
+    if cfg.dino.centering not in ("centering", "sinkhorn_knopp"):
+        raise ConfigError(f"dino.centering={cfg.dino.centering!r}; valid: 'centering', 'sinkhorn_knopp'")
+    if cfg.optim.lr_scaling not in ("sqrt", "linear", "none"):
+        raise ConfigError(f"optim.lr_scaling={cfg.optim.lr_scaling!r}; valid: 'sqrt', 'linear', 'none'")
+    if cfg.train.amp not in ("auto", "bf16", "off"):
+        raise ConfigError(f"train.amp={cfg.train.amp!r}; valid: 'auto', 'bf16', 'off'")
+    for key in ("optim.epochs", "optim.batch_size_per_gpu", "train.checkpoint_every", "train.keep_last",
+                "train.log_every"):
+        if OmegaConf.select(cfg, key) < 1:
+            raise ConfigError(f"{key} must be >= 1, got {OmegaConf.select(cfg, key)}")
+    if cfg.crops.num_local < 0:
+        raise ConfigError(f"crops.num_local must be >= 0, got {cfg.crops.num_local}")
+    if cfg.mode == "distill" and not cfg.distill.teacher:
+        raise ConfigError("mode=distill needs distill.teacher=/path/to/teacher (a local checkpoint)")
+
+
+def save_config(cfg: DictConfig, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(OmegaConf.to_yaml(cfg, resolve=True))

@@ -1,0 +1,70 @@
+"""``veca data``: dataset tools — ``make-shards SRC DST --shard-size N`` and ``inspect SPEC``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from .inspection import format_summary, inspect_dataset
+from .shards import make_shards
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="veca data", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{make-shards,inspect}")
+
+    mk = sub.add_parser("make-shards", help="convert an image folder / npz / spec into WebDataset tar shards")
+    mk.add_argument("src", help="image folder (class sub-folders), .npz file, or a dataset spec such as 'digits'")
+    mk.add_argument("dst", help="output folder for shard-000000.tar …")
+    mk.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
+    mk.add_argument("--split", default=None, help="split of the source spec (e.g. train)")
+    mk.add_argument("--no-shuffle", action="store_true", help="keep source order instead of mixing samples")
+    mk.add_argument("--seed", type=int, default=0, help="seed of the sample order (default 0)")
+    mk.add_argument("--verify", action="store_true", help="fully decode every image before copying it")
+    mk.add_argument("--overwrite", action="store_true", help="replace existing shards in DST")
+    mk.add_argument("--max-skip-fraction", type=float, default=0.01, help="tolerated unreadable fraction")
+
+    ins = sub.add_parser("inspect", help="counts, classes, image sizes and a PNG grid of samples")
+    ins.add_argument("spec", help="dataset spec, e.g. imagefolder:/data/x, wds:/s/shard-{000000..000009}.tar, digits")
+    ins.add_argument("--split", default=None, help="split to inspect (train/val/…)")
+    ins.add_argument("--out", default=None, help="write a grid of samples to this PNG")
+    ins.add_argument("--num-samples", type=int, default=16, help="images in the grid (default 16)")
+    ins.add_argument("--max-images", type=int, default=1000, help="images whose size is measured (default 1000)")
+    ins.add_argument("--json", action="store_true", help="print the summary as JSON")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "make-shards":
+            manifest = make_shards(
+                args.src,
+                args.dst,
+                args.shard_size,
+                split=args.split,
+                shuffle=not args.no_shuffle,
+                seed=args.seed,
+                verify=args.verify,
+                overwrite=args.overwrite,
+                max_skip_fraction=args.max_skip_fraction,
+            )
+            print(
+                f"wrote {manifest['num_samples']} samples in {manifest['num_shards']} shard(s) "
+                f"({manifest['skipped']} unreadable skipped)"
+            )
+            print(f"use: {manifest['spec']}")
+            return 0
+        summary = inspect_dataset(args.spec, split=args.split, out=args.out, max_images=args.max_images, num_samples=args.num_samples)
+        print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
+        return 0
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as err:
+        print(f"veca data {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

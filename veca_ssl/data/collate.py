@@ -1,0 +1,52 @@
+"""Batching multi-crop samples the DINOv2 way (arXiv:2304.07193): crop-major stacks plus iBOT masks."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+
+def _crop_major(samples: Sequence[dict[str, Any]], key: str) -> list[torch.Tensor]:
+    """[s0.c0, s1.c0, …, s0.c1, s1.c1, …]: all samples' crop 0, then all samples' crop 1, …"""
+    counts = {len(s[key]) for s in samples}
+    if len(counts) != 1:
+        raise ValueError(f"every sample needs the same number of {key!r} crops, got counts {sorted(counts)}")
+    n = counts.pop()
+    return [s[key][i] for i in range(n) for s in samples]
+
+
+def collate_multicrop(samples: Sequence[dict[str, Any]], local_size: int | None = None) -> dict[str, torch.Tensor]:
+    """Collate :class:`~veca_ssl.data.ssl.SSLDataset` samples into one batch.
+
+    Returns:
+        ``global_crops`` (2B,3,G,G) and ``local_crops`` (nB,3,L,L), crop-major (all samples' crop 0,
+        then all samples' crop 1, … — so ``chunk(2)`` gives the two views); ``local_crops`` is an empty
+        (0,3,L,L) tensor without local crops (L = ``local_size``, 0 if not given).
+        ``masks`` (2B,N) bool, crop-major like ``global_crops``.
+        ``mask_weights`` (2B,N) float: ``1 / (masked tokens of that image)`` at masked tokens, else 0,
+        so summing a per-token loss times the weights averages within each image first (iBOT/DINOv2).
+        ``labels`` (B,) long.
+    """
+    if not samples:
+        raise ValueError("collate_multicrop got an empty batch")
+    global_crops = torch.stack(_crop_major(samples, "global"))
+    local_list = _crop_major(samples, "local")
+    if local_list:
+        local_crops = torch.stack(local_list)
+    else:
+        size = int(local_size or 0)
+        local_crops = global_crops.new_empty((0, global_crops.shape[1], size, size))
+    mask_rows = [s["masks"][i] for i in range(samples[0]["masks"].shape[0]) for s in samples]
+    masks = torch.stack(mask_rows).to(torch.bool)
+    counts = masks.sum(dim=1, keepdim=True).clamp(min=1).to(torch.float32)
+    mask_weights = masks.to(torch.float32) / counts
+    labels = torch.tensor([int(s["label"]) for s in samples], dtype=torch.long)
+    return {
+        "global_crops": global_crops,
+        "local_crops": local_crops,
+        "masks": masks,
+        "mask_weights": mask_weights,
+        "labels": labels,
+    }

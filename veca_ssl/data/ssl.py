@@ -1,0 +1,150 @@
+"""Self-supervised training samples: multi-crop views plus iBOT masks, reproducible from one seed.
+
+A sample is ``{"global": [t0, t1], "local": [...], "masks": bool (2, Hp*Wp), "label": int}``. Every
+random choice — crop boxes, colour jitter, whether and how a global crop is masked — comes from
+``numpy.random.default_rng(sample_seed)``, so the sample is the same in any process or worker.
+Masking follows iBOT (arXiv:2111.07832) / DINOv2: each global crop is masked with probability
+``mask_probability``, with a ratio drawn uniformly from ``mask_ratio`` and BEiT block masks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from functools import partial
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, IterableDataset
+
+from .collate import collate_multicrop
+from .decode import try_decode
+from .masking import MaskingGenerator
+from .sampler import derive_seed
+from .transforms import CropPlan, MultiCropTransform
+
+
+class _SampleMaker:
+    """Shared by the map-style and streaming SSL datasets: crops + masks from an image and an rng."""
+
+    def __init__(
+        self,
+        transform: MultiCropTransform,
+        mask_generator: MaskingGenerator | None,
+        patch_size: int,
+        mask_probability: float,
+        mask_ratio: tuple[float, float],
+    ) -> None:
+        if patch_size < 1 or transform.global_size % patch_size:
+            raise ValueError(
+                f"global crop size {transform.global_size} must be a multiple of patch_size={patch_size}"
+            )
+        self.grid = (transform.global_size // patch_size,) * 2
+        if mask_generator is not None and mask_generator.grid != self.grid:
+            raise ValueError(
+                f"mask_generator grid {mask_generator.grid} does not match the global crop's patch grid "
+                f"{self.grid} ({transform.global_size}px / patch {patch_size})"
+            )
+        lo, hi = (float(r) for r in mask_ratio)
+        if not 0.0 <= lo <= hi <= 1.0 or not 0.0 <= mask_probability <= 1.0:
+            raise ValueError(f"need 0 <= mask_ratio[0] <= mask_ratio[1] <= 1 and a probability, got {mask_ratio}, {mask_probability}")
+        self.transform, self.mask_generator, self.patch_size = transform, mask_generator, int(patch_size)
+        self.mask_probability, self.mask_ratio = float(mask_probability), (lo, hi)
+
+    def masks(self, rng: np.random.Generator) -> torch.Tensor:
+        n = self.grid[0] * self.grid[1]
+        out = np.zeros((2, n), dtype=bool)
+        if self.mask_generator is None:
+            return torch.from_numpy(out)
+        for i in range(2):
+            if rng.random() < self.mask_probability:
+                ratio = rng.uniform(*self.mask_ratio)
+                out[i] = self.mask_generator(int(n * ratio), rng).reshape(-1)
+        return torch.from_numpy(out)
+
+    def make(self, img: Image.Image, plan: CropPlan | None, label: int, rng: np.random.Generator) -> dict[str, Any]:
+        if plan is None:  # the loader did not run the pre-decode hook (in-memory images)
+            plan = self.transform.prepare(img, rng)
+        crops = self.transform.apply(img, plan, rng)
+        return {"global": crops["global"], "local": crops["local"], "masks": self.masks(rng), "label": int(label)}
+
+
+class SSLDataset(Dataset):
+    """Map-style SSL view of ``base``; ``__getitem__((index, sample_seed))`` → one training sample.
+
+    Use with :class:`~veca_ssl.data.sampler.InfiniteSampler` (which yields those pairs) and
+    :func:`~veca_ssl.data.collate.collate_multicrop` (``self.collate_fn``). A plain int index is
+    accepted too; its seed is then derived from ``(seed, index)``.
+
+    ``base`` is any map-style dataset whose items start with ``(image, label)``; datasets of this
+    package are read through their ``load`` method so the crop boxes are drawn before decoding and
+    large JPEGs are decoded at reduced scale when the crops allow it (see ``transforms.py``).
+    """
+
+    def __init__(
+        self,
+        base: Any,
+        transform: MultiCropTransform,
+        mask_generator: MaskingGenerator | None,
+        patch_size: int,
+        mask_probability: float = 0.5,
+        mask_ratio: tuple[float, float] = (0.1, 0.5),
+        seed: int = 0,
+    ) -> None:
+        if len(base) == 0:
+            raise ValueError(f"SSLDataset: the base dataset {base!r} is empty")
+        self.base, self.seed = base, int(seed)
+        self.maker = _SampleMaker(transform, mask_generator, patch_size, mask_probability, mask_ratio)
+        self.transform, self.mask_generator = transform, mask_generator
+        self.collate_fn = partial(collate_multicrop, local_size=transform.local_size)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        if isinstance(key, (tuple, list)):
+            index, seed = int(key[0]), int(key[1])
+        else:
+            index = int(key)
+            seed = derive_seed(self.seed, index)
+        rng = np.random.default_rng(seed)
+        load = getattr(self.base, "load", None)
+        if load is None:
+            item = self.base[index]
+            return self.maker.make(item[0], None, item[1], rng)
+        plans: list[CropPlan] = []
+        img, label, _ = load(index, lambda im: plans.append(self.transform.prepare(im, rng)))
+        return self.maker.make(img, plans[-1] if plans else None, label, rng)
+
+
+class SSLIterableDataset(IterableDataset):
+    """Streaming SSL samples from a :class:`~veca_ssl.data.wds.WdsDataset` (same sample format).
+
+    Each shard sample carries a seed derived from ``(seed, rank, worker, position)``; unreadable
+    members are skipped and counted by the shard dataset's ``SkipCounter``.
+    """
+
+    def __init__(
+        self,
+        base: Any,
+        transform: MultiCropTransform,
+        mask_generator: MaskingGenerator | None,
+        patch_size: int,
+        mask_probability: float = 0.5,
+        mask_ratio: tuple[float, float] = (0.1, 0.5),
+    ) -> None:
+        super().__init__()
+        self.base = base
+        self.maker = _SampleMaker(transform, mask_generator, patch_size, mask_probability, mask_ratio)
+        self.transform = transform
+        self.collate_fn = partial(collate_multicrop, local_size=transform.local_size)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for raw in self.base.iter_raw():
+            rng = np.random.default_rng(raw.seed)
+            plans: list[CropPlan] = []
+            img = try_decode(raw.data, raw.name, self.base.skip_counter, lambda im: plans.append(self.transform.prepare(im, rng)))  # noqa: B023
+            if img is None:
+                continue
+            yield self.maker.make(img, plans[-1] if plans else None, raw.label, rng)

@@ -1,0 +1,1 @@
+"""Training: one readable loop (``loop.train``), its optimiser groups, checkpoints and logging."""

@@ -1,0 +1,64 @@
+"""A cheap in-training k-NN monitor at every core width (DINOv2 protocol, small labelled split)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from veca_ssl.models.base import Backbone
+
+
+class KnnMonitor:
+    def __init__(self, cfg, device: torch.device, output_dir: Path) -> None:
+        from veca_ssl.data import build_dataset
+
+        m = cfg.train.knn_monitor
+        self.k, self.resolution, self.device = int(m.k), int(m.resolution), device
+        self.train_set = build_dataset(m.dataset, split=m.train_split)
+        self.val_set = build_dataset(m.dataset, split=m.val_split)
+        if m.max_train and len(self.train_set) > m.max_train:
+            self.train_set = torch.utils.data.Subset(self.train_set, range(int(m.max_train)))
+        self.before_path = Path(output_dir) / "knn_before.json"
+
+    @torch.no_grad()
+    def evaluate(self, backbone: Backbone) -> dict:
+        """``{"knn_C{c}_top1": %}`` for every width (``knn_dense_top1`` for a dense ViT)."""
+        from eval.features import extract_features
+        from eval.knn import knn_classify
+
+        was_training = backbone.training
+        backbone.eval()
+        widths = list(backbone.budgets) or [None]
+        kw = dict(widths=widths, resolution=self.resolution, batch_size=256, device=self.device, progress=False)
+        train = extract_features(backbone, self.train_set, **kw)
+        val = extract_features(backbone, self.val_set, **kw)
+        backbone.train(was_training)
+        out = {}
+        for w in widths:
+            res = knn_classify(train[w].image, train[w].labels, val[w].image, val[w].labels, ks=[self.k])
+            out[f"knn_{'dense' if w is None else f'C{w}'}_top1"] = res[f"knn_k{self.k}_top1"]
+        return out
+
+    def record_before(self, backbone: Backbone) -> None:
+        self.before_path.parent.mkdir(parents=True, exist_ok=True)
+        self.before_path.write_text(json.dumps(self.evaluate(backbone), indent=2))
+
+    def final(self, backbone: Backbone) -> dict:
+        after = self.evaluate(backbone)
+        before = json.loads(self.before_path.read_text()) if self.before_path.exists() else {}
+        return {"after": after, "before": before}
+
+    @staticmethod
+    def flat(result: dict) -> dict:
+        return {f"final_{k}": v for k, v in result["after"].items()}
+
+    @staticmethod
+    def table(result: dict) -> str:
+        rows = ["| core width | k-NN top-1 before training | after training |", "|---|---|---|"]
+        for key, after in result["after"].items():
+            width = key[len("knn_"):-len("_top1")]
+            before = result["before"].get(key)
+            rows.append(f"| {width} | {'–' if before is None else f'{before:.1f}'} | {after:.1f} |")
+        return "\n".join(rows)
