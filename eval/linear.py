@@ -35,6 +35,7 @@ class LinearProbeConfig:
     """Hyper-parameters of the linear probe (defaults follow DINOv2 where it has one)."""
 
     epochs: int = 10
+    epoch_length: int | None = 1250  # DINOv2: iterations per "epoch"; None = one pass over the data
     batch_size: int = 128
     lrs: Sequence[float] = DINOV2_LRS
     momentum: float = 0.9
@@ -65,25 +66,39 @@ def linear_inputs(fs: FeatureSet, n_last_blocks: Sequence[int] = (1, 4),
 
 
 class LinearHeads(nn.Module):
-    """All probe heads in one module: ``forward(inputs)`` → ``{head_name: logits}``."""
+    """Every probe head in one fused module: per feature set one (H, D, C) weight for its H learning rates.
+
+    ``forward(inputs)`` → ``{feature_set: logits (H, B, C)}``; head ``h`` of a feature set is the
+    linear classifier trained with ``lrs[h]``. One matrix product per feature set serves all heads.
+    """
 
     def __init__(self, in_dims: dict[str, int], lrs: Sequence[float], num_classes: int):
         super().__init__()
-        self.heads = nn.ModuleDict()
-        self.feature_of: dict[str, str] = {}
-        self.lr_of: dict[str, float] = {}
-        for feat, dim in in_dims.items():
-            for lr in lrs:
-                name = f"{feat}_lr{lr:g}".replace(".", "p")  # ModuleDict keys must not contain "."
-                head = nn.Linear(dim, num_classes)
-                nn.init.normal_(head.weight, std=0.01)  # DINOv2 LinearClassifier init
-                nn.init.zeros_(head.bias)
-                self.heads[name] = head
-                self.feature_of[name] = feat
-                self.lr_of[name] = lr
+        self.lrs = tuple(float(lr) for lr in lrs)
+        self.features = list(in_dims)
+        self.weight = nn.ParameterList()
+        self.bias = nn.ParameterList()
+        for dim in in_dims.values():
+            w = torch.empty(len(self.lrs), dim, num_classes)
+            nn.init.normal_(w, std=0.01)  # DINOv2 LinearClassifier init: N(0, 0.01), zero bias
+            self.weight.append(nn.Parameter(w))
+            self.bias.append(nn.Parameter(torch.zeros(len(self.lrs), num_classes)))
+
+    @property
+    def head_names(self) -> list[str]:
+        return [f"{feat}_lr{lr:g}" for feat in self.features for lr in self.lrs]
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {name: head(inputs[self.feature_of[name]]) for name, head in self.heads.items()}
+        return {feat: torch.einsum("bd,hdc->hbc", inputs[feat], w) + b[:, None, :]
+                for feat, w, b in zip(self.features, self.weight, self.bias)}
+
+    def logits_by_head(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``{head_name: logits (B, C)}`` in :attr:`head_names` order."""
+        out = {}
+        for feat, logits in self.forward(inputs).items():
+            for lr, lg in zip(self.lrs, logits):
+                out[f"{feat}_lr{lr:g}"] = lg
+        return out
 
 
 def split_holdout(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,36 +114,45 @@ def split_holdout(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, tor
 
 def train_heads(inputs: dict[str, torch.Tensor], labels: torch.Tensor, num_classes: int,
                 cfg: LinearProbeConfig, device: torch.device | str = "cpu") -> LinearHeads:
-    """Train every head together with SGD + momentum and a per-iteration cosine schedule."""
+    """Train every head together: SGD with momentum, per-head learning rate, per-iteration cosine decay.
+
+    The update is ``torch.optim.SGD``'s (``buf = momentum·buf + grad + wd·w; w -= lr·buf``), applied
+    to the fused weights with a learning-rate vector over heads instead of one parameter group per head.
+    """
     device = torch.device(device)
     torch.manual_seed(cfg.seed)
     heads = LinearHeads({k: v.shape[1] for k, v in inputs.items()}, cfg.lrs, num_classes).to(device)
-    scale = cfg.batch_size / 256  # DINOv2: lr × (batch × world) / 256
-    groups = [{"params": h.parameters(), "lr": heads.lr_of[n] * scale, "base_lr": heads.lr_of[n] * scale}
-              for n, h in heads.heads.items()]
-    opt = torch.optim.SGD(groups, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    # DINOv2 scales the grid by (batch × world) / 256.
+    base_lr = torch.tensor(heads.lrs, device=device) * cfg.batch_size / 256
+    params = list(heads.parameters())
+    bufs = [torch.zeros_like(p) for p in params]
     n = labels.shape[0]
-    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    steps_per_epoch = cfg.epoch_length or math.ceil(n / cfg.batch_size)
     total = max(1, cfg.epochs * steps_per_epoch)
-    x = {k: v.to(device) for k, v in inputs.items()}
+    x = {k: v.to(device).float() for k, v in inputs.items()}
     y = labels.to(device).long()
+    n_heads = len(heads.lrs)
     gen = torch.Generator().manual_seed(cfg.seed)
-    step = 0
+    order, cursor = torch.randperm(n, generator=gen), 0
     heads.train()
-    for _ in range(cfg.epochs):
-        perm = torch.randperm(n, generator=gen).to(device)
-        for start in range(0, n, cfg.batch_size):
-            batch = perm[start:start + cfg.batch_size]
-            factor = 0.5 * (1 + math.cos(math.pi * step / total))
-            for g in opt.param_groups:
-                g["lr"] = g["base_lr"] * factor
-            logits = heads({k: v[batch] for k, v in x.items()})
-            # Heads are independent, so summing their losses gives each head exactly its own gradient.
-            loss = sum(F.cross_entropy(out, y[batch]) for out in logits.values())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
+    for step in range(total):
+        if cursor + cfg.batch_size > n and cursor > 0:  # reshuffle once the data is used up
+            order, cursor = torch.randperm(n, generator=gen), 0
+        batch = order[cursor:cursor + cfg.batch_size].to(device)
+        cursor += cfg.batch_size
+        yb = y[batch].repeat(n_heads)
+        # Heads are independent, so the sum of their mean losses gives each head exactly its own gradient.
+        loss = sum(F.cross_entropy(lg.reshape(-1, num_classes), yb) * n_heads
+                   for lg in heads({k: v[batch] for k, v in x.items()}).values())
+        for p in params:
+            p.grad = None
+        loss.backward()
+        lr = base_lr * 0.5 * (1 + math.cos(math.pi * step / total))
+        with torch.no_grad():
+            for p, buf in zip(params, bufs):
+                g = p.grad if cfg.weight_decay == 0 else p.grad + cfg.weight_decay * p
+                buf.mul_(cfg.momentum).add_(g)
+                p.sub_(lr.view(-1, *([1] * (p.ndim - 1))) * buf)
     return heads.eval()
 
 
@@ -139,7 +163,7 @@ def evaluate_heads(heads: LinearHeads, inputs: dict[str, torch.Tensor], labels: 
     device = next(heads.parameters()).device
     logits: dict[str, list[torch.Tensor]] = {}
     for start in range(0, labels.shape[0], batch_size):
-        out = heads({k: v[start:start + batch_size].to(device) for k, v in inputs.items()})
+        out = heads.logits_by_head({k: v[start:start + batch_size].to(device).float() for k, v in inputs.items()})
         for name, lg in out.items():
             logits.setdefault(name, []).append(lg.cpu())
     y = labels.cpu().long()

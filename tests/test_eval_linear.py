@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from eval.features import FeatureSet
-from eval.linear import LinearHeads, LinearProbeConfig, linear_inputs, linear_probe, split_holdout
+from eval.linear import (
+    LinearHeads,
+    LinearProbeConfig,
+    linear_inputs,
+    linear_probe,
+    split_holdout,
+    train_heads,
+)
 from eval.logreg import LogRegConfig, logistic_regression
 
 CLASSES, DIM = 10, 16
@@ -25,7 +34,7 @@ def _features(n: int, seed: int, shuffle_labels: bool = False, blocks: int = 4) 
     return FeatureSet(width=8, cls=cls, labels=labels, indices=torch.arange(n), patch_mean=patch_mean)
 
 
-FAST = LinearProbeConfig(epochs=6, batch_size=64, lrs=(1e-3, 1e-2, 1e-1, 1.0))
+FAST = LinearProbeConfig(epochs=6, epoch_length=None, batch_size=64, lrs=(1e-3, 1e-2, 1e-1, 1.0))
 
 
 def test_linear_inputs_follow_dinov2_create_linear_input() -> None:
@@ -41,10 +50,44 @@ def test_linear_inputs_follow_dinov2_create_linear_input() -> None:
 
 def test_heads_cover_the_grid_of_feature_sets_and_learning_rates() -> None:
     heads = LinearHeads({"blocks1": 4, "blocks4+avgpool": 20}, lrs=(1e-3, 0.05), num_classes=3)
-    assert len(heads.heads) == 4
-    assert sorted(heads.lr_of.values()) == [1e-3, 1e-3, 0.05, 0.05]
-    out = heads({"blocks1": torch.randn(2, 4), "blocks4+avgpool": torch.randn(2, 20)})
-    assert all(v.shape == (2, 3) for v in out.values())
+    assert heads.head_names == ["blocks1_lr0.001", "blocks1_lr0.05", "blocks4+avgpool_lr0.001",
+                                "blocks4+avgpool_lr0.05"]
+    x = {"blocks1": torch.randn(2, 4), "blocks4+avgpool": torch.randn(2, 20)}
+    out = heads.logits_by_head(x)
+    assert list(out) == heads.head_names and all(v.shape == (2, 3) for v in out.values())
+    # Head (feature set, lr index 1) is an ordinary linear layer with its slice of the fused weight.
+    torch.testing.assert_close(out["blocks4+avgpool_lr0.05"], x["blocks4+avgpool"] @ heads.weight[1][1] + heads.bias[1][1])
+
+
+def test_fused_training_equals_torch_sgd_per_head() -> None:
+    """Each fused head follows exactly torch.optim.SGD(momentum=0.9) + cosine on its own lr."""
+    fs = _features(40, seed=12)
+    x = {"blocks1": fs.cls[:, -1]}
+    cfg = LinearProbeConfig(epochs=3, epoch_length=None, batch_size=16, lrs=(0.01, 0.5), seed=4)
+    trained = train_heads(x, fs.labels, CLASSES, cfg)
+    torch.manual_seed(cfg.seed)
+    init = LinearHeads({"blocks1": DIM}, cfg.lrs, CLASSES)  # same seed → same initial weights
+    total = cfg.epochs * 3  # ceil(40 / 16) steps per epoch
+    for h, lr in enumerate(cfg.lrs):
+        head = torch.nn.Linear(DIM, CLASSES)
+        with torch.no_grad():
+            head.weight.copy_(init.weight[0][h].T)
+            head.bias.copy_(init.bias[0][h])
+        opt = torch.optim.SGD(head.parameters(), lr=lr * cfg.batch_size / 256, momentum=0.9)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 * (1 + math.cos(math.pi * t / total)))
+        gen = torch.Generator().manual_seed(cfg.seed)
+        order, cursor = torch.randperm(40, generator=gen), 0
+        for _ in range(total):
+            if cursor + cfg.batch_size > 40 and cursor > 0:
+                order, cursor = torch.randperm(40, generator=gen), 0
+            b = order[cursor:cursor + cfg.batch_size]
+            cursor += cfg.batch_size
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(head(x["blocks1"][b]), fs.labels[b]).backward()
+            opt.step()
+            sched.step()
+        torch.testing.assert_close(trained.weight[0][h], head.weight.detach().T, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(trained.bias[0][h], head.bias.detach(), rtol=1e-4, atol=1e-6)
 
 
 def test_holdout_split_is_seeded_and_disjoint() -> None:

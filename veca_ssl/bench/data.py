@@ -157,11 +157,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if args.images < 1 or args.chunk < 1 or args.warmup < 3 or args.repeats < 5:
         parser.error("need --images >= 1, --chunk >= 1, --warmup >= 3 and --repeats >= 5 (SPEC §7)")
-    if args.workdir:
-        rows = run(args, Path(args.workdir))
-    else:
-        with tempfile.TemporaryDirectory(prefix="veca-bench-data-") as tmp:
-            rows = run(args, Path(tmp))
+    threads = torch.get_num_threads()
+    try:
+        if args.workdir:
+            rows = run(args, Path(args.workdir))
+        else:
+            with tempfile.TemporaryDirectory(prefix="veca-bench-data-") as tmp:
+                rows = run(args, Path(tmp))
+    finally:
+        torch.set_num_threads(threads)  # run() pins one thread; callers (tests) get theirs back
     print(markdown_table(rows))
     print(
         f"\n(single process, torch threads = 1; {args.chunk} samples per timed call, median of {args.repeats} "

@@ -21,6 +21,7 @@ read (bad tar entries, undecodable images) are skipped and counted by the shared
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ from .errors import SkipCounter
 from .sampler import derive_seed
 
 MANIFEST_NAME = "manifest.json"
+logger = logging.getLogger("veca_ssl.data")
 
 
 @dataclass
@@ -213,6 +215,11 @@ class WdsDataset(IterableDataset):
             raise ValueError(
                 f"{len(self.urls)} shards cannot feed {world} rank(s) × {workers} worker(s) = {readers} "
                 "readers; write smaller shards (`veca data make-shards --shard-size`) or use fewer workers"
+            )
+        if len(self.urls) < readers:
+            logger.warning(
+                "wds: %d shards for %d readers (%d ranks × %d workers): some readers get no data",
+                len(self.urls), readers, world, workers,
             )
         worker, to_skip = self.reader_slot(rank, world, worker, workers)
         position = 0

@@ -23,6 +23,9 @@ class BudgetPolicy:
         self.policy, self.seed = policy, seed
         if policy not in ("sample", "sandwich", "full"):
             raise ValueError(f"budgets.policy={policy!r}; valid: 'sample', 'sandwich', 'full'")
+        if not self.budgets:  # a dense model: nothing to choose
+            self.probs = np.ones(0)
+            return
         if weights is None:
             weights = REFERENCE_WEIGHTS if self.budgets == tuple(range(8, 65, 8)) else [1.0] * len(self.budgets)
         if len(weights) != len(self.budgets):

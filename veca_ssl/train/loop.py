@@ -255,6 +255,10 @@ def train(cfg: DictConfig) -> dict:
         if monitor is not None:
             summary["knn"] = monitor.final(method.teacher.backbone)
             logger.log(stop_at, {k: v for k, v in monitor.flat(summary["knn"]).items()})
+            if cfg.mode == "distill":
+                from veca_ssl.train.distill_report import distillation_report
+
+                summary["distill_report"] = distillation_report(method, cfg, info.device)
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     logger.close()
     return summary

@@ -38,6 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     if "knn" in summary:
         print("\nk-NN top-1 (%) of the EMA teacher on the monitor split, per core width:")
         print(KnnMonitor.table(summary["knn"]))
+    if "distill_report" in summary:
+        from veca_ssl.train.distill_report import report_table
+
+        print("\nstudent (EMA) vs frozen teacher, per core width:")
+        print(report_table(summary["distill_report"]))
     if "export" in summary:
         print(f"\noutputs: {summary['output_dir']} (config.yaml, metrics.jsonl, tensorboard/, checkpoints/); "
               f"teacher backbone: {summary['export']}")

@@ -1,0 +1,107 @@
+"""``veca bench train``: training throughput (forward + backward + AdamW step) of VECA vs the dense
+ViT of the same width and depth, side by side, at several resolutions.
+
+VECA rows: the full bank (C = M), the smallest budget, and "nested": the budget cycling through the
+reference weights (what elastic training actually runs, on average). Each model is warmed up, then
+the models are timed round-robin so background load affects every row alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from veca_ssl.bench.timing import markdown_table, write_rows
+from veca_ssl.method.budgets import BudgetPolicy
+from veca_ssl.models import build_backbone
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="veca bench train", description=__doc__.split("\n")[0])
+    p.add_argument("--family", default="small", choices=["tiny", "small", "base", "large"])
+    p.add_argument("--patch-size", type=int, default=16)
+    p.add_argument("--resolutions", type=int, nargs="+", default=[224, 448])
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA)")
+    p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--out", default="outputs/bench/train.json")
+    return p
+
+
+def _step_fn(model, opt, images, budgets_of_call, autocast):
+    calls = {"n": 0}
+
+    def step():
+        budget = budgets_of_call(calls["n"])
+        calls["n"] += 1
+        with autocast():
+            out = model.forward_features(images, **({} if budget is None else {"num_cores": budget}))
+            loss = out["cls"].float().square().mean() + out["patches"].float().square().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    device = torch.device(args.device)
+    print(f"veca bench train: family={args.family} batch={args.batch_size} device={device} "
+          f"threads={torch.get_num_threads()} warmup={args.warmup} repeats={args.repeats}", flush=True)
+
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
+
+    models = {
+        f"vit_{args.family} (dense)": build_backbone(f"vit_{args.family}", patch_size=args.patch_size),
+        f"veca_{args.family}": build_backbone(f"veca_{args.family}", patch_size=args.patch_size),
+    }
+    for m in models.values():
+        m.to(device).train().set_grad_checkpointing(args.grad_checkpointing)
+    veca = models[f"veca_{args.family}"]
+    nested = BudgetPolicy(veca.budgets, "sample", None, seed=0)
+    variants = [
+        (f"vit_{args.family} (dense)", models[f"vit_{args.family} (dense)"], lambda i: None),
+        (f"veca_{args.family} C={veca.budgets[-1]}", veca, lambda i: veca.budgets[-1]),
+        (f"veca_{args.family} C={veca.budgets[0]}", veca, lambda i: veca.budgets[0]),
+        (f"veca_{args.family} nested (sampled C)", veca, lambda i: nested(i)[0]),
+    ]
+    opts = {id(m): torch.optim.AdamW(m.parameters(), lr=1e-6) for m in models.values()}
+    rows = []
+    for res in args.resolutions:
+        images = torch.randn(args.batch_size, 3, res, res, device=device)
+        steps = [_step_fn(m, opts[id(m)], images, pick, autocast) for _, m, pick in variants]
+        for step in steps:
+            for _ in range(args.warmup):
+                step()
+        times = [[] for _ in steps]
+        for _ in range(args.repeats):
+            for i, step in enumerate(steps):
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                step()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                times[i].append(time.perf_counter() - t0)
+        dense = statistics.median(times[0])
+        for (name, _, _), t in zip(variants, times):
+            med = statistics.median(t)
+            rows.append({"resolution": res, "model": name, "step_ms": med * 1e3, "min_ms": min(t) * 1e3,
+                         "max_ms": max(t) * 1e3, "images_per_s": args.batch_size / med,
+                         "speedup_vs_dense": dense / med})
+        print(f"[{res}px] done", flush=True)
+    print(markdown_table(rows))
+    print("results: " + ", ".join(str(p) for p in write_rows(rows, args.out)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
