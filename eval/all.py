@@ -45,7 +45,8 @@ DEFAULTS: dict = {
     "widths": "all", "resolution": 224, "batch_size": 64, "num_workers": 0, "device": "auto",
     "output_dir": "eval_output", "progress": True, "title": "Evaluation",
     "knn": {"ks": list(KNN_KS), "temperature": KNN_TEMPERATURE, "backend": "torch", "chunk_size": 1024},
-    "linear": {"epochs": 10, "batch_size": 128, "lrs": list(DINOV2_LRS), "val_fraction": 0.1},
+    "linear": {"epochs": 10, "epoch_length": 1250, "batch_size": 128, "lrs": list(DINOV2_LRS),
+               "val_fraction": 0.1},
     "logreg": {"cs": list(C_GRID), "val_fraction": 0.2, "max_iter": 1000},
     "dense": {"tasks": "auto", "num_classes": None, "reduce_zero_label": False, "epochs": 20,
               "batch_size": 16, "lr": 1e-3},
@@ -124,7 +125,8 @@ def evaluate(model: torch.nn.Module, widths: list, cfg: DictConfig, device: torc
         if linear:
             from eval.linear import run_linear
 
-            lc = LinearProbeConfig(epochs=cfg.linear.epochs, batch_size=cfg.linear.batch_size,
+            lc = LinearProbeConfig(epochs=cfg.linear.epochs, epoch_length=cfg.linear.epoch_length,
+                                   batch_size=cfg.linear.batch_size,
                                    lrs=tuple(cfg.linear.lrs), val_fraction=cfg.linear.val_fraction, seed=cfg.seed)
             results.append(run_linear(feats["train"], feats["test"], feats.get("val"), lc, device))
         if "logreg" in cls_protocols:

@@ -215,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_args(p)
     g = p.add_argument_group("linear probe")
     g.add_argument("--epochs", type=int, default=10)
+    g.add_argument("--epoch-length", type=int, default=1250,
+                   help="iterations per epoch (DINOv2: 1250); 0 = one pass over the training data")
     g.add_argument("--probe-batch-size", type=int, default=128, help="batch size of head training")
     g.add_argument("--lrs", default=",".join(f"{lr:g}" for lr in DINOV2_LRS), help="base lr grid")
     g.add_argument("--val-fraction", type=float, default=0.1, help="held out of train without --val")
@@ -222,7 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> LinearProbeConfig:
-    return LinearProbeConfig(epochs=args.epochs, batch_size=args.probe_batch_size,
+    return LinearProbeConfig(epochs=args.epochs, epoch_length=args.epoch_length or None,
+                             batch_size=args.probe_batch_size,
                              lrs=tuple(float(x) for x in args.lrs.split(",") if x.strip()),
                              val_fraction=args.val_fraction, seed=args.seed)
 

@@ -175,6 +175,23 @@ def _veca_ddp_worker() -> dict:
     return {"grads": grads, "local_last": {n: p.grad.clone() for n, p in local_model.named_parameters()}}
 
 
+def _all_two_rank_checks() -> dict:
+    """One spawn for every 2-rank unit check (process start-up dominates their cost); a failing check
+    returns its traceback instead of taking the others down."""
+    import traceback
+
+    checks = {"collectives": (_collectives_worker, ()), "ddp": (_ddp_vs_single_worker, (4, 3)),
+              "fsdp": (_fsdp_worker, (3,)), "veca": (_veca_ddp_worker, ())}
+    out = {}
+    for name, (fn, args) in checks.items():
+        try:
+            out[name] = fn(*args)
+        except Exception:
+            out[name] = traceback.format_exc()
+        vd.barrier()
+    return out
+
+
 # ------------------------------------------------------------------------------------------ tests
 
 
@@ -216,6 +233,25 @@ def test_seed_everything_is_per_rank(clean_env):
     assert torch.equal(a[0], b[0]) and a[1:] == b[1:]
 
 
+def test_logging_only_on_rank0_and_rank0_print(clean_env, tmp_path, capsys):
+    name = "veca_test_dist_logging"
+    logger = vd.setup_logging(tmp_path / "r0", rank=0, name=name)
+    logger.info("hello from rank 0")
+    vd.rank0_print("printed", 42)
+    assert capsys.readouterr().out.count("printed 42") == 1
+    logger = vd.setup_logging(tmp_path / "r1", rank=1, name=name)  # re-configuring replaces our handlers
+    logger.info("rank 1 info is dropped")
+    logger.warning("rank 1 warning is kept")
+    err = capsys.readouterr().err
+    assert "rank 1 warning is kept" in err and "info is dropped" not in err
+    assert "hello from rank 0" in (tmp_path / "r0" / "log.txt").read_text()
+    assert not (tmp_path / "r1").exists()  # non-zero ranks write no log file
+    assert len([h for h in logger.handlers if getattr(h, vd._LOG_TAG, False)]) == 1
+    for h in list(logger.handlers):
+        logger.removeHandler(h)
+        h.close()
+
+
 def test_submitit_slurm_environment_sets_rendezvous(clean_env):
     env = {
         "SUBMITIT_EXECUTOR": "slurm",
@@ -255,8 +291,20 @@ def test_preemption_flag_and_chaining(clean_env):
         signal.signal(signal.SIGUSR1, previous)
 
 
-def test_two_process_collectives():
-    r0, r1 = vd.run_two_process(_collectives_worker)
+@pytest.fixture(scope="module")
+def two_ranks() -> list[dict]:
+    return vd.run_two_process(_all_two_rank_checks, timeout_s=300)
+
+
+def _check(two_ranks: list[dict], name: str) -> tuple[dict, dict]:
+    for rank, result in enumerate(two_ranks):
+        if isinstance(result[name], str):
+            pytest.fail(f"rank {rank} failed in {name}:\n{result[name]}")
+    return two_ranks[0][name], two_ranks[1][name]
+
+
+def test_two_process_collectives(two_ranks):
+    r0, r1 = _check(two_ranks, "collectives")
     for r in (r0, r1):
         assert r["world"] == 2
         assert torch.equal(r["sum"], torch.tensor([3.0, 30.0]))
@@ -270,9 +318,8 @@ def test_two_process_collectives():
     assert (r0["seed"], r1["seed"]) == (7, 8) and r0["draw"] != r1["draw"]
 
 
-def test_ddp_sliced_core_bank_matches_single_process_global_batch():
-    steps = 4
-    r0, r1 = vd.run_two_process(_ddp_vs_single_worker, steps, 3)
+def test_ddp_sliced_core_bank_matches_single_process_global_batch(two_ranks):
+    r0, r1 = _check(two_ranks, "ddp")
     g = r0["first_grad"]
     c = g["budget"]
     # gradients: averaged over ranks == gradient of the global-batch loss; rows past the budget are 0.0
@@ -287,16 +334,16 @@ def test_ddp_sliced_core_bank_matches_single_process_global_batch():
     assert not torch.allclose(r0["weights"]["proj.weight"], initial["proj.weight"])  # it did train
 
 
-def test_fsdp2_on_cpu_gloo_matches_single_process():
-    r0, r1 = vd.run_two_process(_fsdp_worker, 3)
+def test_fsdp2_on_cpu_gloo_matches_single_process(two_ranks):
+    r0, r1 = _check(two_ranks, "fsdp")
     assert r0["rows"] == 4 and r1["rows"] == 4  # embed.weight (8, 4) split over 2 ranks on dim 0
     for name, ref in r0["ref"].items():
         assert torch.allclose(r0["full"][name], ref, atol=1e-6), name
         assert torch.equal(r0["full"][name], r1["full"][name]), name
 
 
-def test_veca_backbone_ddp_zero_rows_and_averaging():
-    r0, r1 = vd.run_two_process(_veca_ddp_worker)
+def test_veca_backbone_ddp_zero_rows_and_averaging(two_ranks):
+    r0, r1 = _check(two_ranks, "veca")
     for step, c in enumerate((8, 16, 8)):
         g0, g1 = r0["grads"][step], r1["grads"][step]
         for name in g0:

@@ -10,6 +10,7 @@ BENCHES = {
     "data": "veca_ssl.bench.data",
     "train": "veca_ssl.bench.train",
     "knn": "veca_ssl.bench.knn",
+    "ddp": "veca_ssl.bench.ddp",
 }
 
 

@@ -47,6 +47,7 @@ class ElasticDistillation(nn.Module):
     def __init__(self, cfg, backbone: Backbone, frozen_teacher: Backbone | None = None) -> None:
         super().__init__()
         self.cfg = cfg
+        backbone.mask_token.requires_grad_(False)  # no masking in distillation (DDP needs every grad)
         self.student = DistillStudentNet(backbone)
         self.teacher = copy.deepcopy(self.student)  # EMA of the student
         self.teacher.requires_grad_(False)

@@ -81,7 +81,9 @@ class VECA(Backbone):
         )
         # a coordinate update after the last block would feed nothing: depth - 1 heads
         self.coord_heads = nn.ModuleList(nn.Linear(embed_dim, 2) for _ in range(depth - 1))
-        self.coord_alpha = nn.Parameter(torch.full((max(depth - 1, 0),), float(coord_alpha_init)))
+        # registered only when there is a head to scale (an empty parameter would never get a gradient)
+        self.coord_alpha = (nn.Parameter(torch.full((depth - 1,), float(coord_alpha_init))) if depth > 1
+                            else None)
         self.norm = nn.LayerNorm(embed_dim, eps=norm_eps)
         self.register_buffer("rope_inv_periods", rope_inv_periods(embed_dim // num_heads, rope_base,
                                                                   rope_zero_fraction), persistent=False)

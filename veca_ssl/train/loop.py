@@ -123,7 +123,9 @@ def train(cfg: DictConfig) -> dict:
     info = dist.init_distributed(cfg.device)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
-    dist.seed_everything(cfg.seed, info.rank)
+    # the same seed on every rank while building: DDP syncs the student from rank 0, but the EMA
+    # teacher and the loss modules are not wrapped, so they must start identical everywhere
+    torch.manual_seed(cfg.seed)
     out = Path(cfg.output_dir)
 
     # --- everything that can fail on bad input, before any work -----------------------------------
@@ -140,6 +142,7 @@ def train(cfg: DictConfig) -> dict:
                           f"must be multiples of model.patch_size={cfg.model.patch_size}")
     dataset = build_dataset(cfg.data.train, split=cfg.data.split, max_skip_fraction=cfg.data.max_skip_fraction)
     method = build_method(cfg, backbone).to(info.device)
+    dist.seed_everything(cfg.seed, info.rank)  # per-rank randomness (drop-path, coordinate jitter) from here
 
     main = info.rank == 0
     if main:
@@ -214,6 +217,10 @@ def train(cfg: DictConfig) -> dict:
 
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
+        if info.world_size > 1:  # parameters outside the DDP module (distillation projections)
+            for p in extra_params:
+                if p.grad is not None:
+                    p.grad = dist.all_reduce_mean(p.grad)
         max_norm = cfg.optim.clip_grad if cfg.optim.clip_grad > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         optimizer.step()
