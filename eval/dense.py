@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
-from eval.common import parse_dataset_spec
+from eval.common import few_threads_if_small, parse_dataset_spec
 from veca_ssl.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 IGNORE_INDEX = 255
@@ -236,20 +236,31 @@ def _train(head: nn.Module, maps: torch.Tensor, target: torch.Tensor, loss_fn, c
     n = maps.shape[0]
     total, step = max(1, cfg.epochs * math.ceil(n / cfg.batch_size)), 0
     gen = torch.Generator().manual_seed(cfg.seed)
-    for _ in range(cfg.epochs):
-        perm = torch.randperm(n, generator=gen)
-        for start in range(0, n, cfg.batch_size):
-            b = perm[start:start + cfg.batch_size]
-            for g in opt.param_groups:
-                g["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / total))
-            x, y = maps[b].to(device).float(), target[b].to(device)
-            logits = F.interpolate(head(x), size=y.shape[-2:], mode="bilinear", align_corners=False)
-            loss = loss_fn(logits, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
+    out_ch = head[-1].out_channels
+    step_flops = 6 * cfg.batch_size * maps[0].numel() * out_ch + 6 * cfg.batch_size * target[0].numel() * out_ch
+    with few_threads_if_small(step_flops):
+        for _ in range(cfg.epochs):
+            perm = torch.randperm(n, generator=gen)
+            step = _epoch(head, opt, maps, target, perm, loss_fn, cfg, device, step, total)
     return head.eval()
+
+
+def _epoch(head: nn.Module, opt: torch.optim.Optimizer, maps: torch.Tensor, target: torch.Tensor,
+           perm: torch.Tensor, loss_fn, cfg: DenseProbeConfig, device: torch.device, step: int,
+           total: int) -> int:
+    """One pass over ``perm``: AdamW steps with a per-step cosine learning rate; returns the step count."""
+    for start in range(0, maps.shape[0], cfg.batch_size):
+        b = perm[start:start + cfg.batch_size]
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / total))
+        x, y = maps[b].to(device).float(), target[b].to(device)
+        logits = F.interpolate(head(x), size=y.shape[-2:], mode="bilinear", align_corners=False)
+        loss = loss_fn(logits, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+    return step
 
 
 @torch.no_grad()

@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from eval.common import few_threads_if_small
 from eval.features import FeatureSet
 from eval.knn import topk_accuracy
 
@@ -124,17 +125,27 @@ def train_heads(inputs: dict[str, torch.Tensor], labels: torch.Tensor, num_class
     heads = LinearHeads({k: v.shape[1] for k, v in inputs.items()}, cfg.lrs, num_classes).to(device)
     # DINOv2 scales the grid by (batch × world) / 256.
     base_lr = torch.tensor(heads.lrs, device=device) * cfg.batch_size / 256
-    params = list(heads.parameters())
-    bufs = [torch.zeros_like(p) for p in params]
     n = labels.shape[0]
     steps_per_epoch = cfg.epoch_length or math.ceil(n / cfg.batch_size)
     total = max(1, cfg.epochs * steps_per_epoch)
     x = {k: v.to(device).float() for k, v in inputs.items()}
     y = labels.to(device).long()
     n_heads = len(heads.lrs)
+    heads.train()
+    step_flops = 6 * cfg.batch_size * sum(v.shape[1] for v in x.values()) * n_heads * num_classes
+    with few_threads_if_small(step_flops):
+        _sgd_loop(heads, x, y, base_lr, cfg, total, num_classes, n)
+    return heads.eval()
+
+
+def _sgd_loop(heads: LinearHeads, x: dict[str, torch.Tensor], y: torch.Tensor, base_lr: torch.Tensor,
+              cfg: LinearProbeConfig, total: int, num_classes: int, n: int) -> None:
+    params = list(heads.parameters())
+    bufs = [torch.zeros_like(p) for p in params]
+    n_heads = len(heads.lrs)
     gen = torch.Generator().manual_seed(cfg.seed)
     order, cursor = torch.randperm(n, generator=gen), 0
-    heads.train()
+    device = y.device
     for step in range(total):
         if cursor + cfg.batch_size > n and cursor > 0:  # reshuffle once the data is used up
             order, cursor = torch.randperm(n, generator=gen), 0
@@ -153,7 +164,6 @@ def train_heads(inputs: dict[str, torch.Tensor], labels: torch.Tensor, num_class
                 g = p.grad if cfg.weight_decay == 0 else p.grad + cfg.weight_decay * p
                 buf.mul_(cfg.momentum).add_(g)
                 p.sub_(lr.view(-1, *([1] * (p.ndim - 1))) * buf)
-    return heads.eval()
 
 
 @torch.no_grad()

@@ -4,6 +4,9 @@ nothing, and several tests run 2-process gloo groups or DataLoader workers on a 
 import os
 
 os.environ.setdefault("MPLBACKEND", "Agg")
+# inherited by the subprocesses some tests start (e.g. the SIGKILL resume test), so that they run
+# the same single-threaded kernels as the in-process reference run
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 

@@ -56,9 +56,14 @@ class ElasticDistillation(nn.Module):
         self.loss = DistillationLoss(d.cls_weight, d.patch_cos_weight, d.patch_mse_weight,
                                      student_dim=backbone.embed_dim, teacher_dim=self.frozen_teacher.embed_dim,
                                      normalize_mse_target=d.normalize_mse_target)
+        self.teacher_resolution = self.teacher_size(cfg.crops.global_size)
+
+    def teacher_size(self, student_size: int) -> int:
+        """The teacher's input side: ``distill.teacher_resolution`` or the student's (multi-resolution
+        batches included), rounded to a multiple of the teacher's patch size."""
         tp = self.frozen_teacher.patch_size
-        size = d.teacher_resolution or cfg.crops.global_size
-        self.teacher_resolution = max(tp, round(size / tp) * tp)  # a multiple of the teacher's patch
+        size = self.cfg.distill.teacher_resolution or student_size
+        return max(tp, round(size / tp) * tp)
 
     @property
     def student_module(self) -> DistillStudentNet:
@@ -80,7 +85,7 @@ class ElasticDistillation(nn.Module):
     @torch.no_grad()
     def teacher_features(self, images: Tensor) -> dict:
         """Frozen-teacher features, micro-batched, bf16 on CUDA, at the teacher's resolution."""
-        size = self.teacher_resolution
+        size = self.teacher_size(images.shape[-1])
         if images.shape[-2:] != (size, size):
             images = F.interpolate(images, size=(size, size), mode="bicubic", align_corners=False)
         chunk = self.cfg.distill.teacher_batch_size or images.shape[0]

@@ -50,9 +50,9 @@ class StudentTeacherNet(nn.Module):
 def build_heads(cfg, embed_dim: int) -> tuple[DINOHead, DINOHead | None]:
     d, i = cfg.dino, cfg.ibot
     dino_head = DINOHead(embed_dim, d.head_out_dim, d.head_hidden_dim, d.head_bottleneck_dim, d.head_nlayers,
-                         mlp_bias=d.head_mlp_bias)
+                         use_bn=d.head_use_bn, mlp_bias=d.head_mlp_bias)
     ibot_head = (DINOHead(embed_dim, i.head_out_dim, i.head_hidden_dim, i.head_bottleneck_dim, i.head_nlayers,
-                          mlp_bias=d.head_mlp_bias)
+                          use_bn=d.head_use_bn, mlp_bias=d.head_mlp_bias)
                  if i.separate_head else None)
     return dino_head, ibot_head
 

@@ -27,6 +27,7 @@ from veca_ssl.models.base import Backbone
 from veca_ssl.train.checkpoint import CheckpointManager, rng_state, set_rng_state
 from veca_ssl.train.ema import ema_update_
 from veca_ssl.train.metrics import MetricLogger
+from veca_ssl.train.multires import FixedSchedule, MultiResSchedule, parse_phases
 from veca_ssl.train.optim import build_optimizer, set_schedules
 from veca_ssl.train.schedules import cosine_schedule, scaled_lr, teacher_temperature
 
@@ -61,9 +62,12 @@ def build_method(cfg: DictConfig, backbone: Backbone) -> torch.nn.Module:
     return ElasticDINO(cfg, backbone)
 
 
-def build_train_loader(cfg: DictConfig, dataset, patch_size: int, info: dist.DistInfo, start_sample: int):
+def build_train_loader(cfg: DictConfig, dataset, patch_size: int, info: dist.DistInfo, start_sample: int,
+                       multires: MultiResSchedule | None = None, start_step: int = 0):
     """Multi-crop + masks per sample, seeded by the sample's global position (map-style data: exact
-    resume and world-size independent crops), or streamed from WebDataset shards."""
+    resume and world-size independent crops), or streamed from WebDataset shards. With ``multires``
+    (a ``veca_ssl.train.multires.MultiResSchedule``) each step's global crop side and batch size follow
+    the schedule from ``start_step`` on (``start_sample`` is then unused: the schedule knows it)."""
     from veca_ssl.data import (
         InfiniteSampler,
         MaskingGenerator,
@@ -72,19 +76,35 @@ def build_train_loader(cfg: DictConfig, dataset, patch_size: int, info: dist.Dis
         SSLIterableDataset,
     )
 
-    c = cfg.crops
-    transform = MultiCropTransform(global_size=c.global_size, local_size=c.local_size,
-                                   num_local_crops=c.num_local, global_scale=tuple(c.global_scale),
-                                   local_scale=tuple(c.local_scale))
-    grid = c.global_size // patch_size
-    mask_gen = MaskingGenerator(grid=(grid, grid), min_ratio=cfg.ibot.mask_ratio[0],
-                                max_ratio=cfg.ibot.mask_ratio[1])
+    c, a = cfg.crops, cfg.augment
     mask_kw = dict(mask_probability=cfg.ibot.mask_probability, mask_ratio=tuple(cfg.ibot.mask_ratio))
+
+    def transform_and_masks(global_size: int) -> tuple[MultiCropTransform, MaskingGenerator]:
+        transform = MultiCropTransform(
+            global_size=global_size, local_size=c.local_size, num_local_crops=c.num_local,
+            global_scale=tuple(c.global_scale), local_scale=tuple(c.local_scale),
+            color_jitter=tuple(a.color_jitter), jitter_p=a.jitter_p, grayscale_p=a.grayscale_p, flip_p=a.flip_p,
+            global_blur_p=tuple(a.global_blur_p), local_blur_p=a.local_blur_p, solarize_p=a.solarize_p,
+            jitter_mode=a.jitter_mode)
+        grid = global_size // patch_size
+        return transform, MaskingGenerator(grid=(grid, grid), min_ratio=cfg.ibot.mask_ratio[0],
+                                           max_ratio=cfg.ibot.mask_ratio[1])
+
     nw = cfg.data.num_workers
     # a private generator: creating the loader must not consume the global RNG (exact resume)
-    loader_kw = dict(batch_size=cfg.optim.batch_size_per_gpu, num_workers=nw, drop_last=True,
-                     pin_memory=info.device.type == "cuda", persistent_workers=nw > 0,
+    loader_kw = dict(num_workers=nw, pin_memory=info.device.type == "cuda", persistent_workers=nw > 0,
                      prefetch_factor=4 if nw > 0 else None, generator=torch.Generator().manual_seed(cfg.seed))
+    if multires is not None:  # one SSL dataset per global crop side; the batch sampler picks per step
+        from veca_ssl.data.multires import MultiResBatchSampler, MultiResSSLDataset
+
+        ssl_data = MultiResSSLDataset({size: SSLDataset(dataset, *transform_and_masks(size), patch_size,
+                                                        seed=cfg.seed, **mask_kw) for size in multires.sizes})
+        batches = MultiResBatchSampler(len(dataset), multires, seed=cfg.seed, rank=info.rank,
+                                       world_size=info.world_size, start_step=start_step)
+        return torch.utils.data.DataLoader(ssl_data, batch_sampler=batches, collate_fn=ssl_data.collate_fn,
+                                           **loader_kw)
+    loader_kw.update(batch_size=cfg.optim.batch_size_per_gpu, drop_last=True)
+    transform, mask_gen = transform_and_masks(c.global_size)
     if isinstance(dataset, torch.utils.data.IterableDataset):  # streaming shards (split by node/worker)
         ssl_data = SSLIterableDataset(dataset, transform, mask_gen, patch_size, **mask_kw)
         return torch.utils.data.DataLoader(ssl_data, collate_fn=ssl_data.collate_fn, **loader_kw)
@@ -140,6 +160,7 @@ def train(cfg: DictConfig) -> dict:
     if cfg.crops.global_size % cfg.model.patch_size or cfg.crops.local_size % cfg.model.patch_size:
         raise ConfigError(f"crops.global_size={cfg.crops.global_size} and crops.local_size={cfg.crops.local_size} "
                           f"must be multiples of model.patch_size={cfg.model.patch_size}")
+    multires_phases = parse_phases(cfg.multires, cfg.model.patch_size, cfg.optim.epochs)  # [] = one size
     dataset = build_dataset(cfg.data.train, split=cfg.data.split, max_skip_fraction=cfg.data.max_skip_fraction)
     method = build_method(cfg, backbone).to(info.device)
     dist.seed_everything(cfg.seed, info.rank)  # per-rank randomness (drop-path, coordinate jitter) from here
@@ -177,13 +198,24 @@ def train(cfg: DictConfig) -> dict:
     if cfg.data.samples_per_epoch is None and isinstance(dataset, torch.utils.data.IterableDataset):
         raise ConfigError(f"data.samples_per_epoch is required for streaming data ({cfg.data.train})")
     samples_per_epoch = cfg.data.samples_per_epoch or len(dataset)
-    steps_per_epoch = max(1, samples_per_epoch // global_batch)
-    total_steps = cfg.optim.epochs * steps_per_epoch
+    if multires_phases:  # per-step size and batch; epochs are counted at each phase's rate
+        if isinstance(dataset, torch.utils.data.IterableDataset):
+            raise ConfigError(f"multires.phases needs map-style data (samples addressed by position); "
+                              f"{cfg.data.train} streams")
+        schedule = MultiResSchedule(multires_phases, samples_per_epoch, info.world_size, cfg.optim.epochs, cfg.seed)
+        if main:
+            print(schedule.describe(), flush=True)
+    else:
+        schedule = FixedSchedule(cfg.crops.global_size, cfg.optim.batch_size_per_gpu, samples_per_epoch,
+                                 info.world_size, cfg.optim.epochs)
+    total_steps = schedule.total_steps
     stop_at = min(total_steps, cfg.train.max_steps or total_steps)
+    # multires too: the lr is scaled by the reference batch optim.batch_size_per_gpu x world size
     peak_lr = scaled_lr(cfg.optim.base_lr, global_batch, rule=cfg.optim.lr_scaling)
-    warmup_steps = cfg.optim.warmup_epochs * steps_per_epoch
+    warmup_steps = schedule.step_of_epoch(cfg.optim.warmup_epochs)
 
-    loader = build_train_loader(cfg, dataset, backbone.patch_size, info, start_step * global_batch)
+    loader = build_train_loader(cfg, dataset, backbone.patch_size, info, schedule.samples_before(start_step),
+                                multires=schedule if multires_phases else None, start_step=start_step)
     logger = MetricLogger(out, enabled=main)
     monitor = None
     if cfg.train.knn_monitor.enabled and cfg.train.knn_monitor.dataset:
@@ -199,14 +231,14 @@ def train(cfg: DictConfig) -> dict:
     data_iter = iter(loader)
     step, t_last, last_ckpt = start_step, time.perf_counter(), latest
     for step in range(start_step, stop_at):
-        epoch = step // steps_per_epoch
+        epoch = schedule.epoch_at(step)
         batch = _to_device(next(data_iter), info.device)
 
         # pure-function schedules of the step
         lr = cosine_schedule(step, total_steps, peak_lr, cfg.optim.min_lr, warmup_steps=warmup_steps)
         wd = cosine_schedule(step, total_steps, cfg.optim.weight_decay, cfg.optim.weight_decay_end)
         momentum = cosine_schedule(step, total_steps, cfg.optim.momentum_teacher, cfg.optim.final_momentum_teacher)
-        teacher_temp = teacher_temperature(step, cfg.dino.warmup_teacher_temp_epochs * steps_per_epoch,
+        teacher_temp = teacher_temperature(step, schedule.step_of_epoch(cfg.dino.warmup_teacher_temp_epochs),
                                            cfg.dino.warmup_teacher_temp, cfg.dino.teacher_temp)
         set_schedules(optimizer, lr, wd, freeze_last_layer=epoch < cfg.optim.freeze_last_layer_epochs)
         step_budgets = policy(step)  # same on every rank: a function of (seed, step)
@@ -231,12 +263,14 @@ def train(cfg: DictConfig) -> dict:
         if done % cfg.train.log_every == 0 or done == stop_at:
             now = time.perf_counter()
             n_steps = done % cfg.train.log_every or cfg.train.log_every
-            images_per_s = n_steps * global_batch / max(now - t_last, 1e-9)
+            images_per_s = (schedule.samples_before(done) - schedule.samples_before(done - n_steps)) / max(
+                now - t_last, 1e-9)
             t_last = now
             record = {k: float(v.detach()) for k, v in losses.items()}
             record.update(lr=lr, wd=wd, momentum=momentum, teacher_temp=teacher_temp, epoch=epoch,
                           budget=float(step_budgets[0]) if step_budgets[0] is not None else 0.0,
-                          grad_norm=float(grad_norm), images_per_s=images_per_s)
+                          grad_norm=float(grad_norm), images_per_s=images_per_s,
+                          resolution=float(batch["global_crops"].shape[-1]))
             logger.log(done, record)
             bar.set_postfix(loss=f"{record['loss']:.3f}", C=step_budgets[0], img_s=f"{images_per_s:.0f}")
         if monitor is not None and main and done % cfg.train.knn_monitor.every == 0 and done != stop_at:
