@@ -71,7 +71,10 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         with_ref = [OmegaConf.create({k: v for k, v in layer.items() if k != "reference"}) for layer in layers]
         cfg = OmegaConf.merge(base, *with_ref)
     except OmegaConfBaseException as exc:
-        raise ValueError(f"bad eval config {path}: {exc}".split("\n")[0] + " (see eval/all.py DEFAULTS)") from exc
+        key = getattr(exc, "full_key", None)
+        where = f" (key {key!r})" if key else ""
+        raise ValueError(f"bad eval config {path}{where}: {str(exc).splitlines()[0]}; valid keys: see "
+                         "eval/all.py DEFAULTS") from exc
     OmegaConf.set_struct(cfg, False)
     for layer in layers:  # the reference block is free-form (a model description)
         if "reference" in layer:

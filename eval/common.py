@@ -133,9 +133,10 @@ def load_model(
 
 def model_description(checkpoint: str | Path | None, model: str | None, net: torch.nn.Module) -> str:
     """Human-readable model name for manifests and report titles."""
-    config = getattr(net, "config", None) or {}
-    name = config.get("name") or model or type(net).__name__
-    return f"{name} ({checkpoint})" if checkpoint else f"{name} (random init)"
+    if model is not None:
+        return f"{model} (random init)"
+    shape = ", ".join(f"{k} {getattr(net, k)}" for k in ("embed_dim", "depth", "patch_size") if hasattr(net, k))
+    return f"{type(net).__name__} [{shape}] ({checkpoint})"
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -175,7 +176,12 @@ def require_labels(labels: torch.Tensor, spec: str) -> None:
 
 
 def check_first_label(dataset: torch.utils.data.Dataset, spec: str) -> None:
-    """Cheap early check (before extraction) that the first item of ``dataset`` is labelled."""
+    """Cheap check before extraction: all ``targets`` when the dataset exposes them, else item 0.
+
+    Streaming datasets are checked after extraction only (``require_labels`` on the gathered labels).
+    """
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        return
     if len(dataset) == 0:  # type: ignore[arg-type]
         raise ValueError(f"dataset {spec!r} is empty")
     targets = getattr(dataset, "targets", None)  # veca_ssl.data datasets expose all labels cheaply

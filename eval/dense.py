@@ -44,7 +44,8 @@ def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
     keep = target != ignore_index
     if (target[keep] >= num_classes).any() or (target[keep] < 0).any():
         bad = int(target[keep][(target[keep] >= num_classes) | (target[keep] < 0)][0])
-        raise ValueError(f"mask label {bad} outside [0, {num_classes}) and not ignore_index {ignore_index}")
+        raise ValueError(f"mask label {bad} outside [0, {num_classes}) and not ignore_index {ignore_index}; "
+                         "set --num-classes (dense.num_classes) to the number of segmentation classes")
     flat = target[keep] * num_classes + pred[keep].clamp(0, num_classes - 1)
     return torch.bincount(flat, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
 

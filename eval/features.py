@@ -206,7 +206,7 @@ def extract_features(
                 torch.stack([b["cls"] for b in blocks], dim=1).to("cpu", dtype))
             last = blocks[-1]["patches"]
             if with_patch_mean:
-                store.setdefault("patch_mean", []).append(last.mean(dim=1).to("cpu", dtype))
+                store.setdefault("patch_mean", []).append(last.float().mean(dim=1).to("cpu", dtype))
             if with_patches:
                 store.setdefault("patches", []).append(last.to("cpu", dtype))
                 grid = blocks[-1].get("grid")

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 
-from veca_ssl.bench.timing import Stats, markdown_table, peak_memory_bytes, write_rows
+from veca_ssl.bench.timing import Stats, markdown_table, peak_memory_bytes, time_round_robin, write_rows
 from veca_ssl.models import build_backbone
 from veca_ssl.models.flops import dense_attention_pairs, veca_attention_pairs
 
@@ -70,20 +69,8 @@ def run(args) -> list[dict]:
         for _, model, c in variants:
             kw = {} if c is None else {"num_cores": c}
             calls.append(lambda m=model, kw=kw, x=images: m.forward_features(x, **kw))
-        times: list[list[float]] = [[] for _ in variants]
         with torch.inference_mode():
-            for call in calls:
-                for _ in range(args.warmup):
-                    call()
-            for _ in range(args.repeats):
-                for i, call in enumerate(calls):
-                    if device.type == "cuda":
-                        torch.cuda.synchronize()
-                    t0 = time.perf_counter()
-                    call()
-                    if device.type == "cuda":
-                        torch.cuda.synchronize()
-                    times[i].append(time.perf_counter() - t0)
+            times = time_round_robin(calls, args.warmup, args.repeats, device)
             mems = [None if args.no_memory else peak_memory_bytes(call, device) for call in calls]
         n = (res // args.patch_size) ** 2
         dense_median = statistics.median(times[0])

@@ -56,6 +56,26 @@ def measure(fn: Callable[[], object], warmup: int = 3, repeats: int = 5, device=
     return Stats(statistics.median(times), min(times), max(times), repeats)
 
 
+def time_round_robin(calls: Sequence[Callable[[], object]], warmup: int = 3, repeats: int = 5,
+                     device=None) -> list[list[float]]:
+    """Warm every call up, then time them round-robin (one call of each per round), so load from
+    elsewhere on the machine hits every call alike; returns the ``repeats`` timings of each call."""
+    if warmup < 0 or repeats < 1:
+        raise ValueError(f"warmup must be >= 0 and repeats >= 1, got warmup={warmup}, repeats={repeats}")
+    for call in calls:
+        for _ in range(warmup):
+            call()
+    times: list[list[float]] = [[] for _ in calls]
+    for _ in range(repeats):
+        for i, call in enumerate(calls):
+            _sync(device)
+            t0 = time.perf_counter()
+            call()
+            _sync(device)
+            times[i].append(time.perf_counter() - t0)
+    return times
+
+
 _MALLOC_TUNED = False
 
 
@@ -145,4 +165,4 @@ def write_rows(rows: Sequence[dict], path: str | Path) -> list[Path]:
     return [csv_path, json_path]
 
 
-__all__ = ["Stats", "measure", "peak_memory_bytes", "markdown_table", "write_rows", "asdict"]
+__all__ = ["Stats", "measure", "time_round_robin", "peak_memory_bytes", "markdown_table", "write_rows", "asdict"]

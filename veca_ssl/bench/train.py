@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 
-from veca_ssl.bench.timing import markdown_table, write_rows
+from veca_ssl.bench.timing import markdown_table, time_round_robin, write_rows
 from veca_ssl.method.budgets import BudgetPolicy
 from veca_ssl.models import build_backbone
 
@@ -78,19 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     for res in args.resolutions:
         images = torch.randn(args.batch_size, 3, res, res, device=device)
         steps = [_step_fn(m, opts[id(m)], images, pick, autocast) for _, m, pick in variants]
-        for step in steps:
-            for _ in range(args.warmup):
-                step()
-        times = [[] for _ in steps]
-        for _ in range(args.repeats):
-            for i, step in enumerate(steps):
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                step()
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                times[i].append(time.perf_counter() - t0)
+        times = time_round_robin(steps, args.warmup, args.repeats, device)
         dense = statistics.median(times[0])
         for (name, _, _), t in zip(variants, times):
             med = statistics.median(t)

@@ -191,6 +191,8 @@ def train(cfg: DictConfig) -> dict:
             print(f"resumed from {latest} at step {start_step}", flush=True)
 
     if info.world_size > 1:
+        if cfg.dino.head_use_bn and info.device.type == "cuda":  # BN statistics over the global batch
+            method.student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method.student)
         method.student = dist.wrap_ddp(method.student, info)
 
     # --- schedule lengths ------------------------------------------------------------------------------

@@ -1,0 +1,48 @@
+"""Benchmark tooling: peak memory is measured, timings are warmed up and repeated, benches run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from veca_ssl.bench.timing import markdown_table, peak_memory_bytes, time_round_robin
+
+
+def test_peak_memory_sees_a_transient_allocation():
+    def spike():
+        x = torch.ones(48 * 2**20 // 4)  # 48 MiB, freed before returning
+        return float(x.sum())
+
+    peak = peak_memory_bytes(spike)
+    if peak is None:
+        pytest.skip("no /proc/self/clear_refs on this platform")
+    assert 44 * 2**20 < peak < 96 * 2**20
+
+
+def test_round_robin_warms_up_and_repeats_each_call():
+    counts = [0, 0]
+
+    def call(i):
+        counts[i] += 1
+
+    times = time_round_robin([lambda: call(0), lambda: call(1)], warmup=3, repeats=5)
+    assert counts == [8, 8] and [len(t) for t in times] == [5, 5]
+    assert markdown_table([{"a": 1.23456, "b": None}]).splitlines()[2] == "| 1.235 | – |"
+
+
+def test_bench_backbone_and_train_run_end_to_end(tmp_path, capsys):
+    from veca_ssl.bench import backbone, train
+
+    assert backbone.main(["--family", "tiny", "--resolutions", "32", "--widths", "8", "64", "--warmup", "1",
+                          "--repeats", "2", "--out", str(tmp_path / "bb.json")]) == 0
+    rows = json.loads((tmp_path / "bb.json").read_text())
+    assert [r["model"] for r in rows] == ["vit_tiny (dense)", "veca_tiny C=8", "veca_tiny C=64",
+                                         "veca_tiny C=64 no-attention (limit)"]
+    assert rows[2]["qk_pairs_per_layer"] == 2 * 4 * 64 + 64 * 64
+    assert rows[3]["gflops"] < rows[2]["gflops"]  # the limit has no attention term
+    assert train.main(["--family", "tiny", "--resolutions", "32", "--batch-size", "2", "--warmup", "1",
+                       "--repeats", "2", "--out", str(tmp_path / "tr.json")]) == 0
+    assert len(json.loads((tmp_path / "tr.json").read_text())) == 4
+    assert "speedup_vs_dense" in capsys.readouterr().out
