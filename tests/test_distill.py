@@ -84,3 +84,20 @@ def test_teacher_patch_lands_under_the_student_patch_covering_the_same_pixels():
     inner = slice(1, 13)  # bilinear reproduces an affine map exactly away from the clamped border
     assert torch.allclose(out[inner, inner, 0], sy[inner, inner], atol=1e-4)
     assert torch.allclose(out[inner, inner, 1], sx[inner, inner], atol=1e-4)
+
+
+def test_centered_cosine_against_direct_formula():
+    import torch.nn.functional as F
+
+    from veca_ssl.loss import DistillationLoss
+
+    torch.manual_seed(0)
+    s, t = torch.randn(4, 8), torch.randn(4, 8) + 5  # a teacher with a large shared component
+    sp, tp = torch.randn(4, 3, 8), torch.randn(4, 3, 8) + 5
+    out = DistillationLoss(center_features=True)(s, sp, t, tp)
+    mc, mp = t.mean(0), tp.mean((0, 1))
+    assert torch.allclose(out["distill_cls_cos"], 1 - F.cosine_similarity(s - mc, t - mc, dim=-1).mean())
+    assert torch.allclose(out["distill_patch_cos"], 1 - F.cosine_similarity(sp - mp, tp - mp, dim=-1).mean())
+    assert torch.allclose(out["distill_patch_mse"], F.mse_loss(sp, tp))  # MSE ignores the centring
+    raw = DistillationLoss()(s, sp, t, tp)
+    assert not torch.allclose(raw["distill_cls_cos"], out["distill_cls_cos"])

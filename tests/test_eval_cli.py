@@ -60,11 +60,12 @@ def test_eval_all_rejects_unknown_keys_and_missing_checkpoints(tmp_path) -> None
     assert not (tmp_path / "o").exists()
 
 
-def test_knn_cli_on_unlabelled_npz_names_the_dataset(tmp_path) -> None:
+@pytest.mark.parametrize("protocol", ["knn", "linear", "logreg"])
+def test_classification_cli_on_unlabelled_npz_names_the_dataset(tmp_path, protocol) -> None:
     path = tmp_path / "unlabelled.npz"
     np.savez(path, images=np.zeros((4, 32, 32, 3), dtype=np.uint8))  # no "labels" key
-    with pytest.raises(ValueError, match=r"has no labels"):
-        eval_main(["knn", *TINY_ARGS, "--train", f"npz:{path}", "--test", f"npz:{path}",
+    with pytest.raises(ValueError, match=rf"'npz:{path}' has no labels"):
+        eval_main([protocol, *TINY_ARGS, "--train", f"npz:{path}", "--test", f"{SYN}@val",
                    "--output-dir", str(tmp_path / "o")])
 
 

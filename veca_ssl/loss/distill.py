@@ -156,8 +156,10 @@ class DistillationLoss(nn.Module):
         student_dim: int | None = None,
         teacher_dim: int | None = None,
         normalize_mse_target: bool = False,
+        center_features: bool = False,
     ) -> None:
         super().__init__()
+        self.center_features = center_features
         for name, weight in (
             ("cls_weight", cls_weight),
             ("patch_cos_weight", patch_cos_weight),
@@ -216,14 +218,20 @@ class DistillationLoss(nn.Module):
         losses: dict[str, torch.Tensor] = {}
         teacher_cls = teacher_cls.detach().float()
         teacher_patches = teacher_patches.detach().float()
+        # center_features: cosines between features minus the teacher's batch mean. Small or young
+        # teachers put most of their norm in one direction shared by every image and token; raw
+        # cosines then saturate near 1 and stop carrying what distinguishes images. (MSE is
+        # unchanged by a shared shift, so it always uses the raw features.)
+        cls_mean = teacher_cls.mean(0) if self.center_features else 0.0
+        patch_mean = teacher_patches.mean((0, 1)) if self.center_features else 0.0
         if self.cls_weight > 0:
             projected_cls = self.cls_projection(student_cls).float()
-            cos = F.cosine_similarity(projected_cls, teacher_cls, dim=-1)
+            cos = F.cosine_similarity(projected_cls - cls_mean, teacher_cls - cls_mean, dim=-1)
             losses["distill_cls_cos"] = self.cls_weight * (1.0 - cos).mean()
         if self.patch_cos_weight > 0 or self.patch_mse_weight > 0:
             projected = self.patch_projection(student_patches).float()
             if self.patch_cos_weight > 0:
-                cos = F.cosine_similarity(projected, teacher_patches, dim=-1)
+                cos = F.cosine_similarity(projected - patch_mean, teacher_patches - patch_mean, dim=-1)
                 losses["distill_patch_cos"] = self.patch_cos_weight * (1.0 - cos).mean()
             if self.patch_mse_weight > 0:
                 target = teacher_patches

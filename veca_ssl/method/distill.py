@@ -55,7 +55,8 @@ class ElasticDistillation(nn.Module):
         d = cfg.distill
         self.loss = DistillationLoss(d.cls_weight, d.patch_cos_weight, d.patch_mse_weight,
                                      student_dim=backbone.embed_dim, teacher_dim=self.frozen_teacher.embed_dim,
-                                     normalize_mse_target=d.normalize_mse_target)
+                                     normalize_mse_target=d.normalize_mse_target,
+                                     center_features=d.center_features)
         self.teacher_resolution = self.teacher_size(cfg.crops.global_size)
 
     def teacher_size(self, student_size: int) -> int:
