@@ -114,5 +114,7 @@ class Attention(nn.Module):
                 c = num_cores
                 out_cores = _sdpa(q[:, :, :c], k, v, backend)
                 out_patches = _sdpa(q[:, :, c:], k[:, :, :c], v[:, :, :c], backend)
-                out = torch.cat([out_cores, out_patches], dim=2)
+                # join along tokens in (B, T, heads, d) layout: one copy, and the reshape below is free
+                return self.proj(torch.cat([out_cores.transpose(1, 2), out_patches.transpose(1, 2)], dim=1)
+                                 .reshape(b, t, d))
         return self.proj(out.transpose(1, 2).reshape(b, t, d))
