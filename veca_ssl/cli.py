@@ -20,25 +20,28 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def _usage() -> str:
-    lines = ["usage: veca <command> [args...]", "", "commands:"]
-    lines += [f"  {name:<9} {helptext}" for name, (_, helptext) in COMMANDS.items()]
-    lines += ["", "Run `veca <command> --help` for the options of one command."]
-    return "\n".join(lines)
+def dispatch(commands: dict[str, tuple[str, str]], argv: list[str] | None, prog: str) -> int:
+    """Run ``commands[argv[0]]``'s module ``main(argv[1:])`` (imported lazily), or print the usage.
+
+    ``commands`` maps a sub-command to ``(module, one-line help)``; ``veca``, ``veca eval`` and
+    ``veca bench`` all dispatch through here.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        lines = [f"usage: {prog} <command> [args...]", "", "commands:"]
+        lines += [f"  {name:<9} {helptext}" for name, (_, helptext) in commands.items()]
+        lines += ["", f"Run `{prog} <command> --help` for the options of one command."]
+        print("\n".join(lines))
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in commands:
+        print(f"{prog}: unknown command {name!r}; valid commands: {', '.join(commands)}", file=sys.stderr)
+        return 2
+    return int(importlib.import_module(commands[name][0]).main(rest) or 0)
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help", "help"):
-        print(_usage())
-        return 0
-    name, rest = argv[0], argv[1:]
-    if name not in COMMANDS:
-        print(f"veca: unknown command {name!r}; valid commands: {', '.join(COMMANDS)}", file=sys.stderr)
-        return 2
-    module = importlib.import_module(COMMANDS[name][0])
-    result = module.main(rest)
-    return int(result or 0)
+    return dispatch(COMMANDS, argv, "veca")
 
 
 if __name__ == "__main__":
