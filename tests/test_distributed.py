@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from veca_ssl import distributed as vd
+from veca_ssl.bench.ddp import SquaredFeatureLoss  # the DDP bench's stand-in student
 
 # ---------------------------------------------------------------------------------------- helpers
 
@@ -139,18 +140,6 @@ def _fsdp_worker(steps: int) -> dict:
     return {"full": full, "ref": dict(reference.named_parameters()), "rows": local_rows}
 
 
-class VecaStudent(nn.Module):
-    """What the training loop hands to DDP: a module whose forward does the whole student pass."""
-
-    def __init__(self, backbone: nn.Module) -> None:
-        super().__init__()
-        self.backbone = backbone
-
-    def forward(self, images: torch.Tensor, num_cores: int, masks: torch.Tensor) -> torch.Tensor:
-        out = self.backbone.forward_features(images, num_cores=num_cores, masks=masks)
-        return out["cls"].pow(2).mean() + out["patches"].pow(2).mean()
-
-
 def _veca_ddp_worker() -> dict:
     from veca_ssl.models import build_backbone
 
@@ -158,7 +147,7 @@ def _veca_ddp_worker() -> dict:
     torch.manual_seed(0)
     backbone = build_backbone("veca_tiny", patch_size=8, num_cores=16, depth=2, embed_dim=64, num_heads=2)
     backbone.eval()  # no coordinate augmentation: the per-rank reference must see the same coordinates
-    ddp = vd.wrap_ddp(VecaStudent(backbone), info)
+    ddp = vd.wrap_ddp(SquaredFeatureLoss(backbone), info)
     grads = []
     for step, c in enumerate((8, 16, 8)):  # varying budget, no find_unused_parameters
         g = torch.Generator().manual_seed(step)
@@ -171,7 +160,7 @@ def _veca_ddp_worker() -> dict:
     # per-rank gradient of the local loss at the last step, for the averaging check
     local_model = copy.deepcopy(backbone)
     local_model.zero_grad()
-    VecaStudent(local_model)(images[local], 8, masks[local]).backward()
+    SquaredFeatureLoss(local_model)(images[local], 8, masks[local]).backward()
     return {"grads": grads, "local_last": {n: p.grad.clone() for n, p in local_model.named_parameters()}}
 
 

@@ -37,7 +37,7 @@ def _bench_worker(model_names: Sequence[str], repeats: int, warmup: int = 3) -> 
         setups: dict[str, tuple[nn.Module, torch.optim.Optimizer]] = {}
         for mode in ("1 process (no DDP)", "DDP", "DDP find_unused_parameters", "DDP static_graph"):
             torch.manual_seed(0)
-            model: nn.Module = _LossWrapper(build_backbone("veca_tiny", **spec["kw"]))
+            model: nn.Module = SquaredFeatureLoss(build_backbone("veca_tiny", **spec["kw"]))
             if mode != "1 process (no DDP)":
                 model = wrap_ddp(model, info, find_unused_parameters="find_unused" in mode,
                                  static_graph="static" in mode)
@@ -71,7 +71,10 @@ def _bench_step(model: nn.Module, opt: torch.optim.Optimizer, images: torch.Tens
     opt.step()
 
 
-class _LossWrapper(nn.Module):
+class SquaredFeatureLoss(nn.Module):
+    """A stand-in student: one forward = the whole student pass at a budget, returning a scalar loss
+    (what the training loop hands to DDP), so gradient sync is measured and tested on it."""
+
     def __init__(self, backbone: nn.Module) -> None:
         super().__init__()
         self.backbone = backbone

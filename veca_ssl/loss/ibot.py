@@ -117,14 +117,4 @@ class iBOTPatchLoss(nn.Module):  # noqa: N801 - the paper's spelling, as in DINO
         per_token = cross_entropy_with_probs(t, s, self.student_temp)
         return (per_token * mask_weights.float()).sum() / masks.shape[0]
 
-    def forward(
-        self,
-        student_patch_logits_masked: torch.Tensor,
-        teacher_patch_probs_masked: torch.Tensor,
-        masks: torch.Tensor,
-        mask_weights: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Alias of :meth:`forward_masked` so the module is callable."""
-        return self.forward_masked(
-            student_patch_logits_masked, teacher_patch_probs_masked, masks, mask_weights
-        )
+    forward = forward_masked  # the module is callable with the same arguments

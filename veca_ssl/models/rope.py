@@ -45,15 +45,10 @@ def rope_cos_sin(coords: Tensor, inv_periods: Tensor) -> tuple[Tensor, Tensor]:
     return angles.cos(), angles.sin()
 
 
-def rotate_half(x: Tensor) -> Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
-
-
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate (B, heads, T, d) by tables broadcastable to it.
 
-    Same result as ``x * cos + rotate_half(x) * sin``, computed on half-width views: the tables are
+    Same result as ``x * cos + cat(-x2, x1) * sin`` (rotate-half RoPE), computed on half-width views: the tables are
     tiled twice, so each half needs only the first half of the table, which saves a negation and a
     full-width concatenation per call (RoPE is a visible share of VECA's time at high resolution).
     """
