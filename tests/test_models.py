@@ -77,9 +77,9 @@ def reference_veca(model, images: torch.Tensor, num_cores: int) -> dict:
         yx = torch.cat([torch.tanh(raw), patch_yx.expand(b, -1, -1)], 1)
         ang = torch.cat([yx[..., :1] * freqs, yx[..., 1:] * freqs], -1)[:, None]  # (B,1,T,hd/2)
 
-        def rot(v, ang=ang):
-            v1, v2 = v[..., : hd // 2], v[..., hd // 2 :]
-            return torch.cat([v1 * ang.cos() - v2 * ang.sin(), v2 * ang.cos() + v1 * ang.sin()], -1)
+        def rot(v, ang=ang):  # channel pairs (2j, 2j+1) rotated by angle j
+            v1, v2 = v[..., 0::2], v[..., 1::2]
+            return torch.stack([v1 * ang.cos() - v2 * ang.sin(), v2 * ang.cos() + v1 * ang.sin()], -1).flatten(-2)
 
         y = F.layer_norm(x, (d_model,), blk.norm1.weight, blk.norm1.bias, blk.norm1.eps)
         qkv = (y @ blk.attn.qkv.weight.T + blk.attn.qkv.bias).reshape(b, t, 3, heads, hd).permute(2, 0, 3, 1, 4)

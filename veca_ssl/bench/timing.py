@@ -4,8 +4,10 @@ SPEC §7: warm up each shape at least 3 times, take the median of at least 5 run
 spread (min–max). Peak memory is measured, not estimated: on CUDA with the caching allocator's peak
 counter; on Linux CPUs with the kernel's resident-set high-water mark (``VmHWM``), reset through
 ``/proc/self/clear_refs`` before the measured call. glibc would otherwise serve large tensors from
-its heap and keep freed pages resident, hiding the real peak, so the mmap threshold is pinned low:
-every large tensor is then a fresh mapping that is returned to the kernel when freed.
+its heap and keep freed pages resident, hiding the real peak, so the mmap threshold is pinned low
+for that one call: every large tensor is then a fresh mapping that is returned to the kernel when
+freed. Afterwards it is set back high (heap reuse), so timings taken after a memory pass are not
+charged for the page faults of fresh mappings — every timed model runs under the same allocator.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ def measure(fn: Callable[[], object], warmup: int = 3, repeats: int = 5, device=
     """Call ``fn`` ``warmup`` times untimed, then ``repeats`` times timed; return median and spread."""
     if warmup < 0 or repeats < 1:
         raise ValueError(f"warmup must be >= 0 and repeats >= 1, got warmup={warmup}, repeats={repeats}")
+    _set_mmap_threshold(_HEAP_REUSE_THRESHOLD)
     for _ in range(warmup):
         fn()
     _sync(device)
@@ -62,6 +65,7 @@ def time_round_robin(calls: Sequence[Callable[[], object]], warmup: int = 3, rep
     elsewhere on the machine hits every call alike; returns the ``repeats`` timings of each call."""
     if warmup < 0 or repeats < 1:
         raise ValueError(f"warmup must be >= 0 and repeats >= 1, got warmup={warmup}, repeats={repeats}")
+    _set_mmap_threshold(_HEAP_REUSE_THRESHOLD)
     for call in calls:
         for _ in range(warmup):
             call()
@@ -76,20 +80,23 @@ def time_round_robin(calls: Sequence[Callable[[], object]], warmup: int = 3, rep
     return times
 
 
-_MALLOC_TUNED = False
+_M_MMAP_THRESHOLD = -3
+_HEAP_REUSE_THRESHOLD = 32 * 1024 * 1024  # glibc's largest allowed threshold (64-bit)
 
 
-def _pin_mmap_threshold() -> None:
-    """Make glibc hand every allocation >= 64 KiB straight to mmap/munmap (see module docstring)."""
-    global _MALLOC_TUNED
-    if _MALLOC_TUNED:
-        return
-    _MALLOC_TUNED = True
+def _set_mmap_threshold(nbytes: int) -> None:
+    """Allocations of ``nbytes`` or more go straight to mmap/munmap in glibc (no-op elsewhere)."""
     try:
-        libc = ctypes.CDLL("libc.so.6")
-        m_mmap_threshold = -3
-        libc.mallopt(m_mmap_threshold, 64 * 1024)
+        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, nbytes)
     except OSError:  # not glibc: the measurement is still taken, just less exact
+        pass
+
+
+def _release_free_heap() -> None:
+    """Return glibc's free heap pages to the kernel, so the next call's allocations show in the RSS."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
         pass
 
 
@@ -116,15 +123,20 @@ def peak_memory_bytes(fn: Callable[[], object], device=None) -> int | None:
         fn()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
-    _pin_mmap_threshold()
+    _set_mmap_threshold(64 * 1024)
+    _release_free_heap()  # pages freed by earlier calls must not be reused unseen by VmHWM
     try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset VmHWM to the current RSS
-    except OSError:
-        return None
-    base = _read_status_kib("VmRSS")
-    fn()
-    peak = _read_status_kib("VmHWM")
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset VmHWM to the current RSS
+        except OSError:
+            return None
+        base = _read_status_kib("VmRSS")
+        fn()
+        peak = _read_status_kib("VmHWM")
+    finally:
+        # back to heap reuse, so later timings are not charged for page faults of fresh mappings
+        _set_mmap_threshold(_HEAP_REUSE_THRESHOLD)
     if base is None or peak is None:
         return None
     return max(0, peak - base) * 1024

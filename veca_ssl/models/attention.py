@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .rope import apply_rope
+from .rope import apply_rope, apply_rope_pairs
 
 ATTN_BACKENDS = ("auto", "sdpa", "sdpa_masked", "math", "xformers", "none")
 
@@ -73,8 +73,9 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 class Attention(nn.Module):
     """Pre-projected multi-head attention; ``num_cores`` switches on the core–periphery pattern.
 
-    ``rope`` is an optional (cos, sin) pair for the rotated tokens, which are the last
-    ``T - rope_skip`` tokens (dense ViTs leave the class/register tokens unrotated).
+    ``rope`` is either a complex (B, T, head_dim/2) tensor of rotations for every token, applied to
+    interleaved channel pairs (VECA), or a (cos, sin) pair in the rotate-half layout for the last
+    ``T - rope_skip`` tokens (dense ViTs, DINOv3-compatible; class/register tokens stay unrotated).
     """
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, proj_bias: bool = True,
@@ -90,31 +91,36 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None, num_cores: int | None = None,
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | Tensor | None = None, num_cores: int | None = None,
                 rope_skip: int = 0) -> Tensor:
         b, t, d = x.shape
         backend = resolve_backend(self.attn_backend, x.device)
-        qkv = self.qkv(x).view(b, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # (B, heads, T, head_dim) each
+        qkv = self.qkv(x).view(b, t, 3, self.num_heads, self.head_dim)
         if backend == "none":
-            out = v
+            return self.proj(qkv[:, :, 2].reshape(b, t, d))
+        if isinstance(rope, Tensor):
+            # complex (B, T, head_dim/2) rotations, interleaved pairs (VECA): q and k in one pass
+            qk = apply_rope_pairs(qkv[:, :, :2], rope[:, :, None, None])
+            q, k = qk[:, :, 0].transpose(1, 2), qk[:, :, 1].transpose(1, 2)
+            v = qkv[:, :, 2].transpose(1, 2)  # (B, heads, T, head_dim) views
         else:
-            if rope is not None:
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+            if rope is not None:  # (cos, sin) tables, rotate-half layout (dense ViT, DINOv3-compatible)
                 cos, sin = rope
                 if rope_skip:
                     q = torch.cat([q[:, :, :rope_skip], apply_rope(q[:, :, rope_skip:], cos, sin)], dim=2)
                     k = torch.cat([k[:, :, :rope_skip], apply_rope(k[:, :, rope_skip:], cos, sin)], dim=2)
                 else:
                     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            if num_cores is None:
-                out = _sdpa(q, k, v, "sdpa" if backend == "sdpa_masked" else backend)
-            elif backend == "sdpa_masked":
-                out = _sdpa(q, k, v, "sdpa", core_periphery_mask(num_cores, t, x.device))
-            else:
-                c = num_cores
-                out_cores = _sdpa(q[:, :, :c], k, v, backend)
-                out_patches = _sdpa(q[:, :, c:], k[:, :, :c], v[:, :, :c], backend)
-                # join along tokens in (B, T, heads, d) layout: one copy, and the reshape below is free
-                return self.proj(torch.cat([out_cores.transpose(1, 2), out_patches.transpose(1, 2)], dim=1)
-                                 .reshape(b, t, d))
+        if num_cores is None:
+            out = _sdpa(q, k, v, "sdpa" if backend == "sdpa_masked" else backend)
+        elif backend == "sdpa_masked":
+            out = _sdpa(q, k, v, "sdpa", core_periphery_mask(num_cores, t, x.device))
+        else:
+            c = num_cores
+            out_cores = _sdpa(q[:, :, :c], k, v, backend)
+            out_patches = _sdpa(q[:, :, c:], k[:, :, :c], v[:, :, :c], backend)
+            # join along tokens in (B, T, heads, d) layout: one copy, and the reshape below is free
+            return self.proj(torch.cat([out_cores.transpose(1, 2), out_patches.transpose(1, 2)], dim=1)
+                             .reshape(b, t, d))
         return self.proj(out.transpose(1, 2).reshape(b, t, d))

@@ -9,7 +9,7 @@ budget's output can only depend on cores < C and cores >= C receive exactly-zero
 (DDP needs no ``find_unused_parameters``). Training with nested budgets makes every prefix a
 working model: pick any budget in ``budgets`` at inference without retraining.
 
-Positions: 2D RoPE on queries and keys. Patches sit at their cell centres on [-1, 1]²; each core has
+Positions: 2D RoPE on queries and keys (interleaved channel pairs, one complex product per block). Patches sit at their cell centres on [-1, 1]²; each core has
 a learned coordinate (raw, pre-tanh), initialised by farthest-point sampling inside ±0.95 so every
 prefix is spread over the image, and moved after every block but the last by a small linear head
 on the core's state: ``raw += alpha_l · Linear_l(core)`` (``alpha_l`` learned, initialised 0.01).
@@ -29,7 +29,7 @@ from .base import Backbone, init_weights
 from .block import Block
 from .flops import backbone_flops, veca_attention_pairs
 from .layers import PatchEmbed, ffn_hidden_dim
-from .rope import farthest_point_coords, patch_coords, rope_cos_sin, rope_inv_periods
+from .rope import farthest_point_coords, patch_coords, rope_freqs, rope_inv_periods
 
 
 def nested_budgets(num_cores: int, core_chunk: int = 8) -> tuple[int, ...]:
@@ -121,13 +121,12 @@ class VECA(Backbone):
             z = torch.where(masks.unsqueeze(-1), self.mask_token.to(z.dtype), z)
         x = torch.cat([self.cores[:c].to(z.dtype).expand(b, -1, -1), z], dim=1)
 
-        cos_p, sin_p = rope_cos_sin(self._patch_coords(b, grid, z.device), self.rope_inv_periods)
-        cos_p, sin_p = cos_p.expand(b, -1, -1), sin_p.expand(b, -1, -1)
+        # patch rotations are fixed for the pass; the cores' move with their coordinates every block
+        rope_p = rope_freqs(self._patch_coords(b, grid, z.device), self.rope_inv_periods).expand(b, -1, -1)
         core_raw = self.core_coords[:c].expand(b, -1, -1)
         outs: dict[int, Tensor] = {}
         for i, blk in enumerate(self.blocks):
-            cos_c, sin_c = rope_cos_sin(torch.tanh(core_raw), self.rope_inv_periods)
-            rope = (torch.cat([cos_c, cos_p], 1).unsqueeze(1), torch.cat([sin_c, sin_p], 1).unsqueeze(1))
+            rope = torch.cat([rope_freqs(torch.tanh(core_raw), self.rope_inv_periods), rope_p], dim=1)
             x = self._block(blk, x, rope, c)
             if i in collect:
                 outs[i] = x
