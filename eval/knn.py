@@ -108,10 +108,13 @@ def knn_classify(
     num_classes: int | None = None,
     chunk_size: int = 1024,
     device: torch.device | str | None = None,
+    hits_out: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """DINOv2 weighted k-NN: ``{"knn_k{k}_top1": %, "knn_k{k}_top5": %}`` for every ``k``.
 
     ``k`` larger than the bank is clipped to the bank size (the metric keeps the requested name).
+    ``hits_out``, when given, receives the per-query boolean hits under the same names (for paired
+    comparisons between widths, see :func:`paired_bootstrap`).
     """
     if train_features.shape[0] == 0:
         raise ValueError("k-NN needs a non-empty training bank")
@@ -143,8 +146,30 @@ def knn_classify(
             hits.setdefault(f"knn_k{k}_top1", []).append(match[:, 0])
             hits.setdefault(f"knn_k{k}_top5", []).append(match.any(dim=1))
     for name, parts in hits.items():
-        metrics[name] = float(torch.cat(parts).float().mean() * 100)
+        joined = torch.cat(parts)
+        metrics[name] = float(joined.float().mean() * 100)
+        if hits_out is not None:
+            hits_out[name] = joined.cpu()
     return metrics
+
+
+def paired_bootstrap(hits_a: torch.Tensor, hits_b: torch.Tensor, samples: int = 4000, level: float = 0.95,
+                     seed: int = 0) -> tuple[float, float, float]:
+    """Accuracy difference ``b − a`` (points) on the same queries, with a percentile bootstrap interval.
+
+    Both classifiers are scored on one resampled query set per draw, so what the interval measures is
+    the noise of *this* evaluation set in the difference — not the (larger) noise of each accuracy.
+    """
+    if hits_a.shape != hits_b.shape or hits_a.numel() == 0:
+        raise ValueError(f"paired hits must be non-empty and the same shape, got {tuple(hits_a.shape)} "
+                         f"and {tuple(hits_b.shape)}")
+    diff = hits_b.float() - hits_a.float()
+    gen = torch.Generator().manual_seed(seed)
+    n, per_batch = diff.numel(), max(1, 2_000_000 // diff.numel())  # bounded memory for big query sets
+    draws = torch.cat([diff[torch.randint(0, n, (min(per_batch, samples - i), n), generator=gen)].mean(dim=1)
+                       for i in range(0, samples, per_batch)]) * 100
+    lo, hi = torch.quantile(draws, torch.tensor([(1 - level) / 2, (1 + level) / 2])).tolist()
+    return float(diff.mean() * 100), lo, hi
 
 
 def run_knn(train_sets: dict, test_sets: dict, ks: Sequence[int] = KNN_KS,

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from eval.common import check_first_label, require_labels
-from eval.knn import knn_classify, knn_search, knn_vote
+from eval.knn import knn_classify, knn_search, knn_vote, paired_bootstrap
 
 S = math.sqrt(1 - 0.9**2)
 # Query (1, 0): one label-0 neighbour at cosine 1.0, two label-1 neighbours at cosine 0.9, one far.
@@ -105,3 +105,27 @@ def test_unlabelled_dataset_is_rejected_with_its_spec() -> None:
     items = [(torch.zeros(3, 8, 8), -1)] * 3
     with pytest.raises(ValueError, match="'folder-of-stuff' has no labels"):
         check_first_label(items, "folder-of-stuff")
+
+
+def test_paired_bootstrap_difference_and_interval() -> None:
+    a = torch.tensor([True] * 60 + [False] * 40)
+    assert paired_bootstrap(a, a) == (0.0, 0.0, 0.0)  # identical predictions: no difference, no spread
+    b = a.clone()
+    b[60:70] = True  # b fixes 10 of a's misses and breaks nothing: +10 points
+    diff, lo, hi = paired_bootstrap(a, b, samples=2000)
+    assert diff == pytest.approx(10.0)
+    # the paired difference is a mean of 100 draws of {0, 1} with p = 0.1: sd = 3 points
+    assert 3.0 < lo < 10.0 < hi < 17.0 and hi - lo == pytest.approx(2 * 1.96 * 3.0, rel=0.15)
+    assert paired_bootstrap(a, b, samples=500, seed=1) == paired_bootstrap(a, b, samples=500, seed=1)
+    with pytest.raises(ValueError, match="same shape"):
+        paired_bootstrap(a, b[:10])
+
+
+def test_knn_classify_reports_per_query_hits() -> None:
+    gen = torch.Generator().manual_seed(0)
+    bank, labels = torch.randn(50, 8, generator=gen), torch.randint(0, 3, (50,), generator=gen)
+    queries, qlabels = torch.randn(20, 8, generator=gen), torch.randint(0, 3, (20,), generator=gen)
+    hits: dict = {}
+    res = knn_classify(bank, labels, queries, qlabels, ks=[5], hits_out=hits)
+    assert hits["knn_k5_top1"].shape == (20,) and hits["knn_k5_top1"].dtype == torch.bool
+    assert hits["knn_k5_top1"].float().mean() * 100 == pytest.approx(res["knn_k5_top1"])

@@ -256,3 +256,19 @@ def test_grad_checkpointing_gives_identical_gradients():
         (feats * torch.linspace(-1, 1, feats.numel()).reshape(feats.shape)).sum().backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_pair_rope_is_rotate_half_rope_up_to_a_channel_permutation() -> None:
+    from veca_ssl.models.rope import apply_rope, apply_rope_pairs, rope_cos_sin, rope_freqs, rope_inv_periods
+
+    gen = torch.Generator().manual_seed(0)
+    d = 16
+    x = torch.randn(2, 3, 5, d, generator=gen)
+    coords = torch.rand(2, 1, 5, 2, generator=gen) * 2 - 1
+    inv = rope_inv_periods(d, 100.0, 0.125)
+    half = apply_rope(x, *rope_cos_sin(coords, inv))
+    interleave = torch.stack([torch.arange(d // 2), torch.arange(d // 2) + d // 2], -1).flatten()
+    pairs = apply_rope_pairs(x[..., interleave], rope_freqs(coords, inv))
+    assert (pairs - half[..., interleave]).abs().max() < 1e-6
+    # rotations preserve norms and dot products of equally placed tokens
+    assert torch.allclose(pairs.norm(dim=-1), x.norm(dim=-1), atol=1e-5)

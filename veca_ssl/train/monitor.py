@@ -23,8 +23,9 @@ class KnnMonitor:
         self.before_path = Path(output_dir) / "knn_before.json"
 
     @torch.no_grad()
-    def evaluate(self, backbone: Backbone) -> dict:
-        """``{"knn_C{c}_top1": %}`` for every width (``knn_dense_top1`` for a dense ViT)."""
+    def evaluate(self, backbone: Backbone, hits: dict | None = None) -> dict:
+        """``{"knn_C{c}_top1": %}`` for every width (``knn_dense_top1`` for a dense ViT); ``hits``, when
+        given, receives each width's per-image hits under the same keys."""
         from eval.features import extract_features
         from eval.knn import knn_classify
 
@@ -37,8 +38,13 @@ class KnnMonitor:
         backbone.train(was_training)
         out = {}
         for w in widths:
-            res = knn_classify(train[w].image, train[w].labels, val[w].image, val[w].labels, ks=[self.k])
-            out[f"knn_{'dense' if w is None else f'C{w}'}_top1"] = res[f"knn_k{self.k}_top1"]
+            per_query: dict = {}
+            res = knn_classify(train[w].image, train[w].labels, val[w].image, val[w].labels, ks=[self.k],
+                               hits_out=per_query)
+            key = f"knn_{'dense' if w is None else f'C{w}'}_top1"
+            out[key] = res[f"knn_k{self.k}_top1"]
+            if hits is not None:
+                hits[key] = per_query[f"knn_k{self.k}_top1"]
         return out
 
     def record_before(self, backbone: Backbone) -> None:
@@ -46,9 +52,16 @@ class KnnMonitor:
         self.before_path.write_text(json.dumps(self.evaluate(backbone), indent=2))
 
     def final(self, backbone: Backbone) -> dict:
-        after = self.evaluate(backbone)
+        """Top-1 per width after training, before training, and each width minus the narrowest on the
+        same validation images with a 95% paired-bootstrap interval (is "wider worse" beyond noise?)."""
+        from eval.knn import paired_bootstrap
+
+        hits: dict = {}
+        after = self.evaluate(backbone, hits)
         before = json.loads(self.before_path.read_text()) if self.before_path.exists() else {}
-        return {"after": after, "before": before}
+        keys = list(after)
+        paired = {k: list(paired_bootstrap(hits[keys[0]], hits[k])) for k in keys[1:]}
+        return {"after": after, "before": before, "vs_narrowest": paired}
 
     @staticmethod
     def flat(result: dict) -> dict:
@@ -56,9 +69,13 @@ class KnnMonitor:
 
     @staticmethod
     def table(result: dict) -> str:
-        rows = ["| core width | k-NN top-1 before training | after training |", "|---|---|---|"]
+        paired = result.get("vs_narrowest", {})
+        rows = ["| core width | k-NN top-1 before training | after training | after − narrowest (95% CI) |",
+                "|---|---|---|---|"]
         for key, after in result["after"].items():
             width = key[len("knn_"):-len("_top1")]
             before = result["before"].get(key)
-            rows.append(f"| {width} | {'–' if before is None else f'{before:.1f}'} | {after:.1f} |")
+            diff = paired.get(key)
+            delta = "–" if diff is None else f"{diff[0]:+.1f} ({diff[1]:+.1f} … {diff[2]:+.1f})"
+            rows.append(f"| {width} | {'–' if before is None else f'{before:.1f}'} | {after:.1f} | {delta} |")
         return "\n".join(rows)
