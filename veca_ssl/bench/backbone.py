@@ -62,16 +62,30 @@ def run(args) -> list[dict]:
     variants = _variants(args)
     for _, model, _ in variants:
         model.to(device=device, dtype=dtype).eval()
+
+    def calls_at(res: int) -> list:
+        images = torch.randn(args.batch_size, 3, res, res, device=device, dtype=dtype)
+        return [lambda m=model, kw=({} if c is None else {"num_cores": c}), x=images: m.forward_features(x, **kw)
+                for _, model, c in variants]
+
+    # Memory first, for every resolution, while the process heap is still small: once timing has run
+    # with heap reuse, freed chunks are recycled inside the heap and would inflate the next peak.
+    mems_at: dict[int, list] = {}
+    with torch.inference_mode():
+        for res in args.resolutions:
+            calls = calls_at(res)
+            if args.no_memory:
+                mems_at[res] = [None] * len(calls)
+                continue
+            mems_at[res] = []
+            for call in calls:
+                peak_memory_bytes(call, device)  # first call: one-time allocations (workspaces) are not the peak
+                mems_at[res].append(peak_memory_bytes(call, device))
     rows: list[dict] = []
     for res in args.resolutions:
-        images = torch.randn(args.batch_size, 3, res, res, device=device, dtype=dtype)
-        calls = []
-        for _, model, c in variants:
-            kw = {} if c is None else {"num_cores": c}
-            calls.append(lambda m=model, kw=kw, x=images: m.forward_features(x, **kw))
+        calls, mems = calls_at(res), mems_at[res]
         with torch.inference_mode():
             times = time_round_robin(calls, args.warmup, args.repeats, device)
-            mems = [None if args.no_memory else peak_memory_bytes(call, device) for call in calls]
         n = (res // args.patch_size) ** 2
         for (name, model, c), t, mem in zip(variants, times, mems):
             st = Stats(statistics.median(t), min(t), max(t), len(t))
@@ -139,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     print(f"veca bench backbone: family={args.family} patch={args.patch_size} device={args.device} "
           f"threads={torch.get_num_threads()} batch={args.batch_size} warmup={args.warmup} "
-          f"repeats={args.repeats} (median, min–max)", flush=True)
+          f"repeats={args.repeats} (median, min–max); allocator: glibc heap reuse while timing", flush=True)
     rows = run(args)
     cols = ["resolution", "model", "qk_pairs_per_layer", "gflops", "latency_ms", "latency_min_ms",
             "latency_max_ms", "images_per_s", "peak_mem_mb", "speedup_vs_dense", "x_limit"]
