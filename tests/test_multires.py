@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_train import TINY as TRAIN_TINY  # tests/ is on sys.path (no package, pytest prepend mode)
 
 from veca_ssl.config import ConfigError, load_config
 from veca_ssl.data.multires import MultiResBatchSampler
@@ -127,16 +128,9 @@ def test_bad_phases_name_the_key(phase, epochs, match):
     assert parse_phases(load_config(None, []).multires, 8, 2) == []
 
 
-# --- a tiny end-to-end run (like tests/test_train.py) ------------------------------------------------
-TINY = [
-    "model.name=veca_tiny", "model.patch_size=8", "model.num_cores=16",
-    "model.overrides={embed_dim: 32, depth: 2, num_heads: 2}",
-    "data.train=synthetic:n=32,size=32,classes=4,seed=0", "data.num_workers=0",
-    "crops.global_size=32", "crops.local_size=16", "crops.num_local=2",
-    "dino.head_out_dim=64", "dino.head_hidden_dim=64", "dino.head_bottleneck_dim=32", "ibot.head_out_dim=64",
-    "optim.batch_size_per_gpu=8", "optim.epochs=2", "optim.warmup_epochs=1", "optim.base_lr=0.002",
-    "optim.lr_scaling=none", "train.progress=false", "train.log_every=1", "train.checkpoint_every=100",
-    "dino.warmup_teacher_temp_epochs=1", "deterministic=true",
+# --- a tiny end-to-end run: tests/test_train.py's preset, 32 images, no mid-run checkpoints -------------
+TINY = TRAIN_TINY + [
+    "data.train=synthetic:n=32,size=32,classes=4,seed=0", "train.checkpoint_every=100",
     # phase 0: floor(32 / 6) = 5 steps at 16 px (batch 8) or 32 px (batch 4); phase 1: 8 steps at 32 px
     "multires.phases=[{epochs: 1, sizes: [16, 32], probs: [0.5, 0.5], batch_sizes: [8, 4]},"
     " {epochs: 1, sizes: [32], probs: [1.0], batch_sizes: [4]}]",
