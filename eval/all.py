@@ -32,9 +32,9 @@ from eval.common import (
     resolve_device,
     resolve_widths,
 )
-from eval.knn import KNN_KS, KNN_TEMPERATURE
 from eval.linear import DINOV2_LRS, LinearProbeConfig
 from eval.logreg import C_GRID, LogRegConfig
+from veca_ssl.knn import KNN_KS, KNN_TEMPERATURE
 
 PROTOCOLS = ("knn", "linear", "logreg", "dense")
 
@@ -101,8 +101,8 @@ def _check_sources(cfg: DictConfig) -> None:
 def evaluate(model: torch.nn.Module, widths: list, cfg: DictConfig, device: torch.device,
              progress: bool) -> dict:
     """Run the configured protocols on ``model`` at ``widths``: ``{width: merged metrics}``."""
-    from eval.features import extract_features
     from eval.report import merge_metrics
+    from veca_ssl.features import extract_features
 
     results = []
     cls_protocols = [p for p in cfg.protocols if p != "dense"]

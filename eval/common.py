@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import re
-import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,53 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
-Width = int | None  # a core budget; None = dense ViT (no elastic widths)
-
-
-# --------------------------------------------------------------------------------------------- widths
-def width_label(width: Width) -> str:
-    """Row label of a width in reports: ``"C=16"``, or ``"dense"`` for a dense ViT."""
-    return "dense" if width is None else f"C={width}"
-
-
-def parse_widths(text: str | Sequence[int] | None) -> list[int] | None:
-    """``"8,16"`` / ``[8, 16]`` → ``[8, 16]``; ``None`` / ``"all"`` / ``""`` → ``None`` (all budgets)."""
-    if text is None:
-        return None
-    if isinstance(text, str):
-        text = text.strip()
-        if text.lower() in ("", "all"):
-            return None
-        try:
-            return [int(t) for t in text.split(",") if t.strip()]
-        except ValueError as exc:
-            raise ValueError(f"--widths must be 'all' or comma-separated integers, got {text!r}") from exc
-    return [int(t) for t in text]
-
-
-def resolve_widths(model: torch.nn.Module, widths: Sequence[int | None] | None) -> list[Width]:
-    """Check ``widths`` against ``model.budgets``; ``None`` means every budget of the model.
-
-    A dense ViT (``budgets == ()``) has exactly one width, ``None``.
-    """
-    budgets = tuple(getattr(model, "budgets", ()) or ())
-    if not budgets:
-        if widths and any(w is not None for w in widths):
-            raise ValueError(
-                f"widths {list(widths)} requested, but this backbone is a dense ViT without elastic core "
-                "widths (budgets == ()); drop --widths"
-            )
-        return [None]
-    if widths is None:
-        return list(budgets)
-    bad = [w for w in widths if w not in budgets]
-    if bad:
-        raise ValueError(
-            f"width(s) {bad} not supported by this backbone; valid budgets: {list(budgets)}"
-        )
-    if not widths:
-        raise ValueError(f"empty list of widths; valid budgets: {list(budgets)}")
-    return list(dict.fromkeys(widths))  # de-duplicate, keep order
+from veca_ssl.features import progress_enabled
+from veca_ssl.widths import Width, parse_widths, resolve_widths
 
 
 # --------------------------------------------------------------------------------------------- device
@@ -244,11 +198,6 @@ def add_run_args(parser: argparse.ArgumentParser, resolution: int = 224) -> None
     g.add_argument("--speed-repeats", type=int, default=5, help="timed calls per width (median)")
 
 
-def progress_enabled(flag: bool) -> bool:
-    """Progress bars only when asked for and stderr is a terminal."""
-    return bool(flag) and sys.stderr.isatty()
-
-
 def is_main_process() -> bool:
     import torch.distributed as dist
 
@@ -290,7 +239,7 @@ def classification_features(ctx: EvalContext, args: argparse.Namespace, n_last_b
 
     Returns ``({width: FeatureSet} train, test, val-or-None)``.
     """
-    from eval.features import extract_features
+    from veca_ssl.features import extract_features
 
     specs = {"train": args.train, "test": args.test, "val": getattr(args, "val", None)}
     datasets = {name: build_eval_dataset(spec, args.resolution) for name, spec in specs.items() if spec}

@@ -348,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
 def dense_features(ctx, train_spec: str, test_spec: str, resolution: int, batch_size: int,
                    num_workers: int = 0, reduce_zero_label: bool = False) -> tuple:
     """Build dense train/test sets, their resized targets, and patch features at every width."""
-    from eval.features import extract_features
+    from veca_ssl.features import extract_features
 
     sets = {}
     for name, spec in (("train", train_spec), ("test", test_spec)):

@@ -26,7 +26,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset
 
-from eval.common import Width, is_main_process, resolve_widths
+from eval.common import is_main_process
+from veca_ssl.widths import Width, resolve_widths
 
 MANIFEST = "manifest.json"
 FORMATS = ("safetensors", "npy")
@@ -118,7 +119,7 @@ def extract_to_shards(
     Returns:
         The manifest (``manifest["complete"]`` tells whether every shard is written).
     """
-    from eval.features import extract_features
+    from veca_ssl.features import extract_features
 
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; valid: {', '.join(FORMATS)}")

@@ -23,8 +23,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from eval.common import few_threads_if_small
-from eval.features import FeatureSet
-from eval.knn import topk_accuracy
+from veca_ssl.features import FeatureSet
+from veca_ssl.knn import topk_accuracy
 
 #: DINOv2 learning-rate grid (``eval/linear.py``), scaled by batch size / 256.
 DINOV2_LRS: tuple[float, ...] = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2,

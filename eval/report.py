@@ -2,7 +2,7 @@
 
 Each row holds the protocol metrics at that width, the analytic GFLOPs per image
 (``model.flops(H, W, num_cores) / 1e9``, attention included), the measured latency of one image
-(median and min–max over repeats, after warm-up; ``veca_ssl.bench.timing.measure``) and the
+(median and min–max over repeats, after warm-up; ``veca_ssl.timing.measure``) and the
 throughput in images/s at the evaluation batch size, on the machine the evaluation runs on.
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from eval.common import Width, width_label
+from veca_ssl.widths import Width, width_label
 
 #: Metrics plotted (when present), in this order; lower is better for the depth errors.
 PLOT_METRICS: tuple[str, ...] = ("knn_k20_top1", "linear_top1", "logreg_top1", "seg_miou", "depth_rmse")
@@ -35,7 +35,7 @@ def gflops(model: torch.nn.Module, width: Width, resolution: int) -> float | Non
 def measure_speed(model: torch.nn.Module, width: Width, resolution: int, batch_size: int,
                   device: torch.device | str, warmup: int = 3, repeats: int = 5) -> dict[str, float]:
     """Latency of one image (ms: median, min, max) and images/s at ``batch_size``."""
-    from veca_ssl.bench.timing import measure
+    from veca_ssl.timing import measure
 
     device = torch.device(device)
     kwargs = {} if width is None else {"num_cores": width}
@@ -98,7 +98,7 @@ def _columns(rows: Sequence[dict]) -> list[str]:
 
 def markdown(rows: Sequence[dict], title: str = "Evaluation", meta: dict | None = None) -> str:
     """The report as Markdown: a heading, the run facts and the table (latency as median (min–max))."""
-    from veca_ssl.bench.timing import markdown_table
+    from veca_ssl.tables import markdown_table
 
     shown = []
     for r in rows:

@@ -61,15 +61,16 @@ class _ArgvJob:
 
     def __call__(self) -> Any:
         from veca_ssl import distributed as vd
+        from veca_ssl import signals
 
         vd.init_distributed()
         # Installed after submitit's own handlers, which it remembers and restores afterwards.
-        vd.install_preemption_handler()
+        signals.install_preemption_handler()
         try:
             result = resolve_entry(self.entry)(list(self.argv))
-            preempted = vd.checkpoint_requested(sync=False)
+            preempted = signals.checkpoint_requested(sync=False)
         finally:
-            vd.uninstall_preemption_handler()
+            signals.uninstall_preemption_handler()
             vd.cleanup()
         if preempted:
             self._requeue_after_save()
@@ -231,6 +232,8 @@ def smoke_train(argv: Sequence[str] | None = None) -> dict[str, Any]:
     import torch
 
     from veca_ssl import distributed as vd
+    from veca_ssl import signals
+    from veca_ssl.parallelize import wrap_ddp
 
     p = argparse.ArgumentParser(prog="smoke_train", allow_abbrev=False)
     p.add_argument("--output-dir", required=True)
@@ -244,7 +247,7 @@ def smoke_train(argv: Sequence[str] | None = None) -> dict[str, Any]:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     info = vd.init_distributed(device=args.device)
-    vd.install_preemption_handler()
+    signals.install_preemption_handler()
     if args.global_batch % info.world_size:
         raise ValueError(f"--global-batch {args.global_batch} is not divisible by {info.world_size} ranks")
     per_rank = args.global_batch // info.world_size
@@ -257,7 +260,7 @@ def smoke_train(argv: Sequence[str] | None = None) -> dict[str, Any]:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         start = int(state["step"])
-    ddp = vd.wrap_ddp(model, info)
+    ddp = wrap_ddp(model, info)
 
     def save(step: int) -> None:
         if info.is_main:
@@ -280,7 +283,7 @@ def smoke_train(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if step + 1 == args.simulate_preemption_at and info.is_main and not marker.exists():
             marker.touch()
             os.kill(os.getpid(), signal.SIGUSR2)
-        if vd.checkpoint_requested():  # collective: every rank stops after the same step
+        if signals.checkpoint_requested():  # collective: every rank stops after the same step
             save(step + 1)
             return {"status": "stopped", "step": step + 1, "resumed_from": start}
         if (step + 1) % args.save_every == 0:

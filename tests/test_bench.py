@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from veca_ssl.bench.timing import markdown_table, peak_memory_bytes, time_round_robin
+from veca_ssl.tables import markdown_table
+from veca_ssl.timing import peak_memory_bytes, time_round_robin
 
 
 def test_peak_memory_sees_a_transient_allocation():

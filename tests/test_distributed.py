@@ -12,7 +12,10 @@ import torch
 from torch import nn
 
 from veca_ssl import distributed as vd
+from veca_ssl import signals
 from veca_ssl.bench.ddp import SquaredFeatureLoss  # the DDP bench's stand-in student
+from veca_ssl.parallelize import apply_fsdp2, unwrap_model, wrap_ddp
+from veca_ssl.spawn import run_two_process
 
 # ---------------------------------------------------------------------------------------- helpers
 
@@ -51,7 +54,7 @@ def _ddp_vs_single_worker(steps: int, per_rank: int) -> dict:
     torch.manual_seed(0)
     model = SlicedCoreToy()
     reference = copy.deepcopy(model)
-    ddp = vd.wrap_ddp(model, info, find_unused_parameters=False)
+    ddp = wrap_ddp(model, info, find_unused_parameters=False)
     opt = torch.optim.AdamW(ddp.parameters(), lr=0.05, weight_decay=0.01)
     ref_opt = torch.optim.AdamW(reference.parameters(), lr=0.05, weight_decay=0.01)
     first_grad = None
@@ -71,7 +74,7 @@ def _ddp_vs_single_worker(steps: int, per_rank: int) -> dict:
         opt.step()
         ref_opt.step()
     return {
-        "weights": {k: v.clone() for k, v in vd.unwrap_model(ddp).state_dict().items()},
+        "weights": {k: v.clone() for k, v in unwrap_model(ddp).state_dict().items()},
         "reference": {k: v.clone() for k, v in reference.state_dict().items()},
         "first_grad": first_grad,
     }
@@ -89,17 +92,16 @@ def _collectives_worker() -> dict:
         "input_untouched": x.clone(),
         "gather": vd.all_gather_tensor(torch.full((2, 3), float(rank))),
         "gather_uneven": vd.all_gather_tensor(torch.arange(rank + 1, dtype=torch.float32) + 10 * rank, uneven=True),
-        "broadcast": vd.broadcast_object({"budget": 8 * (rank + 1), "from": rank}, src=1),
-        "flag_before": vd.checkpoint_requested(),
+        "flag_before": signals.checkpoint_requested(),
     }
     vd.barrier()
     if rank == 1:  # the signal reached only one rank: every rank must still stop after the same step
-        vd.request_checkpoint()
-    out["flag_after"] = vd.checkpoint_requested()
-    out["local_flag_after_sync"] = vd.checkpoint_requested(sync=False)
+        signals.request_checkpoint()
+    out["flag_after"] = signals.checkpoint_requested()
+    out["local_flag_after_sync"] = signals.checkpoint_requested(sync=False)
     out["seed"] = vd.seed_everything(7)
     out["draw"] = torch.rand(1).item()
-    vd.clear_checkpoint_request()
+    signals.clear_checkpoint_request()
     return out
 
 
@@ -122,7 +124,7 @@ def _fsdp_worker(steps: int) -> dict:
     torch.manual_seed(0)
     model = BlockToy()
     reference = copy.deepcopy(model)
-    model = vd.apply_fsdp2(model, info)
+    model = apply_fsdp2(model, info)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1)
     for step in range(steps):
@@ -147,7 +149,7 @@ def _veca_ddp_worker() -> dict:
     torch.manual_seed(0)
     backbone = build_backbone("veca_tiny", patch_size=8, num_cores=16, depth=2, embed_dim=64, num_heads=2)
     backbone.eval()  # no coordinate augmentation: the per-rank reference must see the same coordinates
-    ddp = vd.wrap_ddp(SquaredFeatureLoss(backbone), info)
+    ddp = wrap_ddp(SquaredFeatureLoss(backbone), info)
     grads = []
     for step, c in enumerate((8, 16, 8)):  # varying budget, no find_unused_parameters
         g = torch.Generator().manual_seed(step)
@@ -200,13 +202,13 @@ def test_single_process_fallbacks(clean_env):
     assert vd.init_distributed() is info  # idempotent
     x = torch.tensor([1.0, 2.0])
     assert vd.all_reduce_mean(x) is x and vd.all_reduce_sum(x) is x and vd.all_gather_tensor(x) is x
-    assert vd.all_gather_with_grad(x) is x and vd.broadcast_object({"a": 1}) == {"a": 1}
+    assert vd.all_gather_with_grad(x) is x
     model = nn.Linear(2, 2)
-    assert vd.wrap_ddp(model, info) is model and vd.unwrap_model(model) is model
+    assert wrap_ddp(model, info) is model and unwrap_model(model) is model
     assert vd.get_rank() == 0 and vd.get_world_size() == 1 and vd.is_main_process()
     vd.barrier()
     with pytest.raises(ValueError, match="model.blocks"):
-        vd.apply_fsdp2(model, info)
+        apply_fsdp2(model, info)
     if not torch.cuda.is_available():
         vd.cleanup()
         with pytest.raises(ValueError, match="CUDA is not available"):
@@ -220,25 +222,6 @@ def test_seed_everything_is_per_rank(clean_env):
     vd.seed_everything(5, rank=3)
     b = (torch.rand(2), __import__("numpy").random.rand(), __import__("random").random())
     assert torch.equal(a[0], b[0]) and a[1:] == b[1:]
-
-
-def test_logging_only_on_rank0_and_rank0_print(clean_env, tmp_path, capsys):
-    name = "veca_test_dist_logging"
-    logger = vd.setup_logging(tmp_path / "r0", rank=0, name=name)
-    logger.info("hello from rank 0")
-    vd.rank0_print("printed", 42)
-    assert capsys.readouterr().out.count("printed 42") == 1
-    logger = vd.setup_logging(tmp_path / "r1", rank=1, name=name)  # re-configuring replaces our handlers
-    logger.info("rank 1 info is dropped")
-    logger.warning("rank 1 warning is kept")
-    err = capsys.readouterr().err
-    assert "rank 1 warning is kept" in err and "info is dropped" not in err
-    assert "hello from rank 0" in (tmp_path / "r0" / "log.txt").read_text()
-    assert not (tmp_path / "r1").exists()  # non-zero ranks write no log file
-    assert len([h for h in logger.handlers if getattr(h, vd._LOG_TAG, False)]) == 1
-    for h in list(logger.handlers):
-        logger.removeHandler(h)
-        h.close()
 
 
 def test_submitit_slurm_environment_sets_rendezvous(clean_env):
@@ -263,26 +246,26 @@ def test_preemption_flag_and_chaining(clean_env):
     calls = []
     previous = signal.signal(signal.SIGUSR1, lambda s, f: calls.append(s))
     try:
-        assert vd.install_preemption_handler([signal.SIGUSR1]) == (signal.SIGUSR1,)
-        vd.install_preemption_handler([signal.SIGUSR1])  # idempotent: keeps the original "previous"
-        assert not vd.checkpoint_requested()
+        assert signals.install_preemption_handler([signal.SIGUSR1]) == (signal.SIGUSR1,)
+        signals.install_preemption_handler([signal.SIGUSR1])  # idempotent: keeps the original "previous"
+        assert not signals.checkpoint_requested()
         os.kill(os.getpid(), signal.SIGUSR1)
-        assert vd.checkpoint_requested() and vd.preemption_signal() == signal.SIGUSR1
+        assert signals.checkpoint_requested() and signals.preemption_signal() == signal.SIGUSR1
         assert calls == []  # first signal: only the flag
         os.kill(os.getpid(), signal.SIGUSR1)
         assert calls == [signal.SIGUSR1]  # second signal: handed to the handler found first
-        vd.uninstall_preemption_handler()
-        assert not vd.checkpoint_requested()
+        signals.uninstall_preemption_handler()
+        assert not signals.checkpoint_requested()
         os.kill(os.getpid(), signal.SIGUSR1)
         assert calls == [signal.SIGUSR1, signal.SIGUSR1]  # original handler restored
     finally:
-        vd.uninstall_preemption_handler()
+        signals.uninstall_preemption_handler()
         signal.signal(signal.SIGUSR1, previous)
 
 
 @pytest.fixture(scope="module")
 def two_ranks() -> list[dict]:
-    return vd.run_two_process(_all_two_rank_checks, timeout_s=300)
+    return run_two_process(_all_two_rank_checks, timeout_s=300)
 
 
 def _check(two_ranks: list[dict], name: str) -> tuple[dict, dict]:
@@ -300,7 +283,6 @@ def test_two_process_collectives(two_ranks):
         assert torch.equal(r["mean"], torch.tensor([1.5, 15.0]))
         assert torch.equal(r["gather"], torch.cat([torch.zeros(2, 3), torch.ones(2, 3)]))
         assert torch.equal(r["gather_uneven"], torch.tensor([0.0, 10.0, 11.0]))
-        assert r["broadcast"] == {"budget": 16, "from": 1}
         assert r["flag_before"] is False and r["flag_after"] is True and r["local_flag_after_sync"] is True
     assert torch.equal(r0["input_untouched"], torch.tensor([1.0, 10.0]))
     assert (r0["rank"], r0["is_main"], r1["rank"], r1["is_main"]) == (0, True, 1, False)
@@ -377,8 +359,8 @@ def _train_worker(output_dir: str, batch_per_rank: int) -> dict:
 
 
 def test_training_two_processes_match_one_process_with_double_batch(tmp_path):
-    (single,) = vd.run_two_process(_train_worker, str(tmp_path / "one"), 8, world_size=1, timeout_s=300)
-    r0, r1 = vd.run_two_process(_train_worker, str(tmp_path / "two"), 4, timeout_s=300)
+    (single,) = run_two_process(_train_worker, str(tmp_path / "one"), 8, world_size=1, timeout_s=300)
+    r0, r1 = run_two_process(_train_worker, str(tmp_path / "two"), 4, timeout_s=300)
     assert single["step"] == r0["step"] == 3
     assert r0["student"].keys() == single["student"].keys()
     tol = 1e-5

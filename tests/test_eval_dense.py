@@ -19,7 +19,7 @@ from eval.dense import (
     run_dense,
     segmentation_metrics,
 )
-from eval.features import FeatureSet
+from veca_ssl.features import FeatureSet
 
 
 def test_confusion_matrix_and_miou_by_hand() -> None:

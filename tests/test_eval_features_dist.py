@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from eval.features import extract_features
+from veca_ssl.features import extract_features
 from veca_ssl.models import build_backbone
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from eval.common import check_first_label, require_labels
-from eval.knn import knn_classify, knn_search, knn_vote, paired_bootstrap
+from veca_ssl.knn import knn_classify, knn_search, knn_vote, paired_bootstrap
 
 S = math.sqrt(1 - 0.9**2)
 # Query (1, 0): one label-0 neighbour at cosine 1.0, two label-1 neighbours at cosine 0.9, one far.

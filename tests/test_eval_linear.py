@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 
-from eval.features import FeatureSet
 from eval.linear import (
     LinearHeads,
     LinearProbeConfig,
@@ -17,6 +16,7 @@ from eval.linear import (
     train_heads,
 )
 from eval.logreg import LogRegConfig, logistic_regression
+from veca_ssl.features import FeatureSet
 
 CLASSES, DIM = 10, 16
 

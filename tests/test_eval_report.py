@@ -8,11 +8,11 @@ import json
 import pytest
 import torch
 
-from eval.common import resolve_widths, width_label
-from eval.features import extract_features
 from eval.knn import run_knn
 from eval.report import build_rows, merge_metrics, write_report
+from veca_ssl.features import extract_features
 from veca_ssl.models import build_backbone
+from veca_ssl.widths import resolve_widths, width_label
 
 TINY = dict(patch_size=8, depth=2, embed_dim=64, num_heads=2)
 

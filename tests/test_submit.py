@@ -16,6 +16,7 @@ from submitit.helpers import DelayedSubmission
 from launchers import submit
 from launchers.slurm import EvalJob, TrainJob, parse_mem_gb, parse_timeout_min, smoke_train
 from veca_ssl import distributed as vd
+from veca_ssl import signals
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,7 +27,7 @@ def _no_job_env(monkeypatch: pytest.MonkeyPatch):
         monkeypatch.delenv(var, raising=False)
     vd.cleanup()
     yield
-    vd.uninstall_preemption_handler()
+    signals.uninstall_preemption_handler()
     vd.cleanup()
 
 
@@ -119,7 +120,7 @@ def test_debug_executor_preemption_then_checkpoint_resumes_to_same_weights(tmp_p
                                    entry="launchers.slurm:smoke_train"))
     first = job.results()[0]  # the job signals itself (SIGUSR2) after step 5: flag → save → return
     assert first["status"] == "preempted" and first["result"] == {"status": "stopped", "step": 5, "resumed_from": 0}
-    assert vd.checkpoint_requested(sync=False) is False  # handlers removed, flag cleared after the job
+    assert signals.checkpoint_requested(sync=False) is False  # handlers removed, flag cleared after the job
     resumed = job.submission().function.checkpoint().result()  # what submitit requeues
     assert resumed["resumed_from"] == 5 and resumed["status"] == "done"
     assert torch.allclose(torch.tensor(resumed["weights"], dtype=torch.float64),
@@ -128,7 +129,7 @@ def test_debug_executor_preemption_then_checkpoint_resumes_to_same_weights(tmp_p
 
 def test_local_executor_two_tasks_preempted_requeued_same_weights_as_one_process(tmp_path, capsys):
     reference = smoke_train(_smoke_args(tmp_path / "ref"))
-    vd.uninstall_preemption_handler()
+    signals.uninstall_preemption_handler()
     out = tmp_path / "run"
     rc = submit.main(["train", "--entry", "launchers.slurm:smoke_train", "--cluster", "local",
                       "--tasks-per-node", "2", "--gpus-per-node", "0", "--timeout", "5", "--wait",

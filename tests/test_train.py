@@ -86,7 +86,7 @@ def _rank_budgets() -> tuple[int, list]:
 
 
 def test_budgets_identical_on_two_gloo_processes():
-    from veca_ssl.distributed import run_two_process
+    from veca_ssl.spawn import run_two_process
 
     (rank_a, a), (rank_b, b) = run_two_process(_rank_budgets)
     assert (rank_a, rank_b) == (0, 1)

@@ -87,12 +87,15 @@ def load_config(config: str | Path | None = None, overrides: list[str] | None = 
             raise ConfigError(f"{exc} (in {origin})") from None
         cfg = OmegaConf.merge(cfg, layer)
     OmegaConf.set_struct(cfg, True)
-    validate(cfg)
+    check(cfg)
     return cfg
 
 
-def validate(cfg: DictConfig) -> None:
-    """Semantic checks that need more than types (values, ranges, cross-key consistency)."""
+def check(cfg: DictConfig) -> None:
+    """Every rule a config must satisfy before any work starts (values, ranges, cross-key consistency).
+
+    The one home of config validation: `veca train`, `veca submit` and `--dry-run` all call it.
+    """
     if cfg.mode not in ("ssl", "distill"):
         raise ConfigError(f"mode={cfg.mode!r}; valid: 'ssl', 'distill'")
     if cfg.budgets.policy not in ("sample", "sandwich", "full"):

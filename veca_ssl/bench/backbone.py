@@ -14,9 +14,10 @@ import statistics
 
 import torch
 
-from veca_ssl.bench.timing import Stats, markdown_table, peak_memory_bytes, time_round_robin, write_rows
 from veca_ssl.models import build_backbone
 from veca_ssl.models.flops import dense_attention_pairs, veca_attention_pairs
+from veca_ssl.tables import markdown_table, write_rows
+from veca_ssl.timing import Stats, peak_memory_bytes, time_round_robin
 
 
 def build_parser() -> argparse.ArgumentParser:

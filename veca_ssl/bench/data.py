@@ -25,7 +25,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-from veca_ssl.bench.timing import markdown_table, measure, write_rows
 from veca_ssl.data import (
     ImageFolderDataset,
     MaskingGenerator,
@@ -35,6 +34,8 @@ from veca_ssl.data import (
     WdsDataset,
     make_shards,
 )
+from veca_ssl.tables import markdown_table, write_rows
+from veca_ssl.timing import measure
 
 
 def _texture(rng: np.random.Generator, width: int, height: int) -> np.ndarray:

@@ -14,7 +14,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from veca_ssl.distributed import barrier, init_distributed, run_two_process, unwrap_model, wrap_ddp
+from veca_ssl.distributed import barrier, init_distributed
+from veca_ssl.parallelize import unwrap_model, wrap_ddp
+from veca_ssl.spawn import run_two_process
 
 _BENCH_MODELS: dict[str, dict[str, Any]] = {
     # name: (build_backbone kwargs, image size, per-process batch)
@@ -102,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="veca bench ddp", description=__doc__.split("\n")[0])
     p.add_argument("--repeats", type=int, default=15)
     args = p.parse_args(argv)
-    from veca_ssl.bench.timing import markdown_table
+    from veca_ssl.tables import markdown_table
 
     print(markdown_table(ddp_overhead_benchmark(args.repeats)))
     return 0

@@ -5,11 +5,11 @@ in one run on the same random bank (default 100k × 384, 10k queries, 1000 class
 
 - ``floor``: what any exact search must at least do — ``q @ bank.T`` and ``topk(200)`` in the same
   query chunks, nothing else (no normalisation, no voting);
-- ``torch``: the full DINOv2 protocol of ``eval.knn.knn_classify`` (normalise, chunked search,
+- ``torch``: the full DINOv2 protocol of ``veca_ssl.knn.knn_classify`` (normalise, chunked search,
   weighted votes for k ∈ {10, 20, 100, 200}, top-1/top-5);
 - ``faiss``: the same protocol with ``faiss.IndexFlatIP`` neighbour search (GPU when available).
 
-Each is warmed up and timed (median, min–max) with ``veca_ssl.bench.timing.measure``.
+Each is warmed up and timed (median, min–max) with ``veca_ssl.timing.measure``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ import sys
 
 import torch
 
-from veca_ssl.bench.timing import markdown_table, measure, write_rows
+from veca_ssl.tables import markdown_table, write_rows
+from veca_ssl.timing import measure
 
 
 def _floor(bank: torch.Tensor, queries: torch.Tensor, k: int, chunk: int) -> None:
@@ -31,7 +32,7 @@ def run(n_bank: int = 100_000, n_queries: int = 10_000, dim: int = 384, classes:
         chunk: int = 1024, device: str = "cpu", warmup: int = 3, repeats: int = 5,
         backends: tuple[str, ...] = ("floor", "torch", "faiss")) -> list[dict]:
     """Time each backend; return table rows (seconds, seconds per 10k queries, ratio to the floor)."""
-    from eval.knn import KNN_KS, faiss_available, knn_classify
+    from veca_ssl.knn import KNN_KS, faiss_available, knn_classify
 
     dev = torch.device(device)
     g = torch.Generator().manual_seed(0)

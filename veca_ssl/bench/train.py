@@ -13,9 +13,10 @@ import statistics
 
 import torch
 
-from veca_ssl.bench.timing import markdown_table, time_round_robin, write_rows
 from veca_ssl.method.budgets import BudgetPolicy
 from veca_ssl.models import build_backbone
+from veca_ssl.tables import markdown_table, write_rows
+from veca_ssl.timing import time_round_robin
 
 
 def build_parser() -> argparse.ArgumentParser:

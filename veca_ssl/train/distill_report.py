@@ -41,9 +41,9 @@ def _eval_images(dataset, resolution: int, limit: int) -> torch.Tensor:
 
 def distillation_report(method, cfg, device: torch.device) -> dict:
     """Cosine to the teacher per width and k-NN of student vs teacher (``train.knn_monitor`` data)."""
-    from eval.features import extract_features
-    from eval.knn import knn_classify
     from veca_ssl.data import build_dataset
+    from veca_ssl.features import extract_features
+    from veca_ssl.knn import knn_classify
 
     m = cfg.train.knn_monitor
     train_set = build_dataset(m.dataset, split=m.train_split)

@@ -24,10 +24,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"veca train: config error: {exc}", file=sys.stderr)
         return 2
     from veca_ssl import distributed as dist
+    from veca_ssl import signals
     from veca_ssl.train.loop import train
     from veca_ssl.train.monitor import KnnMonitor
 
-    dist.install_preemption_handler()
+    signals.install_preemption_handler()
     try:
         summary = train(cfg)
     except ConfigError as exc:

@@ -26,8 +26,8 @@ class KnnMonitor:
     def evaluate(self, backbone: Backbone, hits: dict | None = None) -> dict:
         """``{"knn_C{c}_top1": %}`` for every width (``knn_dense_top1`` for a dense ViT); ``hits``, when
         given, receives each width's per-image hits under the same keys."""
-        from eval.features import extract_features
-        from eval.knn import knn_classify
+        from veca_ssl.features import extract_features
+        from veca_ssl.knn import knn_classify
 
         was_training = backbone.training
         backbone.eval()
@@ -54,7 +54,7 @@ class KnnMonitor:
     def final(self, backbone: Backbone) -> dict:
         """Top-1 per width after training, before training, and each width minus the narrowest on the
         same validation images with a 95% paired-bootstrap interval (is "wider worse" beyond noise?)."""
-        from eval.knn import paired_bootstrap
+        from veca_ssl.knn import paired_bootstrap
 
         hits: dict = {}
         after = self.evaluate(backbone, hits)

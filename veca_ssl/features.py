@@ -13,6 +13,7 @@ dataset and the shards are all-gathered, so every rank ends up with the full set
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -23,7 +24,12 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm import tqdm
 
-from eval.common import Width, progress_enabled, resolve_widths
+from veca_ssl.widths import Width, resolve_widths
+
+
+def progress_enabled(flag: bool) -> bool:
+    """Progress bars only when asked for and stderr is a terminal."""
+    return bool(flag) and sys.stderr.isatty()
 
 
 @dataclass

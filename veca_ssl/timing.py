@@ -12,14 +12,11 @@ itself, and a peak measured after it counts memory that was never live at once.
 
 from __future__ import annotations
 
-import csv
 import ctypes
-import json
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 
@@ -142,39 +139,4 @@ def peak_memory_bytes(fn: Callable[[], object], device=None) -> int | None:
     return max(0, peak - base) * 1024
 
 
-def markdown_table(rows: Sequence[dict], columns: Sequence[str] | None = None) -> str:
-    """Render dict rows as a GitHub Markdown table (floats with 4 significant digits)."""
-    if not rows:
-        return "(no rows)"
-    columns = list(columns or rows[0].keys())
-
-    def cell(v: object) -> str:
-        if v is None:
-            return "–"
-        if isinstance(v, float):
-            return f"{v:.4g}"
-        return str(v)
-
-    out = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    out += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows]
-    return "\n".join(out)
-
-
-def write_rows(rows: Sequence[dict], path: str | Path) -> list[Path]:
-    """Write rows as ``<path>.csv`` and ``<path>.json`` (suffix of ``path`` ignored)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    stem = path.with_suffix("")
-    columns: list[str] = []
-    for r in rows:
-        columns += [k for k in r if k not in columns]
-    csv_path, json_path = stem.with_suffix(".csv"), stem.with_suffix(".json")
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    json_path.write_text(json.dumps([dict(r) for r in rows], indent=2))
-    return [csv_path, json_path]
-
-
-__all__ = ["Stats", "measure", "time_round_robin", "peak_memory_bytes", "markdown_table", "write_rows", "asdict"]
+__all__ = ["Stats", "measure", "time_round_robin", "peak_memory_bytes", "steady_allocator"]
