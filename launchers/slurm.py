@@ -117,32 +117,59 @@ class EvalJob(_ArgvJob):
 
 
 # ----------------------------------------------------------------------------------------- parsing
-_MEM_UNITS = {"k": 1 / 1024**2, "m": 1 / 1024, "g": 1.0, "t": 1024.0}
+_MEM_MB = {"k": 1 / 1024, "m": 1, "g": 1024, "t": 1024**2}  # SLURM's units are binary multiples
+
+
+def parse_mem_mb(text: str) -> int:
+    """``--mem``: ``64G``, ``64GB``, ``500M``, ``1.5T``, ``2048K`` → whole megabytes (what sbatch gets).
+
+    Strict on purpose: a unit is required (SLURM reads a bare number as megabytes, a user usually
+    means gigabytes), and the size must be a whole number of megabytes, at least 1 — ``--mem=0``
+    would ask SLURM for all of a node's memory.
+    """
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgtKMGT])(?:i?[bB])?\s*", str(text))
+    if m is None:
+        raise ValueError(f"--mem {text!r}: expected a size with a unit, like 64G, 500M or 1.5T "
+                         "(a bare number is ambiguous: SLURM reads it as megabytes)")
+    mb = float(m.group(1)) * _MEM_MB[m.group(2).lower()]
+    if mb < 1 or mb != int(mb):
+        raise ValueError(f"--mem {text!r} is {mb:g} MB; SLURM takes a whole number of megabytes >= 1 "
+                         f"(e.g. {max(1, round(mb))}M)")
+    return int(mb)
 
 
 def parse_mem_gb(text: str) -> float:
-    """``64G``/``64GB``/``500M``/``1.5T``/``64`` (GB) → gigabytes."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgtKMGT])?[bB]?\s*", str(text))
-    if m is None or float(m.group(1)) <= 0:
-        raise ValueError(f"--mem {text!r}: expected a positive size like 64G, 500M or 1.5T")
-    return float(m.group(1)) * _MEM_UNITS[(m.group(2) or "g").lower()]
+    """``--mem`` in gigabytes (submitit's ``mem_gb``), parsed strictly by :func:`parse_mem_mb`. Exact:
+    megabytes / 1024 is a float that converts back to the same megabytes."""
+    return parse_mem_mb(text) / 1024
+
+
+_TIMEOUT_FORMS = "minutes (90), MM:SS, HH:MM:SS (1:30:00), D-HH, D-HH:MM or D-HH:MM:SS (2-00:00:00)"
 
 
 def parse_timeout_min(text: str) -> int:
-    """A SLURM time limit → whole minutes (seconds round up): ``90`` (minutes), ``MM:SS``,
-    ``HH:MM:SS``, ``D-HH``, ``D-HH:MM``, ``D-HH:MM:SS``."""
+    """A SLURM time limit → whole minutes (seconds round up), in SLURM's own forms: ``90`` (minutes),
+    ``MM:SS``, ``HH:MM:SS``, ``D-HH``, ``D-HH:MM``, ``D-HH:MM:SS``. Minutes and seconds after a colon
+    must be < 60 and hours after a day count < 24 (``1:99:99`` is refused, not reinterpreted)."""
     text = str(text).strip()
     m = re.fullmatch(r"(?:(\d+)-)?(\d+(?::\d+){0,2})", text)
     if m is None:
-        raise ValueError(f"--timeout {text!r}: expected minutes (90), HH:MM:SS (1:30:00) or D-HH:MM:SS")
+        raise ValueError(f"--timeout {text!r}: expected {_TIMEOUT_FORMS}")
     days, parts = int(m.group(1) or 0), [int(x) for x in m.group(2).split(":")]
     if m.group(1) is not None:  # D-HH[:MM[:SS]]
-        parts += [0] * (3 - len(parts))
-        hours, minutes, seconds = parts
+        hours, minutes, seconds = parts + [0] * (3 - len(parts))
+        if hours >= 24:
+            raise ValueError(f"--timeout {text!r}: hours after 'D-' must be < 24 (use more days)")
+        sexagesimal = parts[1:]
     elif len(parts) == 3:
         hours, minutes, seconds = parts
+        sexagesimal = parts[1:]
     else:  # MM or MM:SS
         hours, minutes, seconds = 0, parts[0], (parts[1] if len(parts) == 2 else 0)
+        sexagesimal = parts[1:]
+    if any(v >= 60 for v in sexagesimal):
+        raise ValueError(f"--timeout {text!r}: minutes and seconds after a ':' must be < 60; "
+                         f"expected {_TIMEOUT_FORMS}")
     total = days * 1440 + hours * 60 + minutes + (1 if seconds else 0)
     if total <= 0:
         raise ValueError(f"--timeout {text!r} must be at least one minute")

@@ -5,7 +5,10 @@
   veca submit eval knn --checkpoint runs/x --train imagefolder:/d/train --val imagefolder:/d/val \\
       --output-dir runs/x/eval [--array-over-widths --widths 8,16,32,64]
 
-Options this command does not know are handed to ``veca train`` / ``veca eval <protocol>``.
+``veca submit train`` takes its own options, ``key=value`` config overrides and ``veca train``'s
+``--debug``; anything else is refused before submission, and the config is validated exactly as
+``veca train`` validates it (``veca_ssl.config.load_config``). ``veca submit eval`` hands the options
+it does not know to ``veca eval <protocol>``.
 Layout: ``<output_dir>/`` holds the training (or eval) outputs, ``<output_dir>/submitit/<job id>/``
 the logs and pickles, ``<output_dir>/submitit/submissions.jsonl`` one line per submission.
 Preempted or timed-out training jobs checkpoint and requeue themselves (``launchers.slurm.TrainJob``).
@@ -14,6 +17,7 @@ Preempted or timed-out training jobs checkpoint and requeue themselves (``launch
 from __future__ import annotations
 
 import argparse
+import difflib
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,63 +30,83 @@ from launchers.slurm import (
     TrainJob,
     executor_parameters,
     make_executor,
+    parse_timeout_min,
     record_submission,
     render_sbatch,
 )
+from veca_ssl.cli import HelpFormatter
 
 EVAL_PROTOCOLS = ("knn", "linear", "logreg", "dense", "all")
 
 
 def _add_cluster_options(p: argparse.ArgumentParser, timeout: str) -> None:
     g = p.add_argument_group("resources (SLURM / submitit)")
-    g.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
-    g.add_argument("--gpus-per-node", type=int, default=1, help="GPUs per node = tasks per node (default 1)")
+    g.add_argument("--nodes", type=int, default=1, help="nodes, >= 1 (--cluster local: 1)")
+    g.add_argument("--gpus-per-node", type=int, default=1, help="GPUs per node, >= 0")
     g.add_argument("--tasks-per-node", type=int, default=None,
-                   help="processes per node (default: --gpus-per-node, at least 1; CPU jobs: set it)")
-    g.add_argument("--cpus-per-task", type=int, default=8, help="CPU cores per process (data loading)")
-    g.add_argument("--mem", default=None, help="memory per node, e.g. 64G, 500G (default: cluster's)")
+                   help="processes per node, >= 1 (default: --gpus-per-node, at least 1; CPU jobs: set it)")
+    g.add_argument("--cpus-per-task", type=int, default=8,
+                   help="CPU cores per process, >= 1 (loader workers + the training's threads)")
+    g.add_argument("--mem", default=None,
+                   help="memory per node with a unit: 64G, 500M, 1.5T; a whole number of megabytes "
+                        ">= 1 (default: the cluster's)")
     g.add_argument("--timeout", default=timeout,
-                   help=f"time limit: minutes or [D-]HH:MM:SS (default {timeout}); jobs requeue on expiry")
-    g.add_argument("--partition", default=None)
-    g.add_argument("--account", default=None)
-    g.add_argument("--qos", default=None)
+                   help="time limit, >= 1 minute: minutes (90) or SLURM's [D-]HH:MM:SS (2-00:00:00), "
+                        "minutes/seconds < 60, hours after D- < 24; training requeues on expiry")
+    g.add_argument("--partition", default=None, help="SLURM partition (default: the cluster's)")
+    g.add_argument("--account", default=None, help="SLURM account to charge")
+    g.add_argument("--qos", default=None, help="SLURM quality of service")
     g.add_argument("--constraint", default=None, help="node features, e.g. 'h100|a100'")
     g.add_argument("--exclude", default=None, help="nodes to avoid, e.g. node[01-03]")
-    g.add_argument("--job-name", default=None)
+    g.add_argument("--job-name", default=None, help="job name (default: veca-train / veca-eval-<protocol>)")
     g.add_argument("--setup", action="append", default=[], metavar="CMD",
                    help="shell line run before the job (repeatable), e.g. 'module load cuda'")
     g.add_argument("--signal-delay", type=int, default=120,
-                   help="seconds before the time limit at which the job is told to checkpoint")
-    g.add_argument("--max-requeues", type=int, default=10, help="time-limit requeues allowed (SLURM)")
+                   help="seconds before the time limit at which the job is told to checkpoint; "
+                        ">= 0 and less than --timeout")
+    g.add_argument("--max-requeues", type=int, default=10, help="time-limit requeues allowed (SLURM), >= 0")
     s = p.add_argument_group("submission")
     s.add_argument("--cluster", choices=("slurm", "local", "debug"), default=None,
-                   help="slurm | local (subprocesses on this machine) | debug (in this process); "
-                        "default: slurm when srun exists, else local")
-    s.add_argument("--output-dir", default=None, help="outputs; logs go to <output-dir>/submitit/")
-    s.add_argument("--dry-run", action="store_true", help="print the sbatch script and the command only")
+                   help="slurm | local (subprocesses on this machine) | debug (in this process) "
+                        "(default: slurm when srun exists, else local)")
+    s.add_argument("--output-dir", default=None,
+                   help="outputs; logs go to <output-dir>/submitit/ (default: the config's output_dir "
+                        "for train, eval_output for eval)")
+    s.add_argument("--dry-run", action="store_true",
+                   help="validate everything, print the sbatch script and the job's command, submit nothing")
     s.add_argument("--wait", action="store_true", help="block until the job(s) finish and print results")
     s.add_argument("--entry", default=None, metavar="MODULE:FUNCTION",
                    help="run this function(argv) instead of veca train/eval, e.g. launchers.slurm:smoke_train "
-                        "(a tiny DDP job to check a cluster setup, preemption and requeue); gets the other "
-                        "options and --output-dir")
+                        "(a tiny DDP job to check a cluster setup, preemption and requeue); gets the options "
+                        "this command does not know, and --output-dir")
 
 
 def build_parser(kind: str) -> argparse.ArgumentParser:
     """The parser of ``veca submit train`` (kind='train') or ``veca submit eval`` (kind='eval')."""
     if kind == "train":
         p = argparse.ArgumentParser(
-            prog="veca submit train", allow_abbrev=False,
-            description="Submit `veca train` (SPEC §3); unknown options and key=value overrides are "
-                        "passed to it. The job resumes from <output-dir> after preemption/timeout.")
+            prog="veca submit train", allow_abbrev=False, formatter_class=HelpFormatter,
+            usage="veca submit train [--config CONFIG] [key=value ...] [options]",
+            description="Submit `veca train` as a SLURM (or local) job. The config and its key=value "
+                        "overrides are validated\nhere first, exactly as `veca train` does, so a bad value "
+                        "fails now, not in the queue. An option\nthis command does not know is refused. "
+                        "The job checkpoints and requeues itself on preemption or\ntimeout and resumes "
+                        "from <output-dir>.")
         p.add_argument("--config", default=None,
-                       help="experiment YAML (path or name under configs/; default: veca train's default)")
+                       help="experiment YAML: a path or a named config, as for `veca train` "
+                            "(default: veca train's, quickstart)")
+        p.add_argument("--debug", action="store_true",
+                       help="passed to `veca train`: full tracebacks in the job's log")
         _add_cluster_options(p, timeout="1440")
     elif kind == "eval":
         p = argparse.ArgumentParser(
-            prog="veca submit eval", allow_abbrev=False,
-            description="Submit `veca eval <protocol>` (SPEC §5): one job for all widths, or a job array.")
-        p.add_argument("protocol", choices=EVAL_PROTOCOLS)
-        p.add_argument("--widths", default=None, help="core widths, e.g. 8,16,64 (passed to the eval)")
+            prog="veca submit eval", allow_abbrev=False, formatter_class=HelpFormatter,
+            description="Submit `veca eval <protocol>` as a SLURM (or local) job: one job for every core "
+                        "width, or a job array\nwith one task per width. Options this command does not "
+                        "know go to `veca eval <protocol>`\n(see `veca eval <protocol> --help`).")
+        p.add_argument("protocol", choices=EVAL_PROTOCOLS, help="evaluation protocol")
+        p.add_argument("--widths", default=None,
+                       help="core widths, e.g. 8,16,64 (passed to the eval; default: every width)")
         p.add_argument("--array-over-widths", action="store_true",
                        help="one array task per width, each writing <output-dir>/width_<C>/")
         _add_cluster_options(p, timeout="240")
@@ -95,6 +119,22 @@ def _overrides(rest: Sequence[str]) -> list[str]:
     return [a for a in rest if "=" in a and not a.startswith("-")]
 
 
+def check_train_arguments(parser: argparse.ArgumentParser, rest: Sequence[str]) -> None:
+    """What ``veca submit train`` leaves unparsed must be config overrides: refuse anything else now,
+    before it would fail inside the queued job (a misspelt option, a stray word)."""
+    known = [o for a in parser._actions for o in a.option_strings]
+    for arg in rest:
+        if arg.startswith("-"):
+            name = arg.split("=", 1)[0]
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise ValueError(f"unknown option {name}{hint} (`veca submit train --help` lists the options; "
+                             "config values are given as key=value)")
+        if "=" not in arg:
+            raise ValueError(f"unexpected argument {arg!r}: veca submit train takes options and key=value "
+                             "config overrides (e.g. optim.epochs=100)")
+
+
 def prepare_train(args: argparse.Namespace, rest: list[str]) -> tuple[Path, list[list[str]]]:
     """Validate the config now (before queueing) and fix the output dir: (output_dir, [job argv])."""
     overrides = _overrides(rest)
@@ -103,6 +143,7 @@ def prepare_train(args: argparse.Namespace, rest: list[str]) -> tuple[Path, list
         raise ValueError(f"--output-dir {args.output_dir} contradicts the override output_dir={given[-1]}; "
                          "give only one")
     argv = [a for a in rest if not (a in overrides and a.startswith("output_dir="))]
+    argv += ["--debug"] if args.debug else []
     from veca_ssl.config import load_config, resolve_config_path
 
     config = args.config
@@ -172,7 +213,10 @@ def _print_dry_run(kind: str, cluster: str | None, folder: Path, params: dict[st
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help") or argv[0] not in ("train", "eval"):
-        print("usage: veca submit {train,eval} [options]  (veca submit train --help for the options)")
+        print("usage: veca submit {train,eval} [options]\n\n"
+              "  train  `veca train` as a SLURM (or local) job; config validated before queueing\n"
+              "  eval   `veca eval <protocol>` as a job, or a job array with one task per core width\n\n"
+              "Run `veca submit train --help` or `veca submit eval --help` for the options.")
         if argv and argv[0] not in ("-h", "--help", "help"):
             print(f"veca submit: unknown job kind {argv[0]!r}; expected 'train' or 'eval'", file=sys.stderr)
             return 2
@@ -187,6 +231,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.tasks_per_node is not None and args.tasks_per_node < 1:
         parser.error(f"--tasks-per-node must be at least 1, got {args.tasks_per_node}")
     try:
+        if kind == "train" and not args.entry:
+            check_train_arguments(parser, rest)
+        if args.signal_delay >= 60 * parse_timeout_min(args.timeout):
+            raise ValueError(f"--signal-delay {args.signal_delay} s leaves the job no time within --timeout "
+                             f"{args.timeout}: lower it or raise --timeout")
         if kind == "train" and args.entry:  # a custom script: argv as given, no config validation
             output_dir = Path(args.output_dir or "outputs/submit").resolve()
             config = ["--config", args.config] if args.config else []

@@ -13,7 +13,7 @@ from torch import nn
 
 from veca_ssl import distributed as vd
 from veca_ssl import signals
-from veca_ssl.bench.ddp import SquaredFeatureLoss  # the DDP bench's stand-in student
+from veca_ssl.bench.ddp_worker import SquaredFeatureLoss  # the DDP bench's stand-in student
 from veca_ssl.parallelize import apply_fsdp2, unwrap_model, wrap_ddp
 from veca_ssl.spawn import run_two_process
 

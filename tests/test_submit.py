@@ -14,7 +14,7 @@ import torch
 from submitit.helpers import DelayedSubmission
 
 from launchers import submit
-from launchers.slurm import EvalJob, TrainJob, parse_mem_gb, parse_timeout_min, smoke_train
+from launchers.slurm import EvalJob, TrainJob, parse_mem_gb, parse_mem_mb, parse_timeout_min, smoke_train
 from veca_ssl import distributed as vd
 from veca_ssl import signals
 
@@ -71,7 +71,7 @@ def test_dry_run_eval_array_over_widths(tmp_path, capsys):
 def test_parsing_helpers_and_errors(tmp_path, capsys):
     assert [parse_timeout_min(t) for t in ("90", "10:30", "1:30:00", "2-00", "1-02:03", "0-00:00:30")] == [
         90, 11, 90, 2880, 1563, 1]
-    assert [parse_mem_gb(m) for m in ("64G", "64GB", "512M", "2T", "16")] == [64.0, 64.0, 0.5, 2048.0, 16.0]
+    assert [parse_mem_gb(m) for m in ("64G", "64GB", "512M", "2T", "16384M")] == [64.0, 64.0, 0.5, 2048.0, 16.0]
     for bad in ("1h", "", "-5", "0"):
         with pytest.raises(ValueError, match="--timeout"):
             parse_timeout_min(bad)
@@ -90,6 +90,58 @@ def test_parsing_helpers_and_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         submit.main(["train", "--nodes", "0", "--dry-run"])
     assert submit.main(["fly"]) == 2
+
+
+def test_unknown_options_and_stray_words_are_refused_before_submission(tmp_path, capsys):
+    out = tmp_path / "run"
+    for extra, message in ((["--nodse", "2"], "unknown option --nodse; did you mean --nodes?"),
+                           (["--gpus-per-nod=8"], "unknown option --gpus-per-nod; did you mean --gpus-per-node?"),
+                           (["--frobnicate"], "unknown option --frobnicate (`veca submit train --help`"),
+                           (["quickstart"], "unexpected argument 'quickstart'")):
+        rc = submit.main(["train", "--config", "quickstart", "optim.epochs=3", *extra, "--output-dir", str(out),
+                          "--dry-run"])
+        captured = capsys.readouterr()
+        assert rc == 2 and message in captured.err, captured.err
+        assert "#SBATCH" not in captured.out  # refused before anything was rendered or queued
+    assert not out.exists()
+    # veca train's own --debug is the one option passed through
+    assert submit.main(["train", "--config", "quickstart", "--debug", "--output-dir", str(out), "--dry-run"]) == 0
+    assert f"--debug output_dir={out}" in capsys.readouterr().out
+
+
+def test_mem_and_timeout_are_parsed_strictly(tmp_path, capsys):
+    assert [parse_mem_mb(m) for m in ("500M", "1.5T", "2048K", "64GiB", "1g")] == [500, 1572864, 2, 65536, 1024]
+    for bad in ("1k", "16", "0G", "0.5M", "1.3G", "64X", "-1G", "G", "1e3G"):
+        with pytest.raises(ValueError, match="--mem"):
+            parse_mem_mb(bad)
+    for bad in ("1:99:99", "1:60", "10:60", "2-24", "1-00:60", "1-00:00:60", "0:00:00", "1:2:3:4", "1h"):
+        with pytest.raises(ValueError, match="--timeout"):
+            parse_timeout_min(bad)
+    assert [parse_timeout_min(t) for t in ("1-23:59:59", "59:59", "100:00:00")] == [2880, 60, 6000]
+    out = tmp_path / "run"
+    base = ["train", "--config", "quickstart", "--output-dir", str(out), "--dry-run"]
+    assert submit.main([*base, "--mem", "500M"]) == 0 and "#SBATCH --mem=500MB" in capsys.readouterr().out
+    assert submit.main([*base, "--mem", "1.5T"]) == 0 and "#SBATCH --mem=1536GB" in capsys.readouterr().out
+    for extra, message in ((["--mem", "1k"], "--mem '1k' is 0.000976562 MB"), (["--mem", "64"], "a unit"),
+                           (["--timeout", "1:99:99"], "must be < 60"),
+                           (["--timeout", "2", "--signal-delay", "120"], "--signal-delay 120 s")):
+        assert submit.main([*base, *extra]) == 2
+        assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("bad", ["optim.epochs=0", "train.num_threads=-1", "budgets.policy=nope",
+                                 "optim.batch_size_per_gpu=abc", "optim.no_such_key=1"])
+def test_submit_refuses_what_veca_train_refuses_with_the_same_message(bad, tmp_path, capsys):
+    from veca_ssl.train.main import main as train_main
+
+    assert train_main([bad, f"output_dir={tmp_path / 'train'}"]) == 2
+    train_err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert train_err.startswith("veca train: config error: ")
+    rc = submit.main(["train", bad, "--output-dir", str(tmp_path / "train"), "--dry-run"])
+    submit_err = capsys.readouterr().err
+    assert rc == 2 and train_err.removeprefix("veca train: config error: ") in submit_err
+    assert not (tmp_path / "train").exists()
 
 
 def test_local_cluster_rejects_several_nodes(tmp_path, capsys):

@@ -1,11 +1,14 @@
 """The ``veca`` console command.
 
 Every sub-command lives in its own module exposing ``main(argv: list[str] | None) -> int | None``;
-this file only dispatches, importing the target lazily so ``veca --help`` stays fast.
+this file only dispatches, importing the target lazily so ``veca --help`` stays fast. It also holds
+the help formatter every ``veca`` parser uses (this module imports nothing heavy, so a parser built
+with it can print ``--help`` before torch is imported).
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import sys
 
@@ -14,10 +17,27 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("veca_ssl.train.main", "pretrain (self-supervised or distillation) from a YAML config"),
     "eval": ("eval.cli", "evaluate a backbone at every core width: knn | linear | logreg | dense | all"),
     "extract": ("eval.extract", "extract frozen image/patch features of a dataset to shards"),
-    "bench": ("veca_ssl.bench", "benchmarks: backbone | data | train | knn"),
+    # the bench list mirrors veca_ssl.bench.BENCHES (a test keeps them equal); the library layer does
+    # not import the bench package, so it is spelled out here
+    "bench": ("veca_ssl.bench", "benchmarks: backbone | data | train | knn | ddp"),
     "submit": ("launchers.submit", "submit train/eval jobs to SLURM (or locally) through submitit"),
     "data": ("veca_ssl.data.cli", "dataset tools: make-shards | inspect"),
 }
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Help layout of every ``veca`` command: descriptions keep their line breaks and paragraphs, and
+    each option shows its default (unless it has none, is a plain on/off flag, or names it already)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (default is None or default is False or default == [] or default is argparse.SUPPRESS
+                or "%(default)" in text or "default" in text.lower()):
+            return text
+        if not action.option_strings and action.nargs not in ("?", "*"):
+            return text  # a required positional has no default to show
+        return f"{text} (default: %(default)s)"
 
 
 def dispatch(commands: dict[str, tuple[str, str]], argv: list[str] | None, prog: str) -> int:

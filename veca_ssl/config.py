@@ -12,6 +12,7 @@ from pathlib import Path
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from veca_ssl import CONFIG_DIR
+from veca_ssl.optional import available, missing_message
 
 
 class ConfigError(ValueError):
@@ -110,6 +111,11 @@ def check(cfg: DictConfig) -> None:
                 "train.log_every"):
         if OmegaConf.select(cfg, key) < 1:
             raise ConfigError(f"{key} must be >= 1, got {OmegaConf.select(cfg, key)}")
+    if cfg.train.num_threads < 0:
+        raise ConfigError(f"train.num_threads must be >= 0 (0 = auto), got {cfg.train.num_threads}")
+    if cfg.train.wandb.enabled and not available("wandb"):  # checked here so submit refuses it too
+        raise ConfigError(f"train.wandb.enabled=true: {missing_message('wandb')}; "
+                          "or set train.wandb.enabled=false")
     if cfg.crops.num_local < 0:
         raise ConfigError(f"crops.num_local must be >= 0, got {cfg.crops.num_local}")
     if cfg.mode == "distill" and not cfg.distill.teacher:

@@ -63,7 +63,9 @@ def knn_search(bank: torch.Tensor, queries: torch.Tensor, k: int, backend: str =
         return knn_search_torch(bank, queries, k, chunk_size)
     if backend == "faiss":
         if not faiss_available():
-            raise ValueError("backend 'faiss' requested but faiss is not installed; use --backend torch")
+            from veca_ssl.optional import missing_message
+
+            raise ValueError(f"{missing_message('faiss')}; or use --backend torch (the default)")
         return knn_search_faiss(bank, queries, k)
     raise ValueError(f"unknown k-NN backend {backend!r}; valid: {', '.join(BACKENDS)}")
 

@@ -1,10 +1,18 @@
-"""``veca bench backbone``: VECA vs dense ViT vs VECA with attention removed, across resolutions.
+"""VECA vs the dense ViT of the same width and depth vs VECA with attention removed (the limit VECA
+can approach), forward passes across resolutions.
 
-Rows: resolution × {dense ViT, VECA at each width, VECA-no-attention (the limit)}; columns:
-query–key pairs per layer, analytic GFLOPs (attention included), median latency (min–max), images/s
-and peak memory. At each resolution every model is warmed up, then timed round-robin (one call of
-each per round) so that load from elsewhere on the machine hits every row alike; each ratio is
-the median over rounds of the ratio within a round.
+Rows: resolution × {dense ViT, VECA at each core width, VECA without attention}. Columns: query–key
+pairs per layer, analytic GFLOPs (attention included), median latency (min–max), images/s, peak
+memory and the speed ratios. At each resolution every model is warmed up, then timed round-robin
+(one call of each per round) so that load from elsewhere on the machine hits every row alike; each
+ratio is the median over rounds of the ratio within a round.
+
+Peak memory (peak_mem_mb) is what one forward adds on top of what was resident before it: the
+activations, attention scores and workspaces of that call — not the weights or the input, which
+already exist. In inference mode activations are freed layer by layer, so at batch 1 and small
+resolutions it is a few MB (a ViT-tiny at 224 px holds about one block's tensors, < 2 MB). On CPU it
+is the kernel's resident-set high-water mark, which is counted in 4 KiB pages and may lag by tens of
+KiB per thread: rows under 1 MB are flagged as below what it resolves reliably.
 """
 
 from __future__ import annotations
@@ -12,39 +20,41 @@ from __future__ import annotations
 import argparse
 import statistics
 
-import torch
+from veca_ssl.bench import add_common_options, bench_parser, check_common_options, output_path
 
-from veca_ssl.models import build_backbone
-from veca_ssl.models.flops import dense_attention_pairs, veca_attention_pairs
-from veca_ssl.tables import markdown_table, write_rows
-from veca_ssl.timing import Stats, peak_memory_bytes, time_round_robin
+MEMORY_RESOLUTION_MB = 1.0  # below this, the CPU high-water mark is dominated by its page/lag granularity
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="veca bench backbone", description=__doc__.split("\n")[0])
-    p.add_argument("--family", default="small", choices=["tiny", "small", "base", "large"])
-    p.add_argument("--patch-size", type=int, default=16)
-    p.add_argument("--resolutions", type=int, nargs="+", default=[224, 448, 896, 1344])
-    p.add_argument("--widths", type=int, nargs="+", default=None, help="core budgets (default: all)")
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--attn-backend", default="auto", help="VECA attention backend (sdpa, sdpa_masked, …)")
+    p = bench_parser("backbone", __doc__)
+    p.add_argument("--family", default="small", choices=["tiny", "small", "base", "large"],
+                   help="model size of both networks")
+    p.add_argument("--patch-size", type=int, default=16, help="patch size of both networks")
+    p.add_argument("--resolutions", type=int, nargs="+", default=[224, 448, 896, 1344],
+                   help="square input sides in pixels, multiples of --patch-size")
+    p.add_argument("--widths", type=int, nargs="+", default=None,
+                   help="VECA core widths to time (default: every width of the model)")
+    p.add_argument("--batch-size", type=int, default=1, help="images per forward")
+    p.add_argument("--attn-backend", default="auto", help="VECA attention backend: auto, sdpa, sdpa_masked, math")
     p.add_argument("--compare-masked", action="store_true",
                    help="also time VECA at the largest width with one masked SDPA call")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--quick", action="store_true", help="224 and 448 px, widths 8 and 64 only")
-    p.add_argument("--out", default="outputs/bench/backbone.json", help="CSV/JSON results path")
+    p.add_argument("--device", default="auto", help="auto (cuda when available) | cpu | cuda")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and inputs")
+    p.add_argument("--quick", action="store_true",
+                   help="224 and 448 px, the narrowest and widest width only")
+    add_common_options(p, "backbone")
     return p
 
 
-def _variants(args) -> list[tuple[str, torch.nn.Module, int | None]]:
+def _variants(args) -> list:
+    """(row name, model, width or None for the dense ViT), the no-attention limit last."""
+    from veca_ssl.models import build_backbone
+
     common = dict(patch_size=args.patch_size)
     veca = build_backbone(f"veca_{args.family}", attn_backend=args.attn_backend, **common)
     widths = args.widths or ([veca.budgets[0], veca.budgets[-1]] if args.quick else list(veca.budgets))
-    out: list[tuple[str, torch.nn.Module, int | None]] = [
+    out: list = [
         (f"vit_{args.family} (dense)", build_backbone(f"vit_{args.family}", **common), None)]
     out += [(f"veca_{args.family} C={c}", veca, c) for c in widths]
     if args.compare_masked:
@@ -57,6 +67,11 @@ def _variants(args) -> list[tuple[str, torch.nn.Module, int | None]]:
 
 
 def run(args) -> list[dict]:
+    import torch
+
+    from veca_ssl.models.flops import dense_attention_pairs, veca_attention_pairs
+    from veca_ssl.timing import Stats, peak_memory_bytes, time_round_robin
+
     if args.quick:
         args.resolutions = [224, 448]
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
@@ -104,6 +119,7 @@ def run(args) -> list[dict]:
                 "latency_min_ms": st.min * 1e3, "latency_max_ms": st.max * 1e3,
                 "images_per_s": args.batch_size / st.median,
                 "peak_mem_mb": None if mem is None else mem / 2**20,
+                "peak_mem_resolved": None if mem is None else mem / 2**20 >= MEMORY_RESOLUTION_MB,
                 "speedup_vs_dense": vs_dense, "x_limit": vs_limit, "times_ms": [x * 1e3 for x in t],
             })
         print(f"[{res}px] done", flush=True)
@@ -132,13 +148,19 @@ def summarize(rows: list[dict]) -> list[str]:
         mono = all(s >= 0.97 for s in steps)
         cs = [r["cores"] for r in vecas]
         slope = _slope(cs, [r["latency_ms"] for r in vecas])
-        lines.append(f"{res}px: C={widest['cores']} is {widest['speedup_vs_dense']:.2f}x faster than dense, "
-                     f"{widest['x_limit']:.3f}x the no-attention limit; latency non-decreasing in C: {mono} "
-                     f"(smallest adjacent ratio {min(steps, default=1.0):.3f}; fit {slope:+.2f} ms per core)")
+        lines.append(f"{res}px: C={widest['cores']} is {times_faster(widest['speedup_vs_dense'])} than dense and "
+                     f"takes {widest['x_limit']:.3f}× the time of the no-attention limit; latency non-decreasing "
+                     f"in C: {mono} (smallest adjacent ratio {min(steps, default=1.0):.3f}; fit {slope:+.2f} ms "
+                     "per core)")
     widest_rows = [r for r in rows if r["cores"] is not None and "no-attention" not in r["model"]
                    and "masked" not in r["model"]]
     top = max(r["cores"] for r in widest_rows)
     mem = [(r["patches"], r["peak_mem_mb"]) for r in widest_rows if r["cores"] == top and r["peak_mem_mb"]]
+    small = sorted({r["resolution"] for r in rows if r.get("peak_mem_resolved") is False})
+    if small:
+        lines.append(f"peak memory under {MEMORY_RESOLUTION_MB:g} MB at {', '.join(f'{s}px' for s in small)}: "
+                     "one forward's activations in inference mode, near what the CPU high-water mark "
+                     "resolves (see --help); compare larger resolutions or batches")
     if len(mem) >= 3:
         xs, ys = zip(*mem)
         mx, my = statistics.fmean(xs), statistics.fmean(ys)
@@ -150,8 +172,23 @@ def summarize(rows: list[dict]) -> list[str]:
     return lines
 
 
+def times_faster(ratio: float) -> str:
+    """A speed ratio (reference time / this time) in words: ``2.30× faster`` or ``2.33× slower``."""
+    if ratio >= 1:
+        return f"{ratio:.2f}× faster"
+    return f"{1 / ratio:.2f}× slower"
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_common_options(parser, args)
+    import torch
+
+    from veca_ssl.tables import markdown_table, write_rows
+
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"veca bench backbone: family={args.family} patch={args.patch_size} device={args.device} "
           f"threads={torch.get_num_threads()} batch={args.batch_size} warmup={args.warmup} "
           f"repeats={args.repeats} (median, min–max); allocator: glibc heap reuse while timing", flush=True)
@@ -161,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown_table(rows, cols))
     for line in summarize(rows):
         print(line)
-    paths = write_rows(rows, args.out)
+    paths = write_rows(rows, output_path(args, "backbone"))
     print("results: " + ", ".join(str(p) for p in paths))
     return 0
 

@@ -1,11 +1,11 @@
-"""``veca bench data``: multi-crop samples/s per CPU core, from a JPEG folder and from its shards.
+"""Multi-crop samples/s per CPU core, from a JPEG folder and from its WebDataset shards.
 
 Generates a temporary ImageNet-like JPEG folder (random smooth textures plus grain, ~500×375 by
 default, both orientations), converts it into WebDataset shards, and times on one core
 (``torch.set_num_threads(1)``, single process) the full DINOv2 sample — decode, 2 global crops at 224
 and 8 local crops at 96 with all augmentations, iBOT masks — from the folder and from the shards, next
 to its parts (decode only, augment only) and with reduced-scale JPEG decoding switched off.
-SPEC §7 hygiene: ≥ 3 warm-up calls, median of ≥ 5 timed calls, spread (min–max) reported.
+Hygiene: >= 3 warm-up calls, median of >= 5 timed calls, spread (min–max) reported.
 """
 
 from __future__ import annotations
@@ -20,26 +20,16 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-import numpy as np
-import torch
-from PIL import Image
-
-from veca_ssl.data import (
-    ImageFolderDataset,
-    MaskingGenerator,
-    MultiCropTransform,
-    SSLDataset,
-    SSLIterableDataset,
-    WdsDataset,
-    make_shards,
-)
-from veca_ssl.tables import markdown_table, write_rows
-from veca_ssl.timing import measure
+from veca_ssl.bench import add_common_options, bench_parser, check_common_options, output_path
 
 
-def _texture(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
+def _texture(rng: Any, width: int, height: int) -> Any:
     """A photo-like RGB array: upsampled colour noise (large structures) + stripes + fine grain."""
+    import numpy as np
+    from PIL import Image
+
     coarse = rng.integers(0, 256, (max(2, height // 24), max(2, width // 24), 3), dtype=np.uint8)
     base = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BICUBIC), dtype=np.float32)
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
@@ -51,6 +41,9 @@ def _texture(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
 
 def generate_jpeg_folder(root: Path, count: int, size: tuple[int, int], seed: int = 0) -> Path:
     """Write ``count`` JPEGs (quality 90) around ``size`` = (W, H) into two class folders."""
+    import numpy as np
+    from PIL import Image
+
     rng = np.random.default_rng(seed)
     for c in ("class_a", "class_b"):
         (root / c).mkdir(parents=True, exist_ok=True)
@@ -83,6 +76,20 @@ class _Cycle:
 
 
 def run(args: argparse.Namespace, workdir: Path) -> list[dict]:
+    import numpy as np
+    import torch
+
+    from veca_ssl.data import (
+        ImageFolderDataset,
+        MaskingGenerator,
+        MultiCropTransform,
+        SSLDataset,
+        SSLIterableDataset,
+        WdsDataset,
+        make_shards,
+    )
+    from veca_ssl.timing import measure
+
     torch.set_num_threads(1)
     size = tuple(int(v) for v in args.size.lower().split("x"))
     folder = generate_jpeg_folder(workdir / "jpeg", args.images, (size[0], size[1]))
@@ -91,7 +98,7 @@ def run(args: argparse.Namespace, workdir: Path) -> list[dict]:
     mb = sum(Path(p).stat().st_size for p in folder_ds.paths) / 2**20
     print(f"# {args.images} JPEGs (~{size[0]}x{size[1]}, {mb:.1f} MiB) and {manifest['num_shards']} shards in {workdir}")
 
-    def transform(use_draft: bool, jitter_mode: str = "exact") -> MultiCropTransform:
+    def transform(use_draft: bool, jitter_mode: str = "exact") -> Any:
         return MultiCropTransform(
             args.global_size, args.local_size, args.local_crops, use_draft=use_draft, jitter_mode=jitter_mode
         )
@@ -141,23 +148,31 @@ def run(args: argparse.Namespace, workdir: Path) -> list[dict]:
     return rows
 
 
+def build_parser() -> argparse.ArgumentParser:
+    p = bench_parser("data", __doc__)
+    p.add_argument("--images", type=int, default=200, help="JPEGs to generate, >= 1")
+    p.add_argument("--size", default="500x375", help="nominal image size WxH")
+    p.add_argument("--global-size", type=int, default=224, help="global crop side in pixels")
+    p.add_argument("--local-size", type=int, default=96, help="local crop side in pixels")
+    p.add_argument("--local-crops", type=int, default=8, help="local crops per sample")
+    p.add_argument("--patch-size", type=int, default=16, help="patch size of the iBOT masks")
+    p.add_argument("--chunk", type=int, default=20, help="samples per timed call, >= 1")
+    p.add_argument("--workdir", default=None, help="keep generated images/shards here (default: a temp dir)")
+    p.add_argument("--profile", action="store_true", help="print a cProfile of the folder pipeline")
+    add_common_options(p, "data")
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="veca bench data", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=int, default=200, help="JPEGs to generate (default 200)")
-    parser.add_argument("--size", default="500x375", help="nominal image size WxH (default 500x375)")
-    parser.add_argument("--global-size", type=int, default=224)
-    parser.add_argument("--local-size", type=int, default=96)
-    parser.add_argument("--local-crops", type=int, default=8)
-    parser.add_argument("--patch-size", type=int, default=16)
-    parser.add_argument("--chunk", type=int, default=20, help="samples per timed call (default 20)")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--workdir", default=None, help="keep generated images/shards here (default: temp dir)")
-    parser.add_argument("--profile", action="store_true", help="print a cProfile of the folder pipeline")
-    parser.add_argument("--out", default=None, help="also write the rows to this .json (and .csv)")
+    parser = build_parser()
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    if args.images < 1 or args.chunk < 1 or args.warmup < 3 or args.repeats < 5:
-        parser.error("need --images >= 1, --chunk >= 1, --warmup >= 3 and --repeats >= 5 (SPEC §7)")
+    check_common_options(parser, args)
+    if args.images < 1 or args.chunk < 1:
+        parser.error(f"need --images >= 1 and --chunk >= 1, got --images {args.images} --chunk {args.chunk}")
+    import torch
+
+    from veca_ssl.tables import markdown_table, write_rows
+
     threads = torch.get_num_threads()
     try:
         if args.workdir:
@@ -173,9 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         f"after {args.warmup} warm-up calls. samples/s/core from process CPU time, min/max = its spread; "
         "wall-clock columns include time spent waiting for a core on a busy machine)"
     )
-    if args.out:
-        for path in write_rows(rows, args.out):
-            print(f"wrote {path}")
+    print("results: " + ", ".join(str(p) for p in write_rows(rows, output_path(args, "data"))))
     return 0
 
 

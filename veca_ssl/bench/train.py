@@ -1,5 +1,5 @@
-"""``veca bench train``: training throughput (forward + backward + AdamW step) of VECA vs the dense
-ViT of the same width and depth, side by side, at several resolutions.
+"""Training throughput (forward + backward + AdamW step) of VECA vs the dense ViT of the same width
+and depth, side by side, at several resolutions.
 
 VECA rows: the full bank (C = M), the smallest budget, and "nested": the budget cycling through the
 reference weights (what elastic training actually runs, on average). Each model is warmed up, then
@@ -11,26 +11,21 @@ from __future__ import annotations
 import argparse
 import statistics
 
-import torch
-
-from veca_ssl.method.budgets import BudgetPolicy
-from veca_ssl.models import build_backbone
-from veca_ssl.tables import markdown_table, write_rows
-from veca_ssl.timing import time_round_robin
+from veca_ssl.bench import add_common_options, bench_parser, check_common_options, output_path
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="veca bench train", description=__doc__.split("\n")[0])
-    p.add_argument("--family", default="small", choices=["tiny", "small", "base", "large"])
-    p.add_argument("--patch-size", type=int, default=16)
-    p.add_argument("--resolutions", type=int, nargs="+", default=[224, 448])
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p = bench_parser("train", __doc__)
+    p.add_argument("--family", default="small", choices=["tiny", "small", "base", "large"],
+                   help="model size of both networks")
+    p.add_argument("--patch-size", type=int, default=16, help="patch size of both networks")
+    p.add_argument("--resolutions", type=int, nargs="+", default=[224, 448],
+                   help="square input sides in pixels, multiples of --patch-size")
+    p.add_argument("--batch-size", type=int, default=8, help="images per step")
+    p.add_argument("--device", default="auto", help="auto (cuda when available) | cpu | cuda")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA)")
-    p.add_argument("--grad-checkpointing", action="store_true")
-    p.add_argument("--out", default="outputs/bench/train.json")
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute blocks in backward")
+    add_common_options(p, "train")
     return p
 
 
@@ -51,8 +46,18 @@ def _step_fn(model, opt, images, budgets_of_call, autocast):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    device = torch.device(args.device)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_common_options(parser, args)
+    import torch
+
+    from veca_ssl.method.budgets import BudgetPolicy
+    from veca_ssl.models import build_backbone
+    from veca_ssl.tables import markdown_table, write_rows
+    from veca_ssl.timing import time_round_robin
+
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
+                          else "cpu" if args.device == "auto" else args.device)
     print(f"veca bench train: family={args.family} batch={args.batch_size} device={device} "
           f"threads={torch.get_num_threads()} warmup={args.warmup} repeats={args.repeats}", flush=True)
 
@@ -87,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
                          "speedup_vs_dense": dense / med})
         print(f"[{res}px] done", flush=True)
     print(markdown_table(rows))
-    print("results: " + ", ".join(str(p) for p in write_rows(rows, args.out)))
+    print("results: " + ", ".join(str(p) for p in write_rows(rows, output_path(args, "train"))))
     return 0
 
 

@@ -10,29 +10,85 @@ Typical self-supervised training input::
     loader = DataLoader(ds, batch_size=b, sampler=sampler, collate_fn=ds.collate_fn, num_workers=8)
 """
 
-from .augment import IMAGENET_MEAN, IMAGENET_STD, Normalize
-from .base import ArrayImageDataset, MapImageDataset
-from .collate import collate_multicrop
-from .decode import IMAGE_EXTENSIONS
-from .digits import DigitsDataset
-from .errors import DECODE_ERRORS, SKIP_CONFIG_KEY, SkipCounter
-from .folder import FileImageDataset, FileListDataset, ImageFolderDataset
-from .masking import MaskingGenerator
-from .npz import NpzDataset
-from .sampler import InfiniteSampler, derive_seed, sample_seed
-from .shards import make_shards
-from .specs import SPEC_KINDS, build_dataset, parse_spec
-from .ssl import SSLDataset, SSLIterableDataset
-from .synthetic import SyntheticDataset
-from .transforms import (
-    CropPlan,
-    DenseEvalTransform,
-    EvalTransform,
-    MultiCropTransform,
-    make_dense_eval_transform,
-    make_eval_transform,
-)
-from .wds import WdsDataset
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# Names are imported on first use (PEP 562), so `import veca_ssl.data.<module>` and light tools such
+# as `veca data --help` do not pay for torch and every dataset module up front.
+_EXPORTS: dict[str, str] = {
+    "IMAGENET_MEAN": "augment",
+    "IMAGENET_STD": "augment",
+    "Normalize": "augment",
+    "ArrayImageDataset": "base",
+    "MapImageDataset": "base",
+    "collate_multicrop": "collate",
+    "IMAGE_EXTENSIONS": "decode",
+    "DigitsDataset": "digits",
+    "DECODE_ERRORS": "errors",
+    "SKIP_CONFIG_KEY": "errors",
+    "SkipCounter": "errors",
+    "FileImageDataset": "folder",
+    "FileListDataset": "folder",
+    "ImageFolderDataset": "folder",
+    "MaskingGenerator": "masking",
+    "NpzDataset": "npz",
+    "InfiniteSampler": "sampler",
+    "derive_seed": "sampler",
+    "sample_seed": "sampler",
+    "make_shards": "shards",
+    "SPEC_KINDS": "specs",
+    "build_dataset": "specs",
+    "parse_spec": "specs",
+    "SSLDataset": "ssl",
+    "SSLIterableDataset": "ssl",
+    "SyntheticDataset": "synthetic",
+    "CropPlan": "transforms",
+    "DenseEvalTransform": "transforms",
+    "EvalTransform": "transforms",
+    "MultiCropTransform": "transforms",
+    "make_dense_eval_transform": "transforms",
+    "make_eval_transform": "transforms",
+    "WdsDataset": "wds",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+if TYPE_CHECKING:  # static analysis sees the real imports
+    from .augment import IMAGENET_MEAN, IMAGENET_STD, Normalize
+    from .base import ArrayImageDataset, MapImageDataset
+    from .collate import collate_multicrop
+    from .decode import IMAGE_EXTENSIONS
+    from .digits import DigitsDataset
+    from .errors import DECODE_ERRORS, SKIP_CONFIG_KEY, SkipCounter
+    from .folder import FileImageDataset, FileListDataset, ImageFolderDataset
+    from .masking import MaskingGenerator
+    from .npz import NpzDataset
+    from .sampler import InfiniteSampler, derive_seed, sample_seed
+    from .shards import make_shards
+    from .specs import SPEC_KINDS, build_dataset, parse_spec
+    from .ssl import SSLDataset, SSLIterableDataset
+    from .synthetic import SyntheticDataset
+    from .transforms import (
+        CropPlan,
+        DenseEvalTransform,
+        EvalTransform,
+        MultiCropTransform,
+        make_dense_eval_transform,
+        make_eval_transform,
+    )
+    from .wds import WdsDataset
 
 __all__ = [
     "IMAGENET_MEAN",

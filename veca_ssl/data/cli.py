@@ -1,4 +1,6 @@
-"""``veca data``: dataset tools — ``make-shards SRC DST --shard-size N`` and ``inspect SPEC``."""
+"""``veca data``: dataset tools — ``make-shards SRC DST --shard-size N`` and ``inspect SPEC``.
+
+The parser is built before anything heavy is imported, so ``--help`` answers at once."""
 
 from __future__ import annotations
 
@@ -7,31 +9,40 @@ import json
 import logging
 import sys
 
-from .inspection import format_summary, inspect_dataset
-from .shards import make_shards
+from veca_ssl.cli import HelpFormatter
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="veca data", description=__doc__)
+    parser = argparse.ArgumentParser(prog="veca data", formatter_class=HelpFormatter,
+                                     description="Dataset tools: convert a dataset into WebDataset shards, or "
+                                                 "inspect what a dataset spec holds.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{make-shards,inspect}")
 
-    mk = sub.add_parser("make-shards", help="convert an image folder / npz / spec into WebDataset tar shards")
+    mk = sub.add_parser("make-shards", formatter_class=HelpFormatter,
+                        help="convert an image folder / npz / spec into WebDataset tar shards",
+                        description="Convert an image folder, an .npz file or any dataset spec into WebDataset "
+                                    "tar shards\n(shard-000000.tar, …) and manifest.json; it prints the spec to train on, e.g. "
+                                    "data.train=wds:DST/shard-{000000..000009}.tar.")
     mk.add_argument("src", help="image folder (class sub-folders), .npz file, or a dataset spec such as 'digits'")
     mk.add_argument("dst", help="output folder for shard-000000.tar …")
-    mk.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
+    mk.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     mk.add_argument("--split", default=None, help="split of the source spec (e.g. train)")
     mk.add_argument("--no-shuffle", action="store_true", help="keep source order instead of mixing samples")
-    mk.add_argument("--seed", type=int, default=0, help="seed of the sample order (default 0)")
+    mk.add_argument("--seed", type=int, default=0, help="seed of the sample order")
     mk.add_argument("--verify", action="store_true", help="fully decode every image before copying it")
     mk.add_argument("--overwrite", action="store_true", help="replace existing shards in DST")
-    mk.add_argument("--max-skip-fraction", type=float, default=0.01, help="tolerated unreadable fraction")
+    mk.add_argument("--max-skip-fraction", type=float, default=0.01,
+                    help="stop when more than this fraction of the images is unreadable (0 to 1)")
 
-    ins = sub.add_parser("inspect", help="counts, classes, image sizes and a PNG grid of samples")
+    ins = sub.add_parser("inspect", formatter_class=HelpFormatter,
+                         help="counts, classes, image sizes and a PNG grid of samples",
+                         description="Print what a dataset spec holds (counts, classes, image sizes) and "
+                                     "optionally save a PNG grid of samples.")
     ins.add_argument("spec", help="dataset spec, e.g. imagefolder:/data/x, wds:/s/shard-{000000..000009}.tar, digits")
     ins.add_argument("--split", default=None, help="split to inspect (train/val/…)")
     ins.add_argument("--out", default=None, help="write a grid of samples to this PNG")
-    ins.add_argument("--num-samples", type=int, default=16, help="images in the grid (default 16)")
-    ins.add_argument("--max-images", type=int, default=1000, help="images whose size is measured (default 1000)")
+    ins.add_argument("--num-samples", type=int, default=16, help="images in the grid")
+    ins.add_argument("--max-images", type=int, default=1000, help="images whose size is measured")
     ins.add_argument("--json", action="store_true", help="print the summary as JSON")
     return parser
 
@@ -39,6 +50,9 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from .inspection import format_summary, inspect_dataset
+    from .shards import make_shards
+
     try:
         if args.command == "make-shards":
             manifest = make_shards(

@@ -169,7 +169,7 @@ def train(cfg: DictConfig) -> dict:
 
     loader = build_train_loader(cfg, dataset, backbone.patch_size, info, schedule.samples_before(start_step),
                                 multires=schedule if multires_phases else None, start_step=start_step)
-    logger = MetricLogger(out, enabled=main)
+    logger = MetricLogger.from_config(out, cfg, enabled=main)
     monitor = None
     if cfg.train.knn_monitor.enabled and cfg.train.knn_monitor.dataset:
         from veca_ssl.train.monitor import KnnMonitor

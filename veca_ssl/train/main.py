@@ -1,28 +1,113 @@
-"""``veca train --config FILE [key=value ...]`` (also ``python -m veca_ssl.train.main``)."""
+"""``veca train [--config FILE] [key=value ...]`` (also ``python -m veca_ssl.train.main``)."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import textwrap
+import traceback
+from pathlib import Path
 
+from veca_ssl import CONFIG_DIR
+from veca_ssl.cli import HelpFormatter
 from veca_ssl.config import ConfigError, load_config
+
+DESCRIPTION = """\
+Pretrain a VECA (or dense ViT) backbone: self-supervised DINO + iBOT + KoLeo, or distillation from a
+frozen teacher (mode=distill). One process, or one per GPU under torchrun / veca submit.
+
+The config is layered: default.yaml (every key documented) -> models/<model.name>.yaml -> the
+--config file -> the key=value overrides. Any bad key, type or value stops before any work, with one
+message naming it. Rerunning the same command resumes from the latest checkpoint in output_dir."""
+
+
+def _named_configs() -> str:
+    names = sorted(str(p.relative_to(CONFIG_DIR).with_suffix("")) for p in CONFIG_DIR.rglob("*.yaml")
+                   if p.parent.name not in ("models", "eval") and p.name != "default.yaml")
+    return ", ".join(names)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="veca train", description="Pretrain a VECA backbone (SPEC §3).")
+    p = argparse.ArgumentParser(
+        prog="veca train", description=DESCRIPTION, formatter_class=HelpFormatter,
+        epilog=textwrap.fill(f"named configs (in {CONFIG_DIR}): {_named_configs()}", width=100,
+                             break_on_hyphens=False))
     p.add_argument("--config", default="quickstart",
-                   help="experiment YAML (a path, or a name under configs/, e.g. quickstart)")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.epochs=10")
+                   help="experiment YAML: a path, or a named config (see below), e.g. quickstart")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate the config, print it resolved and the thread count, and exit "
+                        "(creates nothing)")
+    p.add_argument("--debug", action="store_true",
+                   help="on an error, show the full Python traceback instead of one message")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides, e.g. optim.epochs=10 output_dir=outputs/x "
+                        "'model.overrides={depth: 4}'")
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as exc:
+def _is_main_process() -> bool:
+    """Rank 0 (or a single process), judged from the launcher's variables before distributed starts."""
+    for var in ("RANK", "SLURM_PROCID", "SUBMITIT_LOCAL_GLOBALID"):
+        if var in os.environ:
+            return os.environ[var].strip() == "0"
+    return True
+
+
+def _report_error(exc: BaseException, output_dir: str | None) -> int:
+    """One message for the user, no traceback: config errors exit 2, anything else 1 (its traceback
+    goes to <output_dir>/error.log when that directory exists, and --debug prints it)."""
+    if isinstance(exc, ConfigError):
         print(f"veca train: config error: {exc}", file=sys.stderr)
         return 2
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, OSError) and exc.filename and str(exc.filename) not in text:
+        text = f"{text}: {exc.filename}"
+    where = "rerun with --debug to see the traceback"
+    if output_dir and Path(output_dir).is_dir():
+        log = Path(output_dir) / "error.log"
+        try:
+            with open(log, "a") as f:
+                f.write("".join(traceback.format_exception(exc)) + "\n")
+            where = f"traceback in {log}; rerun with --debug to see it here"
+        except OSError:
+            pass
+    print(f"veca train: error: {text} ({type(exc).__name__}; {where})", file=sys.stderr)
+    return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_intermixed_args(argv)
+    if bad := [o for o in args.overrides if "=" not in o]:
+        parser.error(f"expected key=value overrides, got {' '.join(bad)} (options start with --)")
+    output_dir = None
+    try:
+        cfg = load_config(args.config, args.overrides)
+        output_dir = str(cfg.output_dir)
+        from veca_ssl.threads import apply_thread_policy
+
+        plan = apply_thread_policy(int(cfg.train.num_threads), int(cfg.data.num_workers))
+        if _is_main_process():
+            print(f"veca train: {plan.threads} intra-op CPU thread{'s' if plan.threads > 1 else ''} "
+                  f"({plan.reason}); train.num_threads=N to choose", flush=True)
+        if args.dry_run:
+            from omegaconf import OmegaConf
+
+            print(OmegaConf.to_yaml(cfg, resolve=True), end="")
+            print(f"# veca train --dry-run: config valid, nothing run (outputs would go to {output_dir})")
+            return 0
+        return _train(cfg)
+    except KeyboardInterrupt:
+        print("veca train: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if args.debug:
+            raise
+        return _report_error(exc, output_dir)
+
+
+def _train(cfg) -> int:
     from veca_ssl import distributed as dist
     from veca_ssl import signals
     from veca_ssl.train.loop import train
@@ -31,9 +116,6 @@ def main(argv: list[str] | None = None) -> int:
     signals.install_preemption_handler()
     try:
         summary = train(cfg)
-    except ConfigError as exc:
-        print(f"veca train: config error: {exc}", file=sys.stderr)
-        return 2
     finally:
         dist.cleanup()
     if "knn" in summary:

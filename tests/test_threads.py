@@ -1,0 +1,55 @@
+"""Thread policy of `veca train` (train.num_threads): the rule itself, and the real CLI applying it."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from veca_ssl.threads import plan_threads, ranks_per_node
+
+
+def test_auto_gives_each_rank_its_cores_minus_its_loader_workers() -> None:
+    assert plan_threads(0, num_workers=1, env={}, cores=2).threads == 1  # the quickstart on 2 cores
+    assert plan_threads(0, num_workers=0, env={}, cores=2).threads == 2
+    assert plan_threads(0, num_workers=4, env={}, cores=2).threads == 1  # never below one
+    # torchrun: 4 ranks share a 32-core mask -> 8 each, minus 3 workers
+    plan = plan_threads(0, num_workers=3, env={"LOCAL_WORLD_SIZE": "4"}, cores=32)
+    assert plan.threads == 5 and "32 cores available / 4 ranks on this node - 3 loader workers" in plan.reason
+    # SLURM binds a task to its --cpus-per-task: no further division by the tasks of the node
+    slurm = {"SLURM_JOB_ID": "7", "SLURM_CPUS_PER_TASK": "10", "SLURM_NTASKS_PER_NODE": "8"}
+    assert plan_threads(0, num_workers=6, env=slurm, cores=10).threads == 4
+    assert plan_threads(0, num_workers=6, env=slurm, cores=80).threads == 4  # unbound task: its share only
+    # submitit's local executor: tasks per node from its own variables
+    local = {"SUBMITIT_EXECUTOR": "local", "SUBMITIT_LOCAL_NTASKS": "2", "SUBMITIT_LOCAL_JOB_NUM_NODES": "1"}
+    assert ranks_per_node(local) == 2 and plan_threads(0, 0, env=local, cores=8).threads == 4
+    assert ranks_per_node({"SLURM_TASKS_PER_NODE": "8(x2)"}) == 8
+
+
+def test_explicit_setting_and_omp_num_threads_win_over_auto() -> None:
+    assert plan_threads(3, num_workers=2, env={"OMP_NUM_THREADS": "1"}, cores=2).threads == 3
+    plan = plan_threads(0, num_workers=2, env={"OMP_NUM_THREADS": "6"}, cores=2)
+    assert plan.threads == 6 and "OMP_NUM_THREADS" in plan.reason
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs Linux CPU affinity")
+@pytest.mark.parametrize(("overrides", "env", "expected"), [
+    (["data.num_workers=0"], {}, "cores"),             # every core the process may use
+    (["data.num_workers=1"], {}, "cores-1"),           # one left to the loader worker
+    (["train.num_threads=3"], {}, "3"),                # explicit, even beyond the cores
+    (["data.num_workers=0"], {"OMP_NUM_THREADS": "1"}, "1"),
+])
+def test_veca_train_applies_the_policy_at_start_up(overrides, env, expected) -> None:
+    cores = sorted(os.sched_getaffinity(0))[:2]
+    want = {"cores": len(cores), "cores-1": max(1, len(cores) - 1)}.get(expected) or int(expected)
+    child_env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"} | env
+    proc = subprocess.run([sys.executable, "-m", "veca_ssl.train.main", "--dry-run", *overrides],
+                          env=child_env, capture_output=True, text=True, timeout=120,
+                          preexec_fn=lambda: os.sched_setaffinity(0, cores))
+    assert proc.returncode == 0, proc.stderr
+    m = re.search(r"veca train: (\d+) intra-op CPU threads? \((.*)\)", proc.stdout)
+    assert m is not None, proc.stdout[:500]
+    assert int(m.group(1)) == want, m.group(0)
