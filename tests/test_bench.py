@@ -36,14 +36,14 @@ def test_round_robin_warms_up_and_repeats_each_call():
 def test_bench_backbone_and_train_run_end_to_end(tmp_path, capsys):
     from veca_ssl.bench import backbone, train
 
-    assert backbone.main(["--family", "tiny", "--resolutions", "32", "--widths", "8", "64", "--warmup", "1",
-                          "--repeats", "2", "--out", str(tmp_path / "bb.json")]) == 0
-    rows = json.loads((tmp_path / "bb.json").read_text())
+    assert backbone.main(["--family", "tiny", "--resolutions", "32", "--widths", "8", "64",
+                          "--output-dir", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "backbone.json").read_text())
     assert [r["model"] for r in rows] == ["vit_tiny (dense)", "veca_tiny C=8", "veca_tiny C=64",
                                          "veca_tiny C=64 no-attention (limit)"]
     assert rows[2]["qk_pairs_per_layer"] == 2 * 4 * 64 + 64 * 64
     assert rows[3]["gflops"] < rows[2]["gflops"]  # the limit has no attention term
-    assert train.main(["--family", "tiny", "--resolutions", "32", "--batch-size", "2", "--warmup", "1",
-                       "--repeats", "2", "--out", str(tmp_path / "tr.json")]) == 0
-    assert len(json.loads((tmp_path / "tr.json").read_text())) == 4
+    assert train.main(["--family", "tiny", "--resolutions", "32", "--batch-size", "2",
+                       "--output-dir", str(tmp_path)]) == 0
+    assert len(json.loads((tmp_path / "train.json").read_text())) == 4
     assert "speedup_vs_dense" in capsys.readouterr().out

@@ -20,9 +20,9 @@ def test_generated_folder_is_jpeg_in_two_classes(tmp_path):
 
 def test_bench_data_prints_table_and_writes_rows(tmp_path, capsys):
     args = ["--images", "4", "--size", "48x40", "--global-size", "32", "--local-size", "16", "--local-crops", "2",
-            "--chunk", "1", "--out", str(tmp_path / "res.json")]  # fmt: skip
+            "--chunk", "1", "--output-dir", str(tmp_path)]  # fmt: skip
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "| pipeline | samples/s/core |" in out and "shards → SSL sample" in out
-    rows = json.loads((tmp_path / "res.json").read_text())
+    rows = json.loads((tmp_path / "data.json").read_text())
     assert len(rows) == 6 and all(r["samples/s/core"] > 0 and r["min"] <= r["samples/s/core"] <= r["max"] for r in rows)

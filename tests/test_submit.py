@@ -130,8 +130,10 @@ def test_mem_and_timeout_are_parsed_strictly(tmp_path, capsys):
     assert not out.exists()
 
 
-@pytest.mark.parametrize("bad", ["optim.epochs=0", "train.num_threads=-1", "budgets.policy=nope",
-                                 "optim.batch_size_per_gpu=abc", "optim.no_such_key=1"])
+@pytest.mark.parametrize("bad", [
+    "optim.epochs=0", "train.num_threads=-1", "budgets.policy=nope", "optim.batch_size_per_gpu=abc",
+    "optim.no_such_key=1", "budgets.choices=[8,72]", "crops.global_size=30",
+    "multires.phases=[{epochs: 1, sizes: [33], probs: [1.0], batch_sizes: [8]}]"])
 def test_submit_refuses_what_veca_train_refuses_with_the_same_message(bad, tmp_path, capsys):
     from veca_ssl.train.main import main as train_main
 

@@ -171,7 +171,8 @@ def setup(cfg: DictConfig) -> Run:
             monitor.record_before(method.ema_backbone)
     return Run(cfg=cfg, info=info, output_dir=out, method=method, optimizer=optimizer, policy=policy,
                schedule=schedule, data=iter(loader), checkpoints=checkpoints,
-               logger=MetricLogger.from_config(out, cfg, enabled=info.rank == 0), monitor=monitor, start_step=start_step,
+               logger=MetricLogger.from_config(out, cfg, enabled=info.rank == 0), monitor=monitor,
+               start_step=start_step,
                stop_at=stop_at, peak_lr=peak_lr, warmup_steps=schedule.step_of_epoch(cfg.optim.warmup_epochs),
                last_checkpoint=latest)
 
