@@ -2,7 +2,7 @@
 
   veca submit train --config configs/x.yaml [key=value …] --nodes 2 --gpus-per-node 8 \\
       --partition gpu --timeout 2-00:00:00 --output-dir runs/x
-  veca submit eval knn --checkpoint runs/x --train imagefolder:/d/train --val imagefolder:/d/val \\
+  veca submit eval knn --checkpoint runs/x --train imagefolder:/d/train --test imagefolder:/d/val \\
       --output-dir runs/x/eval [--array-over-widths --widths 8,16,32,64]
 
 ``veca submit train`` takes its own options, ``key=value`` config overrides and ``veca train``'s
