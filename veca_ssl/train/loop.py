@@ -52,6 +52,15 @@ def build_model(cfg: DictConfig) -> Backbone:
     except ValueError as exc:
         raise ConfigError(f"model: {exc}") from None
     model.set_grad_checkpointing(cfg.model.grad_checkpointing)
+    if cfg.model.get("init_from"):  # weights to start from (a resumed run then loads its checkpoint over them)
+        from veca_ssl.models.init import init_from
+
+        try:
+            report = init_from(model, cfg.model.init_from)
+        except (ValueError, FileNotFoundError) as exc:
+            raise ConfigError(f"model.init_from: {exc}") from None
+        if dist.get_rank() == 0:
+            print(report.summary(), flush=True)
     return model
 
 
