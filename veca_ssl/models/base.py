@@ -32,12 +32,14 @@ class Backbone(nn.Module):
     depth: int
     num_heads: int
     norm: nn.Module
-    output_proj: nn.Module | None = None
+    output_proj: nn.Module | None  # set by subclasses that have one; None here (not a class attribute,
+    # which would shadow the registered submodule)
 
     def __init__(self, config: dict) -> None:
         super().__init__()
         self.config = {"arch": self.arch, **config}
         self.feature_space = "native"
+        self.output_proj = None
 
     # -- subclass hooks ---------------------------------------------------------------------------
     @property
