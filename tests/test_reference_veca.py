@@ -356,3 +356,31 @@ def test_teacher_space_needs_an_output_projection():
         model.set_feature_space("teacher")
     with pytest.raises(ValueError, match="feature space 'proj'"):
         model.forward_features(torch.randn(1, 3, 16, 16), space="proj")
+
+
+def test_extract_with_native_or_teacher_features_of_a_distilled_reference_model(tmp_path, capsys):
+    from eval.common import build_eval_dataset
+    from eval.extract import main, read_features
+    from veca_ssl.models import save_backbone
+
+    sd = reference_state("small", depth=1, out_dim=768, seed=9)
+    path = tmp_path / "distilled.pt"
+    torch.save(checkpoint(sd, "small", "plain", distill_output_dim=768), path)
+    common = ["--checkpoint", str(path), "--data", "synthetic:n=6,size=32,classes=2,seed=0", "--resolution", "32",
+              "--width", "16", "--batch-size", "3", "--no-progress"]
+    dims = {}
+    for space in ("native", "teacher"):
+        assert main(common + ["--features", space, "--output-dir", str(tmp_path / space)]) == 0
+        dims[space] = read_features(tmp_path / space)["image"].shape
+    assert dims == {"native": (6, 384), "teacher": (6, 768)}
+    model = load_backbone(path)
+    images = torch.stack([x for x, _ in build_eval_dataset("synthetic:n=6,size=32,classes=2,seed=0", 32)])
+    with torch.no_grad():
+        expected = model.forward_features(images, num_cores=16, space="teacher")["cls"]
+    got = torch.from_numpy(read_features(tmp_path / "teacher")["image"]).float()
+    assert torch.allclose(got, expected, atol=1e-5)
+    plain = tmp_path / "plain.safetensors"
+    save_backbone(build_backbone("veca_tiny", patch_size=8, embed_dim=32, num_heads=2, depth=1), plain)
+    with pytest.raises(ValueError, match="--features teacher: teacher-space features need an output projection"):
+        main(["--checkpoint", str(plain), "--data", "synthetic:n=2,size=16", "--features", "teacher",
+              "--output-dir", str(tmp_path / "x")])

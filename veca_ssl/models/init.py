@@ -12,8 +12,9 @@ checkpoints, DINOv2/DINOv3/timm dense teachers. Tensors are matched by our names
 * **unused** — the source has it and this model does not (e.g. a distilled model's ``output_proj``
   loaded into a backbone built without ``output_dim``).
 
-Any other shape mismatch is an error that lists the tensors and the configuration differences that
-explain them, so a run never starts half-initialised by accident.
+Only the optional extras (the mask token, an output projection) may be new or unused. Any other
+tensor on one side only, and any other shape mismatch, is an error that lists the tensors and the
+configuration differences that explain them, so a run never starts half-initialised by accident.
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ from .io import EXPORT_FORMAT_NAME, read_backbone
 _RUNTIME_KEYS = {"drop_path_rate", "attn_backend", "grad_checkpointing", "coord_alpha_init", "coord_shift",
                  "coord_rescale", "coord_jitter", "layerscale_init", "num_cores"}
 _BANK_KEYS = ("cores", "core_coords")
+# tensors that may exist on one side only: the iBOT mask token (training only; zero-initialised) and
+# a distilled model's projection to its teacher's width (not part of the native features)
+_OPTIONAL = ("mask_token", "output_proj.")
 
 
 @dataclass
@@ -119,6 +123,10 @@ def init_from(backbone: Backbone, path: str | Path, **load_kwargs) -> InitReport
         else:
             report.converted[name] = how
     report.unused = sorted(k for k in src if k not in dst)
+    # tensors without a counterpart mean another layout (e.g. GELU MLP vs SwiGLU, layer-scale or not);
+    # only the optional extras may be missing on either side
+    mismatched += [f"{k}: only in this model" for k in report.new if not k.startswith(_OPTIONAL)]
+    mismatched += [f"{k}: only in the source" for k in report.unused if not k.startswith(_OPTIONAL)]
     if mismatched:
         diffs = ", ".join(f"{k}={a!r} (this model {b!r})" for k, (a, b) in report.config_differences.items())
         raise ValueError(f"init_from {path}: {len(mismatched)} tensor(s) do not fit this model: "
