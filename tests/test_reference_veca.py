@@ -305,6 +305,11 @@ def test_full_size_small_export_is_strict_and_wrong_models_are_refused_by_name()
     cfg = ckpt["config"]
     assert (cfg["model_family"], cfg["num_layers"], cfg["num_query_tokens"]) == ("small", 12, 64)
     assert len(ckpt["student"]) == 4 + 16 + 11 * 2 + 1 + 12 * 16
+    # what the reference's normalize_nested_settings asserts of a config it loads
+    budgets, weights = cfg["nested_budgets"], cfg["nested_budget_weights"]
+    assert list(budgets) == sorted(set(budgets)) and budgets[-1] == cfg["num_query_tokens"]
+    assert all(b % cfg["nested_chunk_size"] == 0 for b in budgets) and len(weights) == len(budgets)
+    assert cfg["init_patch_from_dinov3"] is False  # nothing is fetched when the reference loads it
     with pytest.raises(ValueError, match=r"depth=2 \(the reference's 'small' family has 12 blocks"):
         to_reference(build_backbone("veca_small", depth=2))
     with pytest.raises(ValueError, match=r"norm_eps=1e-06"):
