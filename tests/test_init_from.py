@@ -14,7 +14,7 @@ from tests.test_train import tiny_cfg
 from veca_ssl.config import ConfigError
 from veca_ssl.models import build_backbone, load_backbone, save_backbone
 from veca_ssl.models.init import init_from
-from veca_ssl.train.loop import build_model, train
+from veca_ssl.train.loop import train
 
 
 def _tiny(**kw):
@@ -103,4 +103,5 @@ def test_init_from_config_errors_before_any_work(tmp_path):
         tiny_cfg(tmp_path, f"model.init_from={tmp_path / 'nope.pt'}")
     wrong = save_backbone(build_backbone("veca_tiny", patch_size=8, depth=1), tmp_path / "wide.safetensors")
     with pytest.raises(ConfigError, match=r"model.init_from: init_from .* do not fit this model.*embed_dim=192"):
-        build_model(tiny_cfg(tmp_path, f"model.init_from={wrong}"))
+        train(tiny_cfg(tmp_path, f"model.init_from={wrong}"))
+    assert not (tmp_path / "run" / "checkpoints").exists()  # stopped before any training step

@@ -103,7 +103,7 @@ def farthest_point_coords(num_points: int, extent: float = 0.95, grid: int = 41)
     """
     if num_points > grid * grid:
         raise ValueError(f"cannot place {num_points} cores on a {grid}x{grid} candidate grid")
-    axis = torch.linspace(-extent, extent, grid, dtype=torch.float64)
+    axis = torch.linspace(-extent, extent, grid, dtype=torch.float64, device="cpu")
     cand = torch.stack(torch.meshgrid(axis, axis, indexing="ij"), dim=-1).reshape(-1, 2)
     chosen = [int(torch.argmin(cand.norm(dim=1)))]
     dist = (cand - cand[chosen[0]]).norm(dim=1)

@@ -94,7 +94,7 @@ class VECA(Backbone):
         # stored pre-tanh so the per-layer updates stay unconstrained
         self.core_coords = nn.Parameter(torch.atanh(farthest_point_coords(num_cores)))
         self.mask_token = nn.Parameter(torch.zeros(embed_dim))
-        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
         self.blocks = nn.ModuleList(
             Block(embed_dim, num_heads, ffn_layer, self.ffn_hidden, qkv_bias, True, True, dpr[i], layerscale_init,
                   norm_eps, attn_backend)

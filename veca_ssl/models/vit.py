@@ -58,7 +58,7 @@ class VisionTransformer(Backbone):
         self.pos_embed = (nn.Parameter(torch.zeros(1, 1 + pos_embed_grid**2, embed_dim))
                           if pos_embed == "learned" else None)
         self.mask_token = nn.Parameter(torch.zeros(embed_dim))
-        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
         self.blocks = nn.ModuleList(
             Block(embed_dim, num_heads, ffn_layer, self.ffn_hidden, qkv_bias, proj_bias, ffn_bias, dpr[i],
                   layerscale_init, norm_eps, attn_backend)
