@@ -17,6 +17,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("veca_ssl.train.main", "pretrain (self-supervised or distillation) from a YAML config"),
     "eval": ("eval.cli", "evaluate a backbone at every core width: knn | linear | logreg | dense | all"),
     "extract": ("eval.extract", "extract frozen image/patch features of a dataset to shards"),
+    "export": ("veca_ssl.export", "export a backbone at one core width: safetensors | torchscript | onnx | "
+                                  "veca-reference"),
     # the bench list mirrors veca_ssl.bench.BENCHES (a test keeps them equal); the library layer does
     # not import the bench package, so it is spelled out here
     "bench": ("veca_ssl.bench", "benchmarks: backbone | data | train | knn | ddp"),

@@ -119,6 +119,10 @@ def check(cfg: DictConfig) -> None:
                           "or set train.wandb.enabled=false")
     if cfg.crops.num_local < 0:
         raise ConfigError(f"crops.num_local must be >= 0, got {cfg.crops.num_local}")
+    init_from = OmegaConf.select(cfg, "model.init_from")
+    if init_from is not None and not Path(str(init_from)).exists():
+        raise ConfigError(f"model.init_from={init_from!r} does not exist; give a checkpoint, export or run "
+                          f"directory (or null for a random init)")
     if cfg.mode == "distill" and not cfg.distill.teacher:
         raise ConfigError("mode=distill needs distill.teacher=/path/to/teacher (a local checkpoint)")
     _check_model_and_crops(cfg)
