@@ -9,9 +9,15 @@ covered as soon as it is written — or fails here until a rule below says how t
 - ``veca train`` and ``torchrun … -m veca_ssl.train.main``: run for 2 steps of a tiny model
   (``TRAIN_TINY`` appended, so it wins over the example's values; the k-NN monitor stays on only in
   the README's first command, whose k-NN table is checked); torchrun with 1 process.
-- ``veca eval``/``veca extract``: run with short probes and no speed measurement (``EVAL_FAST``).
+- ``veca eval``/``veca extract``: run with short probes and no speed measurement (``EVAL_FAST``), at
+  64 px unless the example sets ``--resolution``.
 - ``veca submit``: run with ``--dry-run`` (no cluster): everything is validated, nothing queued.
 - ```python blocks: run with ``images`` defined.
+- An example whose comment says ``pip install -e ".[X]"`` runs when extra X is installed; without it,
+  it must stop with one message naming ``[X]`` (no traceback).
+- ``model.init_from=FILE`` examples keep the checkpoint's width (only the depth is cut to 2).
+- A ``veca train`` example whose config trains on a dataset path of the user's (absent here) gets a
+  stand-in of the same kind (``DATASET_STAND_INS``), so the rest of that config is still exercised.
 
 Commands run in README order in one scratch directory (later examples use earlier outputs, e.g.
 ``outputs/quickstart``), which holds a link to the repository's ``configs/`` and small stand-ins for
@@ -59,7 +65,21 @@ PLACEHOLDERS = {
     "imagefolder:/data/in1k": "imagefolder:{ws}/data/in1k",
     "folder:/ade@": "folder:{ws}/ade@",
     "--checkpoint CKPT": "--checkpoint outputs/quickstart",
+    "path/to/veca-ssl": str(ROOT),
+    "--checkpoint outputs/run ": "--checkpoint veca_base.pt ",  # a checkpoint with width 32
+    "--features teacher ...": "--features teacher --data imagefolder:{ws}/data/in1k/val --output-dir feats_t/",
 }
+# stand-ins for released VECA checkpoints (reference layout {"student", "config"}; depth cut to 2
+# where the example allows it: the torch.hub one is checked against the full veca_small preset)
+REFERENCE_CHECKPOINTS = {  # file: (family, depth, cores, output projection, wrapping)
+    "veca_base.pt": ("base", 2, 32, None, "student"),
+    "veca_small_distilled.pt": ("small", 2, 32, 768, "module.student"),
+    "veca_s.pt": ("small", 12, 64, None, "student"),
+}
+# dataset kind -> stand-in, for experiment configs that name the user's own dataset path
+DATASET_STAND_INS = {"imagefolder": "imagefolder:{ws}/data/in1k", "wds": "wds:{ws}/wds/shard-{{000000..000003}}.tar"}
+# import names of the packages an extra installs, where they differ from the requirement's name
+EXTRA_MODULES = {"faiss-cpu": "faiss", "faiss-gpu": "faiss"}
 PYTHON_PRELUDE = "import torch\nimages = torch.randn(2, 3, 64, 64)\n"
 
 
@@ -116,7 +136,7 @@ def _make_fixtures(ws: Path) -> None:
         for cls in ("n01", "n02"):
             d = ws / "data" / "in1k" / split / cls
             d.mkdir(parents=True)
-            for i in range(6):
+            for i in range(16 if split == "train" else 6):  # train: 32 images, 4 batches of 8 as shards
                 Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(d / f"{i}.jpg")
     for split in ("training", "validation"):  # an ADE20K-style segmentation folder
         (ws / "ade" / "images" / split).mkdir(parents=True)
@@ -128,6 +148,17 @@ def _make_fixtures(ws: Path) -> None:
             mask[:, 16:], mask[16:, :8] = 1 + i % 3, 4
             Image.fromarray(mask).save(ws / "ade" / "annotations" / split / f"{i}.png")
     (ws / "configs").symlink_to(ROOT / "configs")  # the README runs from a checkout
+    import torch
+
+    from tests.test_reference_veca import checkpoint, reference_state
+    from veca_ssl.data import make_shards
+
+    make_shards(str(ws / "data" / "in1k" / "train"), ws / "wds", shard_size=8, progress=False)  # 4 shards
+
+    for name, (family, depth, cores, out_dim, wrap) in REFERENCE_CHECKPOINTS.items():
+        sd = reference_state(family, depth=depth, num_cores=cores, out_dim=out_dim)
+        extra = {"distill_output_dim": out_dim} if out_dim else {}
+        torch.save(checkpoint(sd, family, wrap, nested_budgets=tuple(range(8, cores + 1, 8)), **extra), ws / name)
 
 
 _DRIVER = r"""
@@ -182,7 +213,7 @@ class Runner:
     def __init__(self, ws: Path) -> None:
         self.ws = ws
         self.env = {**os.environ, "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1"}
-        self.plans: list[list[tuple[str, object]] | AssertionError] = []
+        self.plans: list[list[tuple[str, object, str | None]] | AssertionError] = []
         for ex in EXAMPLES:
             try:
                 self.plans.append(self._plan(ex))
@@ -194,7 +225,7 @@ class Runner:
     def _run_all(self) -> None:
         batch: list[tuple[int, str, object]] = []
         for index, plan in enumerate(self.plans):
-            for kind, payload in plan if isinstance(plan, list) else []:
+            for kind, payload, _ in plan if isinstance(plan, list) else []:
                 if kind == "external":
                     self._flush(batch)
                     t0 = time.perf_counter()
@@ -225,10 +256,14 @@ class Runner:
             text = text.replace(old, new.format(ws=self.ws))
         return text
 
-    def _plan(self, ex: Example) -> list[tuple[str, object]]:
+    def _plan(self, ex: Example) -> list[tuple[str, object, str | None]]:
+        """(kind, payload, extra): ``extra`` names an extra the example needs that is not installed,
+        so the example must fail with a message naming it."""
         if ex.kind == "python":
-            return [("python", PYTHON_PRELUDE + ex.text)]
-        steps: list[tuple[str, object]] = []
+            return [("python", self._substitute(PYTHON_PRELUDE + ex.text), None)]
+        needs = re.search(r"#.*pip install (?:-e )?[\"']?\.\[(\w+)\]", ex.text)
+        missing = needs.group(1) if needs and not _extra_installed(needs.group(1)) else None
+        steps: list[tuple[str, object, str | None]] = []
         for part in " ".join(shlex.split(self._substitute(ex.text), comments=True)).split(" && "):
             argv = shlex.split(part)
             if argv[:2] == ["pip", "install"]:
@@ -239,25 +274,47 @@ class Runner:
                 args = self._veca(argv[1:])
                 if ex is EXAMPLES[0]:
                     args = [a for a in args if a not in MAIN_JOB_KEEPS]
-                steps.append(("veca", args))
+                steps.append(("veca", args, missing))
             elif argv[0] == "torchrun":
-                steps.append(("external", self._torchrun(argv)))
+                steps.append(("external", self._torchrun(argv), missing))
             else:
                 raise AssertionError(f"README line {ex.line}: no rule to run {argv[0]!r} examples; add one here")
         return steps
 
-    @staticmethod
-    def _veca(args: list[str]) -> list[str]:
+    def _veca(self, args: list[str]) -> list[str]:
         cmd = args[0]
         if cmd == "train":
+            args = args + self._dataset_stand_in(args)
+            if any(a.startswith("model.init_from=") for a in args):  # the checkpoint fixes the width
+                return args + [a for a in TRAIN_TINY if not a.startswith("model.overrides=")] + [
+                    "model.overrides={depth: 2}"]
             return args + TRAIN_TINY
+        small = [] if "--resolution" in args else ["--resolution", "64"]  # stand-in images are small
         if cmd == "eval":
-            return args + EVAL_FAST[args[1]]
+            return args + EVAL_FAST[args[1]] + (small if args[1] != "all" else [])
         if cmd == "extract":
-            return args + EVAL_FAST["extract"]
+            return args + EVAL_FAST["extract"] + small
+        if cmd == "export":
+            return args
         if cmd == "submit":
             return args + ([] if "--dry-run" in args else ["--dry-run"])
         raise AssertionError(f"no rule to run `veca {cmd}` examples; add one in tests/test_readme_examples.py")
+
+    def _dataset_stand_in(self, args: list[str]) -> list[str]:
+        """``data.train=<stand-in>`` when the example's config reads an absolute path that is not here."""
+        from omegaconf import OmegaConf
+
+        from veca_ssl.config import resolve_config_path
+
+        if any(a.startswith("data.train=") for a in args):
+            return []
+        name = args[args.index("--config") + 1] if "--config" in args else "quickstart"
+        spec = str(OmegaConf.select(OmegaConf.load(resolve_config_path(name)), "data.train", default=""))
+        kind, _, path = spec.partition(":")
+        if not path.startswith("/") or Path(path.split("{")[0]).parent.exists():
+            return []
+        assert kind in DATASET_STAND_INS, f"{name} trains on {spec}: add a {kind} stand-in to DATASET_STAND_INS"
+        return [f"data.train={DATASET_STAND_INS[kind].format(ws=self.ws)}"]
 
     @staticmethod
     def _torchrun(argv: list[str]) -> list[str]:
@@ -265,6 +322,15 @@ class Runner:
         if "--nproc-per-node" in args:  # one CPU process here; 2-process training is tested elsewhere
             args[args.index("--nproc-per-node") + 1] = "1"
         return [sys.executable, "-m", "torch.distributed.run", *args, *TRAIN_TINY]
+
+
+def _extra_installed(extra: str) -> bool:
+    from veca_ssl.optional import available
+
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    reqs = [re.split(r"[<>=!~\[;\s]", r)[0] for r in cfg["options.extras_require"][extra].split()]
+    return all(available(EXTRA_MODULES.get(r, r.replace("-", "_"))) for r in reqs)
 
 
 def _check_pip_install(argv: list[str]) -> None:
@@ -301,8 +367,11 @@ def test_readme_example_runs(index: int, runner: Runner, record_property) -> Non
         raise plan
     results = runner.results.get(index, [])
     assert len(results) == len(plan)  # pip / pytest parts are checked statically and not run
-    for res in results:
+    for res, (_, _, missing) in zip(results, plan):
         record_property("seconds", round(res.seconds, 2))  # in --junitxml reports: which example is slow
+        if missing:  # the extra is not installed: one clear message naming it
+            assert res.code != 0 and f"[{missing}]" in res.stderr and "Traceback" not in res.stderr, res.stderr
+            continue
         assert res.code == 0, f"{res.shown}\nexit {res.code}\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
         assert "Traceback" not in res.stderr, res.stderr[-3000:]
     example = EXAMPLES[index].text
