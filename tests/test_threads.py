@@ -37,10 +37,8 @@ def test_explicit_setting_and_omp_num_threads_win_over_auto() -> None:
 
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs Linux CPU affinity")
 @pytest.mark.parametrize(("overrides", "env", "expected"), [
-    (["data.num_workers=0"], {}, "cores"),             # every core the process may use
-    (["data.num_workers=1"], {}, "cores-1"),           # one left to the loader worker
-    (["train.num_threads=3"], {}, "3"),                # explicit, even beyond the cores
-    (["data.num_workers=0"], {"OMP_NUM_THREADS": "1"}, "1"),
+    (["data.num_workers=1"], {}, "cores-1"),           # auto: one core left to the loader worker
+    (["train.num_threads=3"], {"OMP_NUM_THREADS": "1"}, "3"),  # explicit wins, even beyond the cores
 ])
 def test_veca_train_applies_the_policy_at_start_up(overrides, env, expected) -> None:
     cores = sorted(os.sched_getaffinity(0))[:2]
