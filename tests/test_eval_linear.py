@@ -63,9 +63,9 @@ def test_fused_training_equals_torch_sgd_per_head() -> None:
     """Each fused head follows exactly torch.optim.SGD(momentum=0.9) + cosine on its own lr."""
     fs = _features(40, seed=12)
     x = {"blocks1": fs.cls[:, -1]}
-    cfg = LinearProbeConfig(epochs=3, epoch_length=None, batch_size=16, lrs=(0.01, 0.5), seed=4)
-    trained = train_heads(x, fs.labels, CLASSES, cfg)
-    torch.manual_seed(cfg.seed)
+    cfg, seed = LinearProbeConfig(epochs=3, epoch_length=None, batch_size=16, lrs=(0.01, 0.5)), 4
+    trained = train_heads(x, fs.labels, CLASSES, cfg, seed=seed)
+    torch.manual_seed(seed)
     init = LinearHeads({"blocks1": DIM}, cfg.lrs, CLASSES)  # same seed → same initial weights
     total = cfg.epochs * 3  # ceil(40 / 16) steps per epoch
     for h, lr in enumerate(cfg.lrs):
@@ -75,7 +75,7 @@ def test_fused_training_equals_torch_sgd_per_head() -> None:
             head.bias.copy_(init.bias[0][h])
         opt = torch.optim.SGD(head.parameters(), lr=lr * cfg.batch_size / 256, momentum=0.9)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 * (1 + math.cos(math.pi * t / total)))
-        gen = torch.Generator().manual_seed(cfg.seed)
+        gen = torch.Generator().manual_seed(seed)
         order, cursor = torch.randperm(40, generator=gen), 0
         for _ in range(total):
             if cursor + cfg.batch_size > 40 and cursor > 0:

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from eval.config import KnnConfig
 from eval.knn import run_knn
 from eval.report import build_rows, merge_metrics, write_report
 from veca_ssl.features import extract_features
@@ -73,13 +74,13 @@ def test_report_has_one_row_per_width_with_compute_and_a_reference_point(tmp_pat
     model, vit = _veca(), _vit()
     train = extract_features(model, _data(10), None, 32, 5, "cpu", progress=False)
     test = extract_features(model, _data(6), None, 32, 5, "cpu", progress=False)
-    knn = run_knn(train, test, ks=(1, 3))
+    knn = run_knn(train, test, KnnConfig(ks=(1, 3)))
     fake_linear = {8: {"linear_top1": 50.0}, 16: {"linear_top1": 75.0}}
     metrics = merge_metrics(knn, fake_linear)
     rows = build_rows(model, metrics, 32, batch_size=2, device="cpu", warmup=1, repeats=2)
     ref_train = extract_features(vit, _data(10), None, 32, 5, "cpu", progress=False)
     ref_test = extract_features(vit, _data(6), None, 32, 5, "cpu", progress=False)
-    rows += build_rows(vit, run_knn(ref_train, ref_test, ks=(1, 3)), 32, 2, "cpu", warmup=1, repeats=2,
+    rows += build_rows(vit, run_knn(ref_train, ref_test, KnnConfig(ks=(1, 3))), 32, 2, "cpu", warmup=1, repeats=2,
                        reference=True)
     assert [r["width"] for r in rows] == ["C=8", "C=16", "dense"]
     for r, (m, w) in zip(rows, [(model, 8), (model, 16), (vit, None)]):
@@ -100,12 +101,14 @@ def test_report_has_one_row_per_width_with_compute_and_a_reference_point(tmp_pat
     assert md.count("| C=8 |") == 1 and "| dense |" in md and "gflops" in md
 
 
-def test_missing_checkpoint_is_named_before_any_work(tmp_path) -> None:
+def test_missing_checkpoint_is_named_before_any_work(tmp_path, capsys) -> None:
     from eval.cli import main
 
     missing = tmp_path / "nope" / "teacher.safetensors"
-    with pytest.raises(FileNotFoundError, match="nope/teacher.safetensors"):
-        main(["knn", "--checkpoint", str(missing), "--train", "does-not-matter", "--test", "x",
-              "--output-dir", str(tmp_path / "o")])
+    assert main(["knn", "--checkpoint", str(missing), "--train", "digits@train", "--test", "digits@val",
+                 "--output-dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("veca eval knn: error: checkpoint not found") and "nope/teacher.safetensors" in err
+    assert err.count("\n") == 1 and "Traceback" not in err
     assert not (tmp_path / "o").exists()
     assert main(["frobnicate"]) == 2
