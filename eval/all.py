@@ -17,8 +17,15 @@ from eval.config import ArgumentParser, HelpFormatter, add_debug_option
 
 
 def build_parser() -> ArgumentParser:
-    p = ArgumentParser(prog="veca eval all", description=__doc__.split("\n")[0].strip("`"),
-                       epilog=__doc__.split("\n\n", 1)[1], formatter_class=HelpFormatter, allow_abbrev=False)
+    p = ArgumentParser(
+        prog="veca eval all", formatter_class=HelpFormatter, allow_abbrev=False,
+        description="Run every protocol of a YAML eval config at every core width; one report.",
+        epilog="The YAML keys are the options of `veca eval <protocol> --help` with the same defaults, grouped "
+               "as checkpoint/model/model_args, datasets (train, val, test, dense_train, dense_test), "
+               "protocols, widths, resolution, batch_size, output_dir, name, one section per protocol (knn, "
+               "linear, logreg, dense), speed, bootstrap, and an optional dense-ViT reference drawn as a "
+               "reference point. A key not listed there is an error naming it. The report goes to "
+               "<output_dir>/<name, default 'all'>/. Example: configs/eval/digits.yaml.")
     p.add_argument("--config", required=True, metavar="FILE",
                    help="eval YAML, e.g. configs/eval/digits.yaml (required)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",

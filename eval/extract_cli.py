@@ -42,7 +42,8 @@ class ExtractOptions:
                                        "resumes there", metavar="DIR")
     width: int | None = opt(None, "core width; a budget of the backbone", default_text="the widest budget",
                             rule=at_least(1))
-    width_from: str | None = opt(None, "take the width from a `veca select` selection.json (instead of --width)",
+    width_from: str | None = opt(None, "take the width (and, without --resolution, the resolution) from a "
+                                       "`veca select` selection.json, instead of --width",
                                  metavar="FILE", default_text="none")
     format: str = opt("safetensors", "one .safetensors file per shard, or one .npy file per array",
                       choices=FORMATS)
@@ -82,15 +83,18 @@ def parse_args(argv: list[str]) -> tuple[EvalConfig, ExtractOptions]:
     return common, opts
 
 
-def width_from_selection(path: str, checkpoint: str | None) -> int | None:
-    """The width of a ``veca select`` file; a warning when it was chosen for another checkpoint."""
+def from_selection(path: str, common: EvalConfig) -> int | None:
+    """The width of a ``veca select`` file, and its target resolution unless ``--resolution`` is given;
+    a warning when it was chosen for another checkpoint."""
     from eval.selection import read_selection
 
     sel = read_selection(path)
     chosen_for = sel.get("checkpoint")
-    if chosen_for and checkpoint and Path(chosen_for).resolve() != Path(checkpoint).resolve():
-        log.warning("%s was chosen for checkpoint %s, not %s", path, chosen_for, checkpoint)
+    if chosen_for and common.checkpoint and Path(chosen_for).resolve() != Path(common.checkpoint).resolve():
+        log.warning("%s was chosen for checkpoint %s, not %s", path, chosen_for, common.checkpoint)
     log.info("width %s from %s (%s)", sel.get("width_label"), path, sel.get("rule"))
+    if common.resolution is None and isinstance(sel.get("resolution"), int):
+        common.resolution = sel["resolution"]  # the resolution the width was chosen for
     return sel["width"]
 
 
@@ -116,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
 
         check_checkpoint(common.checkpoint)
         with run_logging(None, terminal=sys.stderr.isatty()):
-            width = width_from_selection(opts.width_from, common.checkpoint) if opts.width_from else opts.width
+            width = from_selection(opts.width_from, common) if opts.width_from else opts.width
             device = resolve_device(common.device)
             model = load_model(common, common.seed)
             resolution, why = resolve_resolution(common, model)

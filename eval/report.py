@@ -141,7 +141,7 @@ def markdown(rows: Sequence[dict], title: str = "Evaluation", meta: dict | None 
             if _number(v) and _number(lo) and _number(hi):
                 v = f"{v:.4g} [{lo:.4g}, {hi:.4g}]"
             s[k] = v
-        if r.get("latency_ms") is not None:
+        if _number(r.get("latency_ms")) and _number(r.get("latency_min_ms")) and _number(r.get("latency_max_ms")):
             s["latency_ms"] = f"{r['latency_ms']:.2f} ({r['latency_min_ms']:.2f}–{r['latency_max_ms']:.2f})"
         shown.append(s)
     lines = [f"# {title}", ""]
@@ -192,11 +192,25 @@ def y_limits(values: Sequence[float], metric: str) -> tuple[float, float]:
 
 
 def plot(rows: Sequence[dict], path: str | Path, title: str = "", selected: str | None = None,
-         metrics: Sequence[str] | None = None) -> Path:
+         metrics: Sequence[str] | None = None, budgets: dict[str, float | None] | None = None,
+         latency_label: str = "latency (ms / image)") -> Path:
+    """Save :func:`figure` as a PNG at ``path``."""
+    fig = figure(rows, title, selected, metrics, budgets, latency_label)  # selects the Agg backend first
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def figure(rows: Sequence[dict], title: str = "", selected: str | None = None, metrics: Sequence[str] | None = None,
+           budgets: dict[str, float | None] | None = None, latency_label: str = "latency (ms / image)"):
     """Each headline metric (rows of subplots) against GFLOPs and, when measured, latency (columns).
 
     Error bars are the rows' bootstrap intervals; ``selected`` (a width label such as ``"C=16"``) is
-    ringed and named in the legend.
+    ringed and named in the legend; ``budgets`` (``{"gflops": x, "latency_ms": y}``) are drawn as
+    dashed vertical lines. Returns the matplotlib figure.
     """
     import matplotlib
 
@@ -206,7 +220,7 @@ def plot(rows: Sequence[dict], path: str | Path, title: str = "", selected: str 
     metrics = list(metrics or plot_metrics(rows))
     xs = [("gflops", "GFLOPs / image")]
     if any(_number(r.get("latency_ms")) for r in rows):
-        xs.append(("latency_ms", "latency (ms / image)"))
+        xs.append(("latency_ms", latency_label))
     n_r, n_c = max(1, len(metrics)), len(xs)
     fig_w = 4.8 * n_c + 0.4
     fig, axes = plt.subplots(n_r, n_c, figsize=(fig_w, 3.3 * n_r + 0.9), squeeze=False, layout="constrained")
@@ -239,21 +253,21 @@ def plot(rows: Sequence[dict], path: str | Path, title: str = "", selected: str 
                 if chosen:
                     ax.scatter([chosen[0][xkey]], [chosen[0][metric]], s=260, facecolors="none",
                                edgecolors="tab:red", linewidths=2, zorder=5, label=f"selected: {selected}")
+            if budgets and budgets.get(xkey) is not None:
+                ax.axvline(budgets[xkey], color="tab:red", linestyle="--", linewidth=1,
+                           label=f"budget {budgets[xkey]:g}")
             ax.set_ylim(*y_limits(ys, metric))
             ax.margins(x=0.15)
             ax.set_xlabel(xlabel)
             ax.set_ylabel(metric + (" (%)" if is_percent(metric) else "")
                           + ("" if higher_is_better(metric) else " (lower is better)"))
             ax.grid(alpha=0.3)
-            if i == 0 and j == 0:
+            if i == 0 and (j == 0 or (budgets and budgets.get(xkey) is not None)):
                 ax.legend(fontsize=7, loc="best")
     if title:
         # Wrapped to the figure width (about 11 characters per inch at this size), never cut off.
         fig.suptitle(textwrap.fill(title, width=max(30, int(fig_w * 11))), fontsize=11)
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return fig
 
 
 def write_report(rows: Sequence[dict], output_dir: str | Path, title: str = "Evaluation",

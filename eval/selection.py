@@ -69,7 +69,8 @@ class SelectOptions:
                              default_text="the first of knn_k20_top1, linear_top1, logreg_top1, seg_miou, "
                                           "depth_rmse in the report")
     tolerance: float | None = opt(None, "pick the smallest width within this much of the widest width's quality "
-                                        "(points for percentages)", default_text="1.0 when no budget is given",
+                                        "(points for percentages); not together with a budget",
+                                  default_text="1.0 when no budget is given",
                                   rule=at_least(0))
     max_latency_ms: float | None = opt(None, "latency budget: pick the best width whose measured latency per batch "
                                              "is at most this", default_text="none", rule=positive(), metavar="MS")
@@ -244,8 +245,17 @@ def table(candidates: Sequence[dict], metric: str, chosen: dict, widest_quality:
 
 # --------------------------------------------------------------------------------------------- CLI
 def build_parser() -> ArgumentParser:
-    p = ArgumentParser(prog="veca select", description=__doc__.split("\n\n")[1].replace("\n", " "),
-                       epilog=__doc__.split("\n\n", 2)[2], formatter_class=HelpFormatter, allow_abbrev=False)
+    p = ArgumentParser(
+        prog="veca select", formatter_class=HelpFormatter, allow_abbrev=False,
+        description="Pick the core width to deploy. From an eval report (quality per width) and latency measured "
+                    "here at the target resolution and batch size: the smallest width within --tolerance of the "
+                    "widest width's quality (default), or the best width under --max-latency-ms and/or "
+                    "--max-gflops.",
+        epilog="Prints the trade-off table and writes selection.json (+ selection.md, and selection.png with the "
+               "choice ringed) next to the report or into --output-dir.\n`veca extract --width-from "
+               "selection.json` (and `veca export`) read it: its 'width' (int; null for a dense ViT), "
+               "'resolution' and 'batch_size' targeted, 'latency_ms', 'gflops', 'quality', 'rule', 'checkpoint' "
+               "and every candidate (format veca-ssl-width-selection, version 1).")
     g = p.add_argument_group("report and rule")
     add_fields(g, SelectOptions, only=("report", "metric", "tolerance", "max_latency_ms", "max_gflops"),
                required=("report",))
@@ -330,7 +340,9 @@ def run_select(opts: SelectOptions, src: ModelSource | None = None, seed: int = 
              **({f"{metric}_ci_lo": c["quality_ci"][0], f"{metric}_ci_hi": c["quality_ci"][1]} if c["quality_ci"] else {})}
             for c in candidates]
     plot(rows, out_dir / "selection.png", f"Width selection: {chosen['width']} — {rule}; speed at {where}",
-         selected=chosen["width"], metrics=[metric])
+         selected=chosen["width"], metrics=[metric],
+         budgets={"latency_ms": opts.max_latency_ms, "gflops": opts.max_gflops},
+         latency_label=f"latency (ms / batch of {batch})")
     print(md)
     print(f"selected {chosen['width']} → {target} (use: veca extract --width-from {target})")
     return selection

@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
             job_cls, default_entry = EvalJob, EVAL_ENTRY
         args.job_name = args.job_name or (f"veca-{kind}" if kind == "train" else f"veca-eval-{args.protocol}")
         params = executor_parameters(args)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, OSError) as exc:  # OSError: missing paths, an earlier eval report
         print(f"veca submit {kind}: {exc}", file=sys.stderr)
         return 2
     jobs = [job_cls(a, entry=args.entry or default_entry) for a in argvs]
