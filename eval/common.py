@@ -60,7 +60,11 @@ def model_kwargs(src: ModelSource) -> dict:
 
 
 def load_model(src: ModelSource, seed: int = 0) -> torch.nn.Module:
-    """The backbone of ``src``: ``load_backbone(checkpoint)`` or a randomly initialised ``model`` preset."""
+    """The backbone of ``src``: ``load_backbone(checkpoint)`` or a randomly initialised ``model`` preset.
+
+    ``src.features == "teacher"`` makes the backbone return teacher-space features (through its output
+    projection, e.g. a distilled reference VECA's) everywhere; an error when it has none.
+    """
     from veca_ssl.models import build_backbone, load_backbone
 
     if src.checkpoint is not None:
@@ -72,6 +76,11 @@ def load_model(src: ModelSource, seed: int = 0) -> torch.nn.Module:
             net = build_backbone(src.model, **model_kwargs(src))
         except TypeError as exc:  # an unknown constructor argument
             raise EvalConfigError(f"--model {src.model}: {exc} (check --model-arg names)") from None
+    if src.features != "native":
+        try:
+            net.set_feature_space(src.features)
+        except ValueError as exc:
+            raise EvalConfigError(f"--features {src.features}: {exc}") from None
     return net.eval()
 
 

@@ -44,6 +44,8 @@ KNN_KS: tuple[int, ...] = (10, 20, 100, 200)
 KNN_TEMPERATURE = 0.07
 KNN_BACKENDS: tuple[str, ...] = ("torch", "faiss")
 DENSE_TASKS: tuple[str, ...] = ("seg", "depth")
+#: Feature spaces of ``Backbone.set_feature_space``.
+FEATURE_SPACES: tuple[str, ...] = ("native", "teacher")
 
 
 class EvalConfigError(ValueError):
@@ -169,6 +171,9 @@ class ModelSource:
                                 rule=at_least(1))
     model_args: dict = opt(dict, "extra constructor argument of --model (repeatable), e.g. depth=2",
                            flag="--model-arg", metavar="KEY=VALUE", default_text="none")
+    features: str = opt("native", "native: the backbone's own features; teacher: through its output projection "
+                                  "to the teacher's width (distilled VECA reference models)",
+                        choices=FEATURE_SPACES)
 
 
 @dataclass
