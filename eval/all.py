@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 
-from eval.config import ArgumentParser, HelpFormatter, add_debug_option
+from eval.options import ArgumentParser, HelpFormatter, add_debug_option
 
 
 def build_parser() -> ArgumentParser:

@@ -13,7 +13,8 @@ import pickle
 import sys
 from collections.abc import Callable, Sequence
 
-from eval.config import PROTOCOL_INFO, debug_requested, parse_protocol_args
+from eval.config import PROTOCOL_INFO, parse_protocol_args
+from eval.options import debug_requested
 
 COMMANDS: dict[str, str] = {**{p: info[0] for p, info in PROTOCOL_INFO.items()},
                             "all": "every protocol of a YAML config (configs/eval/*.yaml), one report"}

@@ -12,17 +12,18 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from eval.config import (
+from eval.config import EvalConfig, add_model_options, check_source
+from eval.options import (
     ArgumentParser,
-    EvalConfig,
+    EvalConfigError,
     HelpFormatter,
     add_debug_option,
     add_fields,
-    add_model_options,
     at_least,
     check_fields,
-    check_source,
+    flag_names,
     from_mapping,
+    in_cli_terms,
     namespace_to_mapping,
     opt,
 )
@@ -73,11 +74,15 @@ def build_parser() -> ArgumentParser:
 
 def parse_args(argv: list[str]) -> tuple[EvalConfig, ExtractOptions]:
     """Options → (model and run options as an EvalConfig, extraction options), both checked."""
-    data = namespace_to_mapping(build_parser().parse_args(argv))
+    parser = build_parser()
+    data = namespace_to_mapping(parser.parse_args(argv))
     names = set(ExtractOptions.__dataclass_fields__)
-    opts = check_fields(from_mapping(ExtractOptions, {k: v for k, v in data.items() if k in names}))
-    common = check_fields(from_mapping(EvalConfig, {k: v for k, v in data.items() if k not in names}))
-    check_source(common)
+    try:
+        opts = check_fields(from_mapping(ExtractOptions, {k: v for k, v in data.items() if k in names}))
+        common = check_fields(from_mapping(EvalConfig, {k: v for k, v in data.items() if k not in names}))
+        check_source(common)
+    except EvalConfigError as exc:
+        raise in_cli_terms(exc, flag_names(parser)) from None
     if opts.width is not None and opts.width_from is not None:
         raise ValueError("give --width or --width-from, not both")
     return common, opts

@@ -36,17 +36,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from eval.config import (
+from eval.config import ModelSource, check_source
+from eval.options import (
     ArgumentParser,
     EvalConfigError,
     HelpFormatter,
-    ModelSource,
     add_debug_option,
     add_fields,
     at_least,
     check_fields,
-    check_source,
+    flag_names,
     from_mapping,
+    in_cli_terms,
     namespace_to_mapping,
     opt,
     positive,
@@ -373,13 +374,14 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
 
     def body() -> int:
-        ns = build_parser().parse_args(argv)
-        data = namespace_to_mapping(ns)
+        parser = build_parser()
+        data = namespace_to_mapping(parser.parse_args(argv))
         src_data = data.pop("model", {})
-        opts = check_fields(from_mapping(SelectOptions, data))
-        src = from_mapping(ModelSource, src_data) if src_data else None
-        if src is not None:
-            check_fields(src)
+        try:
+            opts = check_fields(from_mapping(SelectOptions, data))
+            src = check_fields(from_mapping(ModelSource, src_data)) if src_data else None
+        except EvalConfigError as exc:
+            raise in_cli_terms(exc, {k.removeprefix("model."): v for k, v in flag_names(parser).items()}) from None
         run_select(opts, src)
         return 0
 

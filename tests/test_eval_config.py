@@ -181,3 +181,24 @@ def test_debug_shows_the_traceback(tmp_path) -> None:
                            "--train", "digits@train", "--test", "digits@val", "--debug"], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "Traceback" in proc.stderr and "FileNotFoundError" in proc.stderr
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["extract", "--model", "veca_tiny", "--data", "digits@train"],
+     "veca extract: error: the following arguments are required: --output-dir"),
+    (["extract", "--checkpoint", "/no/such/ckpt", "--data", "digits@train", "--output-dir", "OUT"],
+     "veca extract: error: checkpoint not found: '/no/such/ckpt'"),
+    (["extract", "--model", "veca_tiny", "--data", "digits@train", "--output-dir", "OUT", "--width", "8",
+      "--width-from", "s.json"], "veca extract: error: give --width or --width-from, not both"),
+    (["extract", "--model", "veca_tiny", "--data", "digits@train", "--output-dir", "OUT", "--width-from",
+      "/no/such/selection.json"], "veca extract: error: selection file not found"),
+    (["select", "--report", "/no/such/run"], "veca select: error: eval report not found: '/no/such/run'"),
+    (["select", "--report", "x", "--max-gflops", "-1"], "veca select: error: --max-gflops must be > 0, got -1.0"),
+])
+def test_extract_and_select_user_errors_are_one_line(argv, message, tmp_path) -> None:
+    argv = [str(tmp_path / "out") if a == "OUT" else a for a in argv]
+    proc = subprocess.run([sys.executable, "-m", "veca_ssl.cli", *argv], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith(message), proc.stderr
+    assert not (tmp_path / "out").exists()

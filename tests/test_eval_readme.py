@@ -80,7 +80,7 @@ def test_evaluation_section_commands_run(workdir) -> None:
 
 
 def test_select_section_commands_parse() -> None:
-    from eval.config import check_fields, from_mapping, namespace_to_mapping
+    from eval.options import check_fields, from_mapping, namespace_to_mapping
     from eval.selection import SelectOptions, build_parser
 
     text = _section("### Choosing the width to deploy")
