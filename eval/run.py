@@ -109,6 +109,7 @@ def evaluate(config: EvalConfig, model: torch.nn.Module | None = None) -> EvalRe
     options or data, FileExistsError when the run directory holds an earlier report (unless
     ``overwrite``), all before any feature is extracted.
     """
+    t0 = time.perf_counter()
     cfg = check(config)
     check_paths(cfg)
     run_dir = cfg.run_dir
@@ -121,15 +122,14 @@ def evaluate(config: EvalConfig, model: torch.nn.Module | None = None) -> EvalRe
     widths = resolve_widths(net, cfg.widths)
     with run_logging(run_dir if is_main_process() else None, terminal=sys.stderr.isatty()):
         try:
-            return _evaluate(cfg, net, device, resolution, why, widths, progress)
+            return _evaluate(cfg, net, device, resolution, why, widths, progress, t0)
         except Exception:
             log.debug("evaluation failed", exc_info=True)  # the traceback goes to eval.log only
             raise
 
 
 def _evaluate(cfg: EvalConfig, net: torch.nn.Module, device: torch.device, resolution: int, why: str,
-              widths: list[Width], progress: bool) -> EvalResult:
-    t0 = time.perf_counter()
+              widths: list[Width], progress: bool, t0: float) -> EvalResult:
     run_dir = cfg.run_dir
     log.info("evaluating %s: %s at %d px (%s), widths %s, on %s", model_description(cfg, net),
              ", ".join(cfg.protocols), resolution, why, [w for w in widths], device)

@@ -296,7 +296,7 @@ def run_select(opts: SelectOptions, src: ModelSource | None = None, seed: int = 
     else:
         if src is None or (src.checkpoint is None and src.model is None):
             src = from_mapping(ModelSource, {k: config.get(k) for k in ("checkpoint", "model", "patch_size",
-                                                                          "num_cores", "model_args")
+                                                                          "num_cores", "model_args", "features")
                                              if config.get(k) not in (None, {})})
             seed = int(config.get("seed") or 0)
             if src.checkpoint is None and src.model is None:

@@ -78,3 +78,13 @@ def test_random_init_falls_back_to_224_and_warns(tmp_path, capsys) -> None:
     doc = json.loads((tmp_path / "knn" / "report.json").read_text())
     assert doc["resolution"] == 224 and "randomly initialised" in doc["resolution_from"]
     assert "upsamples" in capsys.readouterr().err
+
+
+def test_an_export_that_records_its_resolution_is_read_first(tmp_path) -> None:
+    from veca_ssl.models import build_backbone, save_backbone
+
+    model = build_backbone("veca_tiny", patch_size=8, num_cores=16, depth=1, embed_dim=32, num_heads=2)
+    path = save_backbone(model, tmp_path / "anywhere" / "w.safetensors", extra={"resolution": 40})
+    assert training_resolution(path) == (40, str(path.with_suffix(".json")))
+    plain = save_backbone(model, tmp_path / "plain.safetensors")  # no record, not inside a run
+    assert training_resolution(plain) is None
