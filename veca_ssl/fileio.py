@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import secrets
+import stat
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -76,8 +77,11 @@ def atomic_path(path: str | Path, checksum: bool = False) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _create_temporary(path)
+    mode = stat.S_IMODE(tmp.stat().st_mode)  # 0o666 less the umask
     try:
         yield tmp
+        if stat.S_IMODE(tmp.stat().st_mode) != mode:  # a writer that recreated the file (safetensors: 0600)
+            os.chmod(tmp, mode)
         _fsync_path(tmp)
         if checksum:
             atomic_write_text(checksum_path(path), f"{sha256_file(tmp)}  {path.name}\n")

@@ -8,13 +8,15 @@ with ``weights_only=True``; ``load_backbone`` takes the EMA teacher's backbone f
 from __future__ import annotations
 
 import json
-import os
-import tempfile
+import pickle
+import re
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+
+from veca_ssl import fileio
 
 from .base import Backbone
 from .registry import build_from_config
@@ -23,26 +25,13 @@ EXPORT_FORMAT = "veca-ssl-backbone"
 CHECKPOINT_FORMAT = "veca-ssl-checkpoint"
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def save_backbone(model: Backbone, path: str | Path, extra: dict | None = None) -> Path:
     """Write ``path`` (.safetensors) and its .json sidecar, each atomically. Returns the weights path."""
     path = Path(path).with_suffix(".safetensors")
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    save_file(state, tmp, metadata={"format": EXPORT_FORMAT})
-    os.replace(tmp, path)
-    meta = {"format": EXPORT_FORMAT, "config": model.config, **(extra or {})}
-    _atomic_write_bytes(path.with_suffix(".json"), json.dumps(meta, indent=2).encode())
+    with fileio.atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata={"format": EXPORT_FORMAT})
+    fileio.atomic_write_json(path.with_suffix(".json"), {"format": EXPORT_FORMAT, "config": model.config, **(extra or {})})
     return path
 
 
@@ -104,7 +93,17 @@ def load_backbone(path: str | Path, map_location: str | torch.device = "cpu", wh
         model.load_state_dict(_read_safetensors(path, map_location), strict=True)
         return model
     try:
+        fileio.verify_file(path)  # torch.load does not notice flipped bytes inside a tensor
         obj = torch.load(path, map_location=map_location, weights_only=True)
+    except fileio.CorruptFileError as exc:
+        raise ValueError(f"cannot read checkpoint {path}: {exc}") from None
+    except pickle.UnpicklingError as exc:
+        # never pass on torch's advice to retry with weights_only=False: that runs arbitrary code
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+        what = f"a pickled Python object ({found.group(1)})" if found else "data that is not tensors"
+        raise ValueError(f"refusing to load {path}: it holds {what}, and checkpoints are only read as tensors "
+                         f"and plain containers (weights_only=True). Re-save its state dict (tensors only), "
+                         f"e.g. as .safetensors") from None
     except Exception as exc:
         raise ValueError(f"cannot read checkpoint {path}: {exc} (truncated, corrupt, or not a torch file)") from exc
     if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:

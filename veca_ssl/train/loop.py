@@ -72,7 +72,7 @@ def check_finite(run: Run, losses: dict, step: int) -> None:
         what = f"{', '.join(bad)} (all terms: {terms})" if bad else "on another rank"
         good, moved = resume_point_after_divergence(run.checkpoints, step, run.logger.path)
         lines = [f"non-finite loss at step {step + 1}: {what}."]
-        lines += [f"Set aside {p.name}: {reason}." for p, reason in moved]
+        lines += [f"Set aside {old.name} as {new.name} ({reason})." for old, new, reason in moved]
         if good is not None:
             lines.append(f"Resume point: {good} (step {CheckpointManager.step_of(good)}; weights and optimiser "
                          f"state finite). Lower optim.base_lr (or raise optim.warmup_epochs) and rerun with "

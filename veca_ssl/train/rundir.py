@@ -171,9 +171,10 @@ def _keep_previous_config(cfg: DictConfig, out: Path, start_step: int) -> None:
 
 
 def resume_point_after_divergence(checkpoints: CheckpointManager, failed_step: int, metrics_path: Path
-                                  ) -> tuple[Path | None, list[tuple[Path, str]]]:
+                                  ) -> tuple[Path | None, list[tuple[Path, Path, str]]]:
     """After a non-finite loss in step ``failed_step + 1`` (0-based index ``failed_step``): the newest
-    checkpoint a rerun can resume from, and the newer ones set aside as ``<name>.diverged``.
+    checkpoint a rerun can resume from, and the newer ones set aside as ``<name>.diverged``
+    (``(old path, new path, reason)``).
 
     Resumable means: written before the failing step (the checkpoint of step ``failed_step`` holds
     exactly the weights that produced the NaN), weights and optimiser state finite, and the step
@@ -198,7 +199,4 @@ def resume_point_after_divergence(checkpoints: CheckpointManager, failed_step: i
     path, _, rejected = checkpoints.newest_usable(accept=acceptable, below=failed_step)
     diverged = [(p, "holds the weights that produced the non-finite loss") for p in checkpoints.all()
                 if checkpoints.step_of(p) >= failed_step]
-    moved = []
-    for bad, reason in diverged + rejected:
-        moved.append((checkpoints.set_aside(bad, "diverged"), reason))
-    return path, moved
+    return path, [(bad, checkpoints.set_aside(bad, "diverged"), reason) for bad, reason in diverged + rejected]
