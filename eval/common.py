@@ -70,8 +70,13 @@ def load_model(
     model: str | None = None,
     model_args: dict[str, Any] | None = None,
     seed: int = 0,
+    features: str = "native",
 ) -> torch.nn.Module:
-    """A backbone from ``checkpoint`` (``load_backbone``) or a randomly-initialised ``model`` preset."""
+    """A backbone from ``checkpoint`` (``load_backbone``) or a randomly-initialised ``model`` preset.
+
+    ``features="teacher"`` makes the backbone return teacher-space features (through its output
+    projection, e.g. a distilled reference VECA's) everywhere; an error when it has none.
+    """
     if (checkpoint is None) == (model is None):
         raise ValueError("give exactly one of --checkpoint PATH or --model PRESET")
     from veca_ssl.models import build_backbone, load_backbone
@@ -82,6 +87,11 @@ def load_model(
     else:
         torch.manual_seed(seed)
         net = build_backbone(model, **(model_args or {}))
+    if features != "native":
+        try:
+            net.set_feature_space(features)
+        except ValueError as exc:
+            raise ValueError(f"--features {features}: {exc}") from None
     return net.eval()
 
 
@@ -159,6 +169,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="extra constructor argument of --model (repeatable), e.g. depth=2")
     g.add_argument("--seed", type=int, default=0, help="seed of the random init and of the probes")
+    g.add_argument("--features", choices=("native", "teacher"), default="native",
+                   help="native: the backbone's own features; teacher: through its output projection to the "
+                        "teacher's width (distilled VECA reference models) (default: %(default)s)")
 
 
 def model_from_args(args: argparse.Namespace) -> torch.nn.Module:
@@ -171,7 +184,8 @@ def model_from_args(args: argparse.Namespace) -> torch.nn.Module:
         kwargs["num_cores"] = args.num_cores
     if args.checkpoint is not None and kwargs:
         raise ValueError("--patch-size/--num-cores/--model-arg only apply to --model, not --checkpoint")
-    return load_model(args.checkpoint, args.model, kwargs, seed=args.seed)
+    return load_model(args.checkpoint, args.model, kwargs, seed=args.seed,
+                      features=getattr(args, "features", "native"))
 
 
 def add_data_args(parser: argparse.ArgumentParser, names: Sequence[str] = ("train", "val", "test"),

@@ -123,7 +123,8 @@ def extract_to_shards(
     manifest = {"model": info.get("model"), "checkpoint": info.get("checkpoint"), "width": width,
                 "resolution": resolution, "dataset": info.get("dataset"), "count": len(dataset),
                 "dtype": dtype, "format": fmt, "shard_size": shard_size,
-                "features": features + ["labels", "indices"], "embed_dim": int(getattr(model, "embed_dim", 0)),
+                "features": features + ["labels", "indices"],
+                "embed_dim": int(getattr(model, "num_features", getattr(model, "embed_dim", 0))),
                 "shards": [], "complete": False}
     path = out / MANIFEST
     if path.exists():

@@ -41,7 +41,7 @@ def test_width_loop_covers_every_budget_and_matches_direct_forward() -> None:
     with torch.no_grad():
         for w, fs in feats.items():
             direct = model.forward_features(images, num_cores=w)
-            blocks = model.get_intermediate_layers(images, n=2, num_cores=w)
+            blocks = model.get_intermediate_features(images, n=2, num_cores=w)
             assert fs.cls.shape == (10, 2, 64) and fs.width == w
             torch.testing.assert_close(fs.image, direct["cls"], rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(fs.cls[:, 0], blocks[0]["cls"], rtol=1e-5, atol=1e-5)

@@ -446,6 +446,10 @@ def _check_paths(cfg: DictConfig) -> None:
     if monitor.enabled and monitor.dataset:
         _check_dataset("train.knn_monitor.dataset", monitor.dataset, monitor.train_split)
         _check_dataset("train.knn_monitor.dataset", monitor.dataset, monitor.val_split)
+    init_from = cfg.model.init_from
+    if init_from is not None and not Path(str(init_from)).expanduser().exists():
+        raise ConfigError(f"model.init_from={init_from} does not exist; give a checkpoint, export or run "
+                          f"directory (or null for a random init)")
     if cfg.mode == "distill" and not Path(str(cfg.distill.teacher)).expanduser().exists():
         raise ConfigError(f"distill.teacher={cfg.distill.teacher} does not exist; give a local checkpoint, "
                           f"export or run directory")
@@ -458,8 +462,9 @@ def _check_paths(cfg: DictConfig) -> None:
 #: says how the run is carried out and may change between restarts.
 MEANING_SECTIONS = ("mode", "seed", "model", "budgets", "data", "crops", "multires", "augment", "dino", "ibot",
                     "optim", "distill")
-#: Keys inside those sections that do not change the result (speed, memory, logging).
-RESUME_FREE_KEYS = ("model.grad_checkpointing", "data.num_workers", "data.max_skip_fraction",
+#: Keys inside those sections that do not change the result (speed, memory, logging; model.init_from
+#: only matters at step 0: a resumed run continues from its own checkpoint).
+RESUME_FREE_KEYS = ("model.grad_checkpointing", "model.init_from", "data.num_workers", "data.max_skip_fraction",
                     "distill.teacher_batch_size")
 
 

@@ -139,7 +139,7 @@ def _forward_blocks(model: torch.nn.Module, images: torch.Tensor, width: Width, 
     kwargs = {} if width is None else {"num_cores": width}
     if n_blocks == 1:
         return [model.forward_features(images, **kwargs)]
-    return list(model.get_intermediate_layers(images, n=n_blocks, **kwargs))
+    return list(model.get_intermediate_features(images, n=n_blocks, **kwargs))
 
 
 @torch.no_grad()
@@ -160,7 +160,8 @@ def extract_features(
     """Extract frozen features of ``dataset`` at every width in one pass over the data.
 
     Args:
-        model: a backbone of ``veca_ssl.models`` (``forward_features``/``get_intermediate_layers``).
+        model: a backbone of ``veca_ssl.models`` (``forward_features``/``get_intermediate_features``),
+            in its current feature space (``set_feature_space``).
         dataset: map-style dataset of ``(image, target[, dense])``; images are normalised tensors
             (or PIL images, then the standard eval transform is applied).
         widths: core budgets (``None`` = all budgets of the model; a dense ViT has only ``None``).
@@ -218,7 +219,7 @@ def extract_features(
                 grid = blocks[-1].get("grid")
                 grids[w] = tuple(int(g) for g in grid) if grid is not None else (res[0] // patch, res[1] // patch)
 
-    d = int(getattr(model, "embed_dim", 0))
+    d = int(getattr(model, "num_features", getattr(model, "embed_dim", 0)))
 
     def cat(chunks: list[torch.Tensor] | None, empty_shape: tuple[int, ...], dt: torch.dtype) -> torch.Tensor:
         local = torch.cat(chunks) if chunks else torch.zeros(empty_shape, dtype=dt)

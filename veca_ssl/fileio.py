@@ -46,7 +46,8 @@ class CorruptFileError(OSError):
 def _create_temporary(target: Path) -> Path:
     """A new, empty file beside ``target``; O_EXCL so two writers never share one."""
     while True:
-        tmp = target.with_name(f"{TMP_PREFIX}{target.name}-{secrets.token_hex(4)}")
+        # the target's name last, so writers that look at the suffix (.onnx, .pt) see the right one
+        tmp = target.with_name(f"{TMP_PREFIX}{secrets.token_hex(4)}-{target.name}")
         try:
             os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # umask applies
             return tmp

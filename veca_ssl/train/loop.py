@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from veca_ssl import distributed as dist
 from veca_ssl import fileio, signals
-from veca_ssl.config import build_model
+from veca_ssl.config import ConfigError, build_model
 from veca_ssl.data import build_dataset
 from veca_ssl.method.base import Method
 from veca_ssl.method.budgets import BudgetPolicy, resolve_budgets
@@ -138,6 +138,15 @@ def setup(cfg: DictConfig) -> Run:
     torch.manual_seed(cfg.seed)
     out = Path(cfg.output_dir)
     backbone = build_model(cfg)
+    if cfg.model.init_from:  # start from these weights; a resumed run then loads its checkpoint over them
+        from veca_ssl.models.init import init_from
+
+        try:
+            report = init_from(backbone, cfg.model.init_from)
+        except (ValueError, FileNotFoundError) as exc:
+            raise ConfigError(f"model.init_from: {exc}") from None
+        if info.rank == 0:
+            print(report.summary(), flush=True)
     widths = resolve_budgets(backbone.budgets, cfg.budgets.choices)
     policy = BudgetPolicy(widths, cfg.budgets.policy, cfg.budgets.weights, seed=cfg.seed)
     phases = parse_phases(cfg.multires, cfg.model.patch_size, cfg.optim.epochs)  # [] = one size
