@@ -448,7 +448,7 @@ def _check_paths(cfg: DictConfig) -> None:
         _check_dataset("train.knn_monitor.dataset", monitor.dataset, monitor.val_split)
     init_from = cfg.model.init_from
     if init_from is not None and not Path(str(init_from)).expanduser().exists():
-        raise ConfigError(f"model.init_from={init_from} does not exist; give a checkpoint, export or run "
+        raise ConfigError(f"model.init_from={init_from!r} does not exist; give a checkpoint, export or run "
                           f"directory (or null for a random init)")
     if cfg.mode == "distill" and not Path(str(cfg.distill.teacher)).expanduser().exists():
         raise ConfigError(f"distill.teacher={cfg.distill.teacher} does not exist; give a local checkpoint, "
