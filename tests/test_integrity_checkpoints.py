@@ -1,6 +1,6 @@
-"""Checkpoints damaged on disk: a corrupt, truncated, empty, random, foreign or pickled newest
-checkpoint is reported by name and the run resumes from the newest good one; leftovers of killed
-writes are removed; files honour the umask; milestones survive retention."""
+"""Checkpoints damaged on disk: corrupt, truncated, empty, random, foreign or pickled checkpoints are
+reported by name and the run resumes from the newest good one; leftovers of killed writes are
+removed; files honour the umask; milestones survive retention."""
 
 from __future__ import annotations
 
@@ -25,19 +25,19 @@ from veca_ssl.train.loop import train
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory) -> Path:
-    """A run with checkpoints at steps 2, 4 and 6 (trained in this process, to save time)."""
+    """A run with checkpoints at steps 2, 4, 6 and 8 (trained in this process, to save time)."""
     out = tmp_path_factory.mktemp("base") / "run"
-    train(load_config(None, TINY + ["train.max_steps=6", f"output_dir={out}"]))
+    train(load_config(None, TINY + ["train.max_steps=8", f"output_dir={out}"]))
     return out
 
 
 @pytest.fixture(scope="module")
 def foreign(tmp_path_factory) -> Path:
-    """Another model's checkpoint at step 6 (wider embedding), with its own valid checksum file."""
+    """Another model's checkpoint at step 8 (wider embedding), with its own valid checksum file."""
     out = tmp_path_factory.mktemp("foreign") / "run"
     train(load_config(None, TINY + ["model.overrides={embed_dim: 48, depth: 2, num_heads: 2}",
-                                    "train.max_steps=6", "train.checkpoint_every=6", f"output_dir={out}"]))
-    return out / "checkpoints" / "checkpoint-00000006.pt"
+                                    "train.max_steps=8", "train.checkpoint_every=8", f"output_dir={out}"]))
+    return out / "checkpoints" / "checkpoint-00000008.pt"
 
 
 def _copy_run(src: Path, dst: Path) -> Path:
@@ -85,43 +85,56 @@ def _damage(kind: str, path: Path, foreign: Path, tmp_path: Path) -> str:
         path.write_bytes(os.urandom(50_000))
         fileio.checksum_path(path).unlink()  # random bytes from elsewhere: no checksum file either
         return "unreadable"
-    if kind == "foreign":
+    if kind == "foreign":  # another model's checkpoint of the same step, with its own valid checksum
         path.write_bytes(foreign.read_bytes())
         fileio.checksum_path(path).write_bytes(fileio.checksum_path(foreign).read_bytes())
         return r"written for another model: student\['backbone"
     if kind == "pickle":
-        torch.save({"format": CHECKPOINT_FORMAT, "step": 6, "student": _Marker(str(tmp_path / "unpickled"))}, path)
+        step = CheckpointManager.step_of(path)
+        torch.save({"format": CHECKPOINT_FORMAT, "step": step, "student": _Marker(str(tmp_path / "unpickled"))}, path)
         fileio.checksum_path(path).unlink()
         return r"holds a pickled Python object \((io|builtins).open\), which is never loaded"
     raise ValueError(kind)
 
 
-@pytest.mark.parametrize("kind", ["flipped", "truncated", "empty", "random", "foreign", "pickle"])
-def test_damaged_newest_checkpoint_is_named_and_skipped(tmp_path, finished, foreign, kind):
+@pytest.mark.parametrize("kinds", [("flipped", "truncated", "empty"), ("foreign", "random", "pickle")],
+                         ids=["corrupt-truncated-empty", "foreign-random-pickled"])
+def test_damaged_checkpoints_are_named_and_skipped_for_the_newest_good_one(tmp_path, finished, foreign, kinds):
+    """Checkpoints 8, 6 and 4 damaged (one way each): all three are reported by name and reason, set
+    aside, and the run resumes from checkpoint 2, retraining the same weights."""
     out = _copy_run(finished, tmp_path / "run")
-    newest = out / "checkpoints" / "checkpoint-00000006.pt"
-    reason = _damage(kind, newest, foreign, tmp_path)
+    ckpts = CheckpointManager(out / "checkpoints")
+    reasons = {step: _damage(kind, ckpts.path(step), foreign, tmp_path) for step, kind in zip((8, 6, 4), kinds)}
     # leftovers of writes killed earlier: a temporary checkpoint, a temporary config, an orphan checksum
-    (out / "checkpoints" / ".tmp-checkpoint-00000008.pt-1a2b3c4d").write_bytes(b"\0" * 4096)
-    (out / ".tmp-config.yaml-5e6f7a8b").write_text("partial")
-    (out / "checkpoints" / "checkpoint-00000008.pt.sha256").write_text("0" * 64 + "  checkpoint-00000008.pt\n")
+    (out / "checkpoints" / ".tmp-1a2b3c4d-checkpoint-00000010.pt").write_bytes(b"\0" * 4096)
+    (out / ".tmp-5e6f7a8b-config.yaml").write_text("partial")
+    (out / "checkpoints" / "checkpoint-00000010.pt.sha256").write_text("0" * 64 + "  checkpoint-00000010.pt\n")
 
     config = write_config(tmp_path / "exp.yaml", f"output_dir={out}")
-    result = run(config, "train.max_steps=8")
+    result = run(config, "train.max_steps=10", umask=0o022)
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "unpickled").exists()  # the pickle was never executed
-    assert re.search(rf"skipping checkpoint checkpoint-00000006.pt: .*{reason}", result.stderr), result.stderr
-    assert f"resumed from {out / 'checkpoints' / 'checkpoint-00000004.pt'} at step 4" in result.stdout
+    for step, reason in reasons.items():
+        assert re.search(rf"skipping checkpoint checkpoint-{step:08d}.pt: .*{reason}", result.stderr), result.stderr
+    assert f"resumed from {out / 'checkpoints' / 'checkpoint-00000002.pt'} at step 2" in result.stdout
     names = sorted(p.name for p in (out / "checkpoints").iterdir())
-    assert "checkpoint-00000006.pt.rejected" in names  # kept for inspection, out of the resume path
-    assert [CheckpointManager.step_of(p) for p in CheckpointManager(out / "checkpoints").all()] == [2, 4, 6, 8]
-    assert not [n for n in names if n.startswith(".tmp-")] and not (out / ".tmp-config.yaml-5e6f7a8b").exists()
-    # the retrained step 6 is a good checkpoint again, equal to the original one (deterministic CPU run)
-    original = CheckpointManager.load(finished / "checkpoints" / "checkpoint-00000006.pt")
-    redone = CheckpointManager.load(out / "checkpoints" / "checkpoint-00000006.pt")
-    for name, value in original["student"].items():
-        assert torch.equal(value, redone["student"][name]), name
+    for step in reasons:  # kept for inspection, out of the resume path
+        assert f"checkpoint-{step:08d}.pt.rejected" in names
+    assert [CheckpointManager.step_of(p) for p in ckpts.all()] == [2, 4, 6, 8, 10]
+    assert not [n for n in names if n.startswith(".tmp-")] and not (out / ".tmp-5e6f7a8b-config.yaml").exists()
+    assert "checkpoint-00000010.pt.sha256" in names  # the new one's, not the orphan: it verifies
+    assert fileio.verify_file(ckpts.path(10)) == "sha256"
+    # what this run wrote is readable by others under the usual umask (mkstemp would make it 0600)
+    for path in (out / "config.yaml", out / "metrics.jsonl", out / "summary.json", out / "export" / "teacher.json",
+                 out / "export" / "teacher.safetensors", ckpts.path(10), fileio.checksum_path(ckpts.path(10))):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, (path, oct(path.stat().st_mode))
+    # the retrained steps are good checkpoints again, equal to the originals (deterministic CPU run)
+    for step in reasons:
+        original = CheckpointManager.load(finished / "checkpoints" / f"checkpoint-{step:08d}.pt")
+        redone = CheckpointManager.load(ckpts.path(step))
+        for name, value in original["student"].items():
+            assert torch.equal(value, redone["student"][name]), (step, name)
 
 
 def test_no_usable_checkpoint_stops_and_changes_nothing(tmp_path, finished):
@@ -129,35 +142,24 @@ def test_no_usable_checkpoint_stops_and_changes_nothing(tmp_path, finished):
     for path in CheckpointManager(out / "checkpoints").all():
         path.write_bytes(path.read_bytes()[:1000])
     before = sorted(p.name for p in (out / "checkpoints").iterdir())
-    result = run(write_config(tmp_path / "exp.yaml", f"output_dir={out}"), "train.max_steps=8")
+    result = run(write_config(tmp_path / "exp.yaml", f"output_dir={out}"), "train.max_steps=10")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "no usable checkpoint in" in result.stderr
-    for step in (2, 4, 6):
+    for step in (2, 4, 6, 8):
         assert f"checkpoint-0000000{step}.pt: contents" in result.stderr
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
 
 
 def test_load_backbone_refuses_a_corrupt_checkpoint(tmp_path, finished):
-    path = _copy_run(finished, tmp_path / "run") / "checkpoints" / "checkpoint-00000006.pt"
+    path = _copy_run(finished, tmp_path / "run") / "checkpoints" / "checkpoint-00000008.pt"
     _flip_inside_largest_tensor(path)
-    with pytest.raises(ValueError, match="checkpoint-00000006.pt: contents .* do not match the sha256"):
+    with pytest.raises(ValueError, match="checkpoint-00000008.pt: contents .* do not match the sha256"):
         load_backbone(path)
     fileio.checksum_path(path).unlink()  # without its checksum file: the zip records' CRC-32s catch it
     with pytest.raises(ValueError, match="fails its CRC-32 check"):
         load_backbone(path)
     with pytest.raises(CheckpointError, match="fails its CRC-32 check"):
         CheckpointManager.load(path)
-
-
-def test_outputs_honour_the_umask(tmp_path):
-    out = tmp_path / "run"
-    result = run(write_config(tmp_path / "exp.yaml", f"output_dir={out}"), "train.max_steps=2", umask=0o022)
-    assert result.returncode == 0, result.stderr
-    files = [out / "config.yaml", out / "metrics.jsonl", out / "summary.json", out / "export" / "teacher.safetensors",
-             out / "export" / "teacher.json", out / "checkpoints" / "checkpoint-00000002.pt",
-             out / "checkpoints" / "checkpoint-00000002.pt.sha256"]
-    for path in files:
-        assert stat.S_IMODE(path.stat().st_mode) == 0o644, (path, oct(path.stat().st_mode))
 
 
 def test_atomic_writes_honour_the_umask_and_never_leave_partial_files(tmp_path):
