@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +26,8 @@ from torch.utils.data import Dataset, Subset
 
 from eval.extract_cli import FORMATS
 from veca_ssl.distributed import is_main_process
+from veca_ssl.fileio import atomic_write_bytes as _atomic_write_bytes
+from veca_ssl.fileio import sha256_file as _sha256
 from veca_ssl.widths import Width, resolve_widths
 
 MANIFEST = "manifest.json"
@@ -34,23 +35,6 @@ DTYPES = {"float32": (torch.float32, np.float32), "float16": (torch.float16, np.
 #: Manifest fields that must match for a resume to continue an existing extraction.
 IDENTITY = ("model", "checkpoint", "width", "resolution", "dataset", "count", "dtype", "format",
             "shard_size", "features")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _write_shard(out_dir: Path, index: int, arrays: dict[str, np.ndarray], fmt: str,
