@@ -103,7 +103,8 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
             prog="veca submit eval", allow_abbrev=False, formatter_class=HelpFormatter,
             description="Submit `veca eval <protocol>` as a SLURM (or local) job: one job for every core "
                         "width, or a job array\nwith one task per width. Options this command does not "
-                        "know go to `veca eval <protocol>`\n(see `veca eval <protocol> --help`).")
+                        "know go to `veca eval <protocol>` (see its --help)\nand are checked here, before "
+                        "anything is queued.")
         p.add_argument("protocol", choices=EVAL_PROTOCOLS, help="evaluation protocol")
         p.add_argument("--widths", default=None,
                        help="core widths, e.g. 8,16,64 (passed to the eval; default: every width)")
@@ -154,7 +155,8 @@ def prepare_train(args: argparse.Namespace, rest: list[str]) -> tuple[Path, list
     config_path = resolve_config_path(config).resolve() if config is not None else None
     cli = [o for o in overrides if not o.startswith("output_dir=")]
     out_override = args.output_dir or (given[-1] if given else None)
-    cfg = load_config(config_path, cli + ([f"output_dir={out_override}"] if out_override else []))
+    # local=False: the job runs on the cluster's machines, so this machine's GPUs are not the judge
+    cfg = load_config(config_path, cli + ([f"output_dir={out_override}"] if out_override else []), local=False)
     output_dir = Path(str(cfg.output_dir)).resolve()
     job_argv = (["--config", str(config_path)] if config_path else []) + argv + [f"output_dir={output_dir}"]
     return output_dir, [job_argv]
@@ -178,22 +180,34 @@ def _eval_budgets(rest: list[str]) -> tuple[int, ...]:
 
 
 def prepare_eval(args: argparse.Namespace, rest: list[str]) -> tuple[Path, list[list[str]]]:
+    """The eval jobs' argv, each checked now as the job will parse it (options, values, paths, and no
+    earlier report in its output directory): (output_dir, [job argv])."""
     output_dir = Path(args.output_dir or "eval_output").resolve()
     base = [args.protocol, *rest]
+
+    def place(widths: str | None, out: Path) -> list[str]:
+        if args.protocol == "all":  # `veca eval all` takes key=value overrides, not options
+            return ([f"widths=[{widths}]"] if widths and widths != "all" else []) + [f"output_dir={out}"]
+        return (["--widths", widths] if widths else []) + ["--output-dir", str(out)]
+
     if not args.array_over_widths:
-        widths = ["--widths", args.widths] if args.widths else []
-        return output_dir, [base + widths + ["--output-dir", str(output_dir)]]
-    if args.widths in (None, "all"):
-        widths = list(_eval_budgets(rest))
-        if not widths:
-            raise ValueError("--array-over-widths: this backbone has no elastic widths (dense ViT); drop the flag")
+        argvs = [base + place(args.widths, output_dir)]
     else:
-        try:
-            widths = [int(w) for w in args.widths.split(",") if w.strip()]
-        except ValueError:
-            raise ValueError(f"--widths {args.widths!r}: expected integers like 8,16,64") from None
-    return output_dir, [base + ["--widths", str(w), "--output-dir", str(output_dir / f"width_{w}")]
-                        for w in widths]
+        if args.widths in (None, "all"):
+            widths = list(_eval_budgets(rest))
+            if not widths:
+                raise ValueError("--array-over-widths: this backbone has no elastic widths (dense ViT); drop the flag")
+        else:
+            try:
+                widths = [int(w) for w in args.widths.split(",") if w.strip()]
+            except ValueError:
+                raise ValueError(f"--widths {args.widths!r}: expected integers like 8,16,64") from None
+        argvs = [base + place(str(w), output_dir / f"width_{w}") for w in widths]
+    from eval.cli import check_argv
+
+    for argv in argvs:
+        check_argv(argv)
+    return output_dir, argvs
 
 
 def _print_dry_run(kind: str, cluster: str | None, folder: Path, params: dict[str, Any],
@@ -249,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
             job_cls, default_entry = EvalJob, EVAL_ENTRY
         args.job_name = args.job_name or (f"veca-{kind}" if kind == "train" else f"veca-eval-{args.protocol}")
         params = executor_parameters(args)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, OSError) as exc:  # OSError: missing paths, an earlier eval report
         print(f"veca submit {kind}: {exc}", file=sys.stderr)
         return 2
     jobs = [job_cls(a, entry=args.entry or default_entry) for a in argvs]

@@ -386,6 +386,8 @@ def test_extract_with_native_or_teacher_features_of_a_distilled_reference_model(
     assert torch.allclose(got, expected, atol=1e-5)
     plain = tmp_path / "plain.safetensors"
     save_backbone(build_backbone("veca_tiny", patch_size=8, embed_dim=32, num_heads=2, depth=1), plain)
-    with pytest.raises(ValueError, match="--features teacher: teacher-space features need an output projection"):
-        main(["--checkpoint", str(plain), "--data", "synthetic:n=2,size=16", "--features", "teacher",
-              "--output-dir", str(tmp_path / "x")])
+    capsys.readouterr()
+    assert main(["--checkpoint", str(plain), "--data", "synthetic:n=2,size=16", "--features", "teacher",
+                 "--output-dir", str(tmp_path / "x")]) == 2  # a user error: one line, no traceback
+    err = capsys.readouterr().err
+    assert "--features teacher: teacher-space features need an output projection" in err and "Traceback" not in err

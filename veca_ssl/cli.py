@@ -16,7 +16,8 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("veca_ssl.train.main", "pretrain (self-supervised or distillation) from a YAML config"),
     "eval": ("eval.cli", "evaluate a backbone at every core width: knn | linear | logreg | dense | all"),
-    "extract": ("eval.extract", "extract frozen image/patch features of a dataset to shards"),
+    "extract": ("eval.extract_cli", "extract frozen image/patch features of a dataset to shards"),
+    "select": ("eval.selection", "pick the core width to deploy from an eval report and a latency budget"),
     "export": ("veca_ssl.export", "export a backbone at one core width: safetensors | torchscript | onnx | "
                                   "veca-reference"),
     # the bench list mirrors veca_ssl.bench.BENCHES (a test keeps them equal); the library layer does

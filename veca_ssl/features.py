@@ -13,7 +13,6 @@ dataset and the shards are all-gathered, so every rank ends up with the full set
 from __future__ import annotations
 
 import contextlib
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -22,14 +21,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, IterableDataset
-from tqdm import tqdm
 
+from veca_ssl.progress import track
 from veca_ssl.widths import Width, resolve_widths
-
-
-def progress_enabled(flag: bool) -> bool:
-    """Progress bars only when asked for and stderr is a terminal."""
-    return bool(flag) and sys.stderr.isatty()
 
 
 @dataclass
@@ -200,8 +194,8 @@ def extract_features(
     grids: dict[Width, tuple[int, int]] = {}
     labels: list[torch.Tensor] = []
     indices: list[torch.Tensor] = []
-    bar = tqdm(loader, desc="extract", unit="batch", disable=not progress_enabled(progress))
-    for images, targets, idx in bar:
+    # A bar in a terminal and progress lines in the log (batch jobs have no terminal).
+    for images, targets, idx in track(loader, desc="extract", unit="batch", bar=progress):
         images = _prepare(images, res, device)
         labels.append(targets.long())
         indices.append(idx.long())

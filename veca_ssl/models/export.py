@@ -16,7 +16,6 @@ and compared with the elastic model at the same width on the same input (``Parit
 
 from __future__ import annotations
 
-import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,9 +23,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from veca_ssl import fileio
+
 from .base import Backbone
 from .fixed_width import fixed_width, slice_to_width
-from .io import load_backbone, save_backbone, umask_mode
+from .io import load_backbone, save_backbone
 from .veca import VECA
 
 FORMATS = ("safetensors", "torchscript", "onnx", "veca-reference")
@@ -58,17 +59,6 @@ class ExportResult:
     space: str
     parity: Parity
     notes: list[str] = field(default_factory=list)
-
-
-def _umask_chmod(path: Path) -> None:
-    os.chmod(path, umask_mode())
-
-
-def _atomic_torch_save(obj: object, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-    _umask_chmod(path)
 
 
 def _diff(a: Tensor, b: Tensor) -> float:
@@ -119,7 +109,8 @@ def export_backbone(model: Backbone, out: str | Path, fmt: str = "safetensors", 
         target = slice_to_width(model, width) if isinstance(model, VECA) and width != model.num_cores else model
         ckpt, notes = reference.to_reference(target, strict=strict_reference)
         path = out
-        _atomic_torch_save(ckpt, path)
+        with fileio.atomic_path(path) as tmp:
+            torch.save(ckpt, tmp)
         got = load_backbone(path).eval().forward_features(images, space=space, **kwargs)
         parity = Parity(_diff(expected["cls"], got["cls"]), _diff(expected["patches"], got["patches"]))
     else:
@@ -129,10 +120,8 @@ def export_backbone(model: Backbone, out: str | Path, fmt: str = "safetensors", 
             with warnings.catch_warnings():  # shape-dependent Python values are constants: by design
                 warnings.simplefilter("ignore", torch.jit.TracerWarning)
                 traced = torch.jit.trace(module, (images,), check_trace=False)
-            tmp = path.with_name(f".{path.name}.tmp")
-            torch.jit.save(traced, str(tmp))
-            os.replace(tmp, path)
-            _umask_chmod(path)
+            with fileio.atomic_path(path) as tmp:
+                torch.jit.save(traced, str(tmp))
             cls, patches = torch.jit.load(str(path))(images)
             parity = Parity(_diff(expected["cls"], cls), _diff(expected["patches"], patches))
         else:
@@ -145,12 +134,10 @@ def _export_onnx(module: torch.nn.Module, images: Tensor, path: Path, cls_ref: T
         import onnxscript  # noqa: F401  (the exporter needs it; a clear message beats its ImportError)
     except ImportError:
         raise ValueError("ONNX export needs onnx and onnxscript: pip install 'veca-ssl[onnx]'") from None
-    tmp = path.with_name(f".{path.name}.tmp.onnx")
     program = torch.onnx.export(module, (images,), dynamo=True, input_names=["images"],
                                 output_names=["cls", "patches"], verbose=False)
-    program.save(str(tmp))
-    os.replace(tmp, path)
-    _umask_chmod(path)
+    with fileio.atomic_path(path) as tmp:  # the temporary name ends in the target's, .onnx included
+        program.save(str(tmp))
     try:
         import onnxruntime as ort
     except ImportError:

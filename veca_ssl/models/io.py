@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import pickle
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+
+from veca_ssl import fileio
 
 from .base import Backbone
 from .registry import build_from_config
@@ -29,35 +29,13 @@ EXPORT_FORMAT_NAME = "veca-ssl"  # the format name reported for our own exports 
 log = logging.getLogger("veca_ssl.models")
 
 
-def umask_mode() -> int:
-    """File mode the umask allows (0644 under the usual 022); temporary files start at 0600."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.chmod(tmp, umask_mode())  # teammates on a shared filesystem can read exports
-    os.replace(tmp, path)
-
-
 def save_backbone(model: Backbone, path: str | Path, extra: dict | None = None) -> Path:
     """Write ``path`` (.safetensors) and its .json sidecar, each atomically. Returns the weights path."""
     path = Path(path).with_suffix(".safetensors")
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    save_file(state, tmp, metadata={"format": EXPORT_FORMAT})
-    os.chmod(tmp, umask_mode())
-    os.replace(tmp, path)
-    meta = {"format": EXPORT_FORMAT, "config": model.config, **(extra or {})}
-    _atomic_write_bytes(path.with_suffix(".json"), json.dumps(meta, indent=2).encode())
+    with fileio.atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata={"format": EXPORT_FORMAT})
+    fileio.atomic_write_json(path.with_suffix(".json"), {"format": EXPORT_FORMAT, "config": model.config, **(extra or {})})
     return path
 
 
@@ -153,6 +131,10 @@ def read_backbone(path: str | Path, map_location: str | torch.device = "cpu", wh
 
 
 def _torch_load(path: Path, map_location) -> object:
+    try:
+        fileio.verify_file(path)  # torch.load does not notice flipped bytes inside a tensor
+    except fileio.CorruptFileError as exc:
+        raise ValueError(f"cannot read checkpoint {path}: {exc}") from None
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:

@@ -6,6 +6,7 @@ import torch
 from omegaconf import DictConfig
 
 from veca_ssl import distributed as dist
+from veca_ssl import signals
 from veca_ssl.train.multires import MultiResSchedule
 
 
@@ -40,7 +41,8 @@ def build_train_loader(cfg: DictConfig, dataset, patch_size: int, info: dist.Dis
     nw = cfg.data.num_workers
     # a private generator: creating the loader must not consume the global RNG (exact resume)
     loader_kw = dict(num_workers=nw, pin_memory=info.device.type == "cuda", persistent_workers=nw > 0,
-                     prefetch_factor=4 if nw > 0 else None, generator=torch.Generator().manual_seed(cfg.seed))
+                     prefetch_factor=4 if nw > 0 else None, generator=torch.Generator().manual_seed(cfg.seed),
+                     worker_init_fn=signals.ignore_in_worker)  # stop signals: the main process decides
     if multires is not None:  # one SSL dataset per global crop side; the batch sampler picks per step
         from veca_ssl.data.multires import MultiResBatchSampler, MultiResSSLDataset
 

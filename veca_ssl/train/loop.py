@@ -10,7 +10,6 @@ because samples are addressed by their global position (``InfiniteSampler``).
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import time
@@ -23,8 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from veca_ssl import distributed as dist
-from veca_ssl import signals
-from veca_ssl.config import ConfigError, build_model, save_config
+from veca_ssl import fileio, signals
+from veca_ssl.config import ConfigError, build_model
 from veca_ssl.data import build_dataset
 from veca_ssl.method.base import Method
 from veca_ssl.method.budgets import BudgetPolicy, resolve_budgets
@@ -35,10 +34,12 @@ from veca_ssl.models.base import Backbone
 from veca_ssl.parallelize import wrap_ddp
 from veca_ssl.train.checkpoint import CheckpointManager, rng_state, set_rng_state
 from veca_ssl.train.data import build_train_loader
-from veca_ssl.train.metrics import MetricLogger
+from veca_ssl.train.lock import RunLock
+from veca_ssl.train.metrics import MetricLogger, MetricsWriteError
 from veca_ssl.train.monitor import KnnMonitor
 from veca_ssl.train.multires import FixedSchedule, MultiResSchedule, parse_phases
 from veca_ssl.train.optim import build_optimizer, set_schedules
+from veca_ssl.train.rundir import on_main, open_run_dir, resume_point_after_divergence
 from veca_ssl.train.schedules import cosine_schedule, scaled_lr, teacher_temperature
 
 log = logging.getLogger("veca_ssl.train")
@@ -47,7 +48,7 @@ __all__ = ["NonFiniteLossError", "build_model", "build_method", "setup", "train_
 
 
 class NonFiniteLossError(FloatingPointError):
-    """Raised when a loss term is NaN/Inf; the last checkpoint on disk is the last good state."""
+    """A loss term was NaN/Inf; the message names the step, the terms and the checkpoint to resume from."""
 
 
 def build_method(cfg: DictConfig, backbone: Backbone) -> Method:
@@ -56,14 +57,32 @@ def build_method(cfg: DictConfig, backbone: Backbone) -> Method:
     return ElasticDINO(cfg, backbone)
 
 
-def check_finite(losses: dict, step: int, last_checkpoint: Path | None) -> None:
+def check_finite(run: Run, losses: dict, step: int) -> None:
+    """Stop every rank at the same step when any rank's loss is NaN/Inf (before backward, so no
+    rank waits forever in a gradient all-reduce), naming the checkpoint a rerun resumes from."""
     bad = [k for k, v in losses.items() if not math.isfinite(float(v.detach()))]
-    if bad:
-        terms = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in losses.items())
-        raise NonFiniteLossError(
-            f"non-finite loss at step {step}: {', '.join(bad)} (all terms: {terms}). The last good checkpoint "
-            f"is {last_checkpoint or '(none yet)'}; lower optim.base_lr or raise optim.warmup_epochs, then "
-            f"rerun to resume from it.")
+    flag = torch.tensor([float(bool(bad))])
+    if run.info.world_size > 1:
+        flag = dist.all_reduce_sum(flag)
+    if not flag.item():
+        return
+    terms = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in losses.items())
+
+    def report() -> str:
+        what = f"{', '.join(bad)} (all terms: {terms})" if bad else "on another rank"
+        good, moved = resume_point_after_divergence(run.checkpoints, step, run.logger.path)
+        lines = [f"non-finite loss at step {step + 1}: {what}."]
+        lines += [f"Set aside {old.name} as {new.name} ({reason})." for old, new, reason in moved]
+        if good is not None:
+            lines.append(f"Resume point: {good} (step {CheckpointManager.step_of(good)}; weights and optimiser "
+                         f"state finite). Lower optim.base_lr (or raise optim.warmup_epochs) and rerun with "
+                         f"train.allow_config_change=true: the run resumes from there.")
+        else:
+            lines.append("No earlier checkpoint can be resumed from: a rerun starts from step 0. Lower "
+                         "optim.base_lr (or raise optim.warmup_epochs) first; train.keep_every keeps milestones.")
+        return " ".join(lines)
+
+    raise NonFiniteLossError(on_main(run.info, report))
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
@@ -90,6 +109,7 @@ class Run:
     schedule: FixedSchedule | MultiResSchedule
     data: Iterator[dict]
     checkpoints: CheckpointManager
+    lock: RunLock | None
     logger: MetricLogger
     monitor: KnnMonitor | None
     start_step: int
@@ -134,15 +154,17 @@ def setup(cfg: DictConfig) -> Run:
     method = build_method(cfg, backbone).to(info.device)
     dist.seed_everything(cfg.seed, info.rank)  # per-rank randomness (drop-path, coordinate jitter) from here
 
-    if info.rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
-    checkpoints = CheckpointManager(out / "checkpoints", cfg.train.keep_last)
+    checkpoints = CheckpointManager(out / "checkpoints", cfg.train.keep_last, cfg.train.keep_every)
     optimizer = build_optimizer(method.student, backbone.depth, cfg.optim, backbone.no_weight_decay_keywords())
 
-    start_step, latest = 0, checkpoints.latest()
+    # rank 0 locks the directory, cleans it and picks a verified resume point (``train`` releases the
+    # lock on any error); the other ranks load the checkpoint it picked
+    lock = RunLock(out) if info.rank == 0 else None
+    opened: dict = {}
+    latest = on_main(info, lambda: _open(opened, cfg, out, lock, checkpoints, method, optimizer))
+    start_step = 0
     if latest is not None:
-        state = CheckpointManager.load(latest)
+        state = opened.get("state") or CheckpointManager.load(latest, verify=False)
         method.load_state_dict(state)
         optimizer.load_state_dict(state["optimizer"])
         start_step = int(state["step"])
@@ -173,17 +195,27 @@ def setup(cfg: DictConfig) -> Run:
 
     loader = build_train_loader(cfg, dataset, backbone.patch_size, info, schedule.samples_before(start_step),
                                 multires=schedule if phases else None, start_step=start_step)
+    with signals.stop_signals_blocked():  # workers start with stop signals blocked, then ignore them
+        data = iter(loader)
     monitor = None
     if cfg.train.knn_monitor.enabled and cfg.train.knn_monitor.dataset:
         monitor = KnnMonitor(cfg, info.device, out)
         if info.rank == 0 and start_step == 0:
             monitor.record_before(method.ema_backbone)
     return Run(cfg=cfg, info=info, output_dir=out, method=method, optimizer=optimizer, policy=policy,
-               schedule=schedule, data=iter(loader), checkpoints=checkpoints,
-               logger=MetricLogger.from_config(out, cfg, enabled=info.rank == 0), monitor=monitor,
+               schedule=schedule, data=data, checkpoints=checkpoints, lock=lock,
+               logger=MetricLogger.from_config(out, cfg, enabled=info.rank == 0, resume_step=start_step),
+               monitor=monitor,
                start_step=start_step,
                stop_at=stop_at, peak_lr=peak_lr, warmup_steps=schedule.step_of_epoch(cfg.optim.warmup_epochs),
                last_checkpoint=latest)
+
+
+def _open(opened: dict, cfg: DictConfig, out: Path, lock: RunLock, checkpoints: CheckpointManager, method: Method,
+          optimizer: torch.optim.Optimizer) -> Path | None:
+    """Rank 0: ``open_run_dir``; keeps the loaded state in ``opened`` (only the path is broadcast)."""
+    path, opened["state"] = open_run_dir(cfg, out, lock, checkpoints, method, optimizer)
+    return path
 
 
 def train_step(run: Run, step: int) -> tuple[bool, dict | None]:
@@ -205,7 +237,7 @@ def train_step(run: Run, step: int) -> tuple[bool, dict | None]:
 
     with _autocast(cfg, run.info.device):
         losses = method(batch, widths, teacher_temp)
-    check_finite(losses, step, run.last_checkpoint)
+    check_finite(run, losses, step)
 
     run.optimizer.zero_grad(set_to_none=True)
     losses["loss"].backward()
@@ -230,9 +262,8 @@ def train_step(run: Run, step: int) -> tuple[bool, dict | None]:
         run.logger.log(done, run.monitor.evaluate(method.ema_backbone))
     stop = signals.checkpoint_requested()
     if done % cfg.train.checkpoint_every == 0 or done == run.stop_at or stop:
-        if run.main:
-            run.last_checkpoint = run.checkpoints.save(_state(run, done), done)
-        dist.barrier()
+        # rank 0 writes; every rank learns the outcome (a failed save stops all of them, none hangs)
+        run.last_checkpoint = on_main(run.info, lambda: run.checkpoints.save(_state(run, done), done))
     return stop, record
 
 
@@ -249,42 +280,63 @@ def _state(run: Run, step: int) -> dict:
 
 
 def finish(run: Run, steps_done: int) -> dict:
-    """Export the EMA backbone, the final k-NN table (and distillation report) and ``summary.json``."""
+    """Export the EMA backbone, the final k-NN table (and distillation report) and ``summary.json``;
+    release the output directory. The export records the step its weights come from."""
     summary = {"steps": steps_done, "total_steps": run.schedule.total_steps, "output_dir": str(run.output_dir)}
     if run.main and steps_done >= run.stop_at:
         ema = run.method.ema_backbone
         export = save_backbone(ema, run.output_dir / "export" / "teacher.safetensors",
-                               extra={"steps": run.stop_at, "mode": run.cfg.mode})
+                               extra={"steps": steps_done, "mode": run.cfg.mode})
         summary["export"] = str(export)
         if run.monitor is not None:
             summary["knn"] = run.monitor.final(ema)
-            run.logger.log(run.stop_at, run.monitor.flat(summary["knn"]))
+            flat = run.monitor.flat(summary["knn"])
+            if steps_done > run.start_step or not set(flat) <= run.logger.logged(steps_done):  # not twice
+                run.logger.log(steps_done, flat)
             if run.cfg.mode == "distill":
                 from veca_ssl.train.distill_report import distillation_report
 
                 summary["distill_report"] = distillation_report(run.method, run.cfg, run.info.device)
-        (run.output_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        fileio.atomic_write_json(run.output_dir / "summary.json", summary, default=str)
     run.logger.close()
+    if run.lock is not None:
+        run.lock.release()
     return summary
 
 
 def train(cfg: DictConfig) -> dict:
     """Train from ``cfg`` (validated by ``veca_ssl.config.load_config``); resume automatically from
     ``<output_dir>/checkpoints``. Returns a summary dict."""
-    run = setup(cfg)
-    bar = tqdm(total=run.stop_at, initial=run.start_step, disable=not (run.main and cfg.train.progress),
-               unit="step", dynamic_ncols=True, desc="train")
-    steps_done = run.start_step
-    for step in range(run.start_step, run.stop_at):
-        stop, record = train_step(run, step)
-        steps_done = step + 1
-        if record is not None:
-            bar.set_postfix(loss=f"{record['loss']:.3f}", C=int(record["budget"]) or None,
-                            img_s=f"{record['images_per_s']:.0f}")
-        bar.update(1)
-        if stop:
-            if run.main:
-                print(f"stop requested: checkpoint at step {steps_done} written, exiting", flush=True)
-            break
-    bar.close()
-    return finish(run, steps_done)
+    try:
+        run = setup(cfg)
+        bar = tqdm(total=run.stop_at, initial=run.start_step, disable=not (run.main and cfg.train.progress),
+                   unit="step", dynamic_ncols=True, desc="train")
+        steps_done = run.start_step
+        for step in range(run.start_step, run.stop_at):
+            try:
+                stop, record = train_step(run, step)
+            except MetricsWriteError as exc:
+                raise MetricsWriteError(f"{exc}. The run stopped; its newest checkpoint is "
+                                        f"{run.last_checkpoint or '(none yet)'}: free space and rerun the same "
+                                        f"command to resume.") from exc
+            steps_done = step + 1
+            if record is not None:
+                bar.set_postfix(loss=f"{record['loss']:.3f}", C=int(record["budget"]) or None,
+                                img_s=f"{record['images_per_s']:.0f}")
+            bar.update(1)
+            if stop:
+                _report_stop(run, steps_done)
+                break
+        bar.close()
+        return finish(run, steps_done)
+    finally:
+        RunLock.release_held(cfg.output_dir)  # after an error: the next run must find the directory free
+
+
+def _report_stop(run: Run, steps_done: int) -> None:
+    cause = signals.signal_name(signals.preemption_signal())
+    if run.main:
+        print(f"stop requested ({cause}): checkpoint at step {steps_done} written ({run.last_checkpoint}); "
+              f"rerun the same command to resume", flush=True)
+    else:
+        print(f"rank {run.info.rank}: stop requested ({cause}): stopped after step {steps_done}", flush=True)

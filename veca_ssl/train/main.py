@@ -1,4 +1,11 @@
-"""``veca train [--config FILE] [key=value ...]`` (also ``python -m veca_ssl.train.main``)."""
+"""``veca train [--config FILE] [key=value ...]`` (also ``python -m veca_ssl.train.main``).
+
+Every failure ends as one message on stderr and a non-zero exit, without a traceback: 2 for what the
+user can fix (a config value, a locked or unusable output directory, a refused resume, a diverged
+run, a full disk), 1 for anything unexpected (its traceback also goes to ``<output_dir>/error.log``),
+130 after a second Ctrl-C. ``--debug`` shows the traceback instead. At start-up the process sets its
+CPU threads by ``train.num_threads`` (``veca_ssl.threads``).
+"""
 
 from __future__ import annotations
 
@@ -12,6 +19,8 @@ from pathlib import Path
 from veca_ssl import CONFIG_DIR
 from veca_ssl.cli import HelpFormatter
 from veca_ssl.config import ConfigError, load_config
+
+PROG = "veca train"
 
 DESCRIPTION = """\
 Pretrain a VECA (or dense ViT) backbone: self-supervised DINO + iBOT + KoLeo, or distillation from a
@@ -30,7 +39,7 @@ def _named_configs() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="veca train", description=DESCRIPTION, formatter_class=HelpFormatter,
+        prog=PROG, description=DESCRIPTION, formatter_class=HelpFormatter,
         epilog=textwrap.fill(f"named configs (in {CONFIG_DIR}): {_named_configs()}", width=100,
                              break_on_hyphens=False))
     p.add_argument("--config", default="quickstart",
@@ -46,6 +55,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors whose message already says what happened and what to do."""
+    from veca_ssl.train.checkpoint import CheckpointError
+    from veca_ssl.train.lock import RunLockedError
+    from veca_ssl.train.loop import NonFiniteLossError
+    from veca_ssl.train.metrics import MetricsWriteError
+
+    return ConfigError, CheckpointError, RunLockedError, NonFiniteLossError, MetricsWriteError
+
+
 def _is_main_process() -> bool:
     """Rank 0 (or a single process), judged from the launcher's variables before distributed starts."""
     for var in ("RANK", "SLURM_PROCID", "SUBMITIT_LOCAL_GLOBALID"):
@@ -54,16 +73,11 @@ def _is_main_process() -> bool:
     return True
 
 
-def _report_error(exc: BaseException, output_dir: str | None) -> int:
-    """One message for the user, no traceback: config errors exit 2, anything else 1 (its traceback
-    goes to <output_dir>/error.log when that directory exists, and --debug prints it)."""
-    if isinstance(exc, ConfigError):
-        print(f"veca train: config error: {exc}", file=sys.stderr)
-        return 2
-    text = str(exc) or type(exc).__name__
-    if isinstance(exc, OSError) and exc.filename and str(exc.filename) not in text:
-        text = f"{text}: {exc.filename}"
-    where = "rerun with --debug to see the traceback"
+def _unexpected(exc: BaseException, output_dir: str | None) -> int:
+    """One line for an error nobody anticipated; the traceback goes to <output_dir>/error.log when
+    that directory exists (a job's log then still has it), and --debug prints it."""
+    first = str(exc).strip().splitlines()
+    where = "rerun with --debug for the traceback"
     if output_dir and Path(output_dir).is_dir():
         log = Path(output_dir) / "error.log"
         try:
@@ -72,7 +86,7 @@ def _report_error(exc: BaseException, output_dir: str | None) -> int:
             where = f"traceback in {log}; rerun with --debug to see it here"
         except OSError:
             pass
-    print(f"veca train: error: {text} ({type(exc).__name__}; {where})", file=sys.stderr)
+    print(f"{PROG}: error: {type(exc).__name__}: {first[0] if first else ''} ({where})", file=sys.stderr)
     return 1
 
 
@@ -89,22 +103,33 @@ def main(argv: list[str] | None = None) -> int:
 
         plan = apply_thread_policy(int(cfg.train.num_threads), int(cfg.data.num_workers))
         if _is_main_process():
-            print(f"veca train: {plan.threads} intra-op CPU thread{'s' if plan.threads > 1 else ''} "
+            print(f"{PROG}: {plan.threads} intra-op CPU thread{'s' if plan.threads > 1 else ''} "
                   f"({plan.reason}); train.num_threads=N to choose", flush=True)
         if args.dry_run:
             from omegaconf import OmegaConf
 
             print(OmegaConf.to_yaml(cfg, resolve=True), end="")
-            print(f"# veca train --dry-run: config valid, nothing run (outputs would go to {output_dir})")
+            print(f"# {PROG} --dry-run: config valid, nothing run (outputs would go to {output_dir})")
             return 0
         return _train(cfg)
     except KeyboardInterrupt:
-        print("veca train: interrupted", file=sys.stderr)
+        if args.debug:
+            raise
+        print(f"{PROG}: interrupted by a second stop signal before the step ended; the checkpoints on disk are "
+              f"intact: rerun the same command to resume from the newest", file=sys.stderr)
         return 130
+    except ConfigError as exc:
+        if args.debug:
+            raise
+        print(f"{PROG}: config error: {exc}", file=sys.stderr)
+        return 2
     except Exception as exc:
         if args.debug:
             raise
-        return _report_error(exc, output_dir)
+        if isinstance(exc, _user_errors()):
+            print(f"{PROG}: {exc}", file=sys.stderr)
+            return 2
+        return _unexpected(exc, output_dir)
 
 
 def _train(cfg) -> int:
