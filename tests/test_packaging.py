@@ -57,7 +57,7 @@ _PROBE = """
 import veca_ssl
 from veca_ssl.config import load_config
 cfg = load_config("quickstart")
-exp = load_config("experiments/veca_s16_imagenet")
+exp = load_config("experiments/veca_s16_imagenet", ["data.train=digits"])  # its dataset is not here
 print(veca_ssl.__file__)
 print(veca_ssl.CONFIG_DIR)
 print(cfg.model.name, cfg.output_dir, exp.model.name, exp.model.num_cores)
