@@ -99,12 +99,13 @@ def _check_sources(cfg: DictConfig) -> None:
 
 
 def evaluate(model: torch.nn.Module, widths: list, cfg: DictConfig, device: torch.device,
-             progress: bool) -> dict:
+             progress: bool, data_skips: dict | None = None) -> dict:
     """Run the configured protocols on ``model`` at ``widths``: ``{width: merged metrics}``."""
     from eval.report import merge_metrics
-    from veca_ssl.features import extract_features
+    from veca_ssl.features import extract_features, skip_summary
 
     results = []
+    skips = data_skips if data_skips is not None else {}
     cls_protocols = [p for p in cfg.protocols if p != "dense"]
     if cls_protocols:
         specs = {k: cfg.datasets[k] for k in ("train", "val", "test") if cfg.datasets.get(k)}
@@ -119,6 +120,8 @@ def evaluate(model: torch.nn.Module, widths: list, cfg: DictConfig, device: torc
                                         n_last_blocks=n_blocks, with_patch_mean=linear,
                                         num_workers=cfg.num_workers, progress=progress)
             require_labels(next(iter(feats[k].values())).labels, specs[k])
+            if next(iter(feats[k].values())).skipped:  # unusable images left out: into the report
+                skips[k] = skip_summary(feats[k])
         if "knn" in cls_protocols:
             from eval.knn import run_knn
 
@@ -145,6 +148,7 @@ def evaluate(model: torch.nn.Module, widths: list, cfg: DictConfig, device: torc
         ctx = EvalContext(model, "", widths, device, Path(cfg.output_dir), progress)
         tr, te, tr_t, te_t = dense_features(ctx, cfg.datasets.dense_train, cfg.datasets.dense_test,
                                             cfg.resolution, cfg.batch_size, cfg.num_workers, d.reduce_zero_label)
+        skips.update({f"dense_{k}": v for k, v in ctx.data_skips.items()})
         dc = DenseProbeConfig(epochs=d.epochs, batch_size=d.batch_size, lr=d.lr, seed=cfg.seed)
         results.append(run_dense(tr, te, tr_t, te_t, resolve_tasks(d.tasks, tr_t, te_t), d.num_classes, dc, device))
     return merge_metrics(*results)
@@ -162,8 +166,9 @@ def run_all(cfg: DictConfig) -> list[dict]:
     widths = resolve_widths(model, parse_widths(cfg.widths if not OmegaConf.is_list(cfg.widths)
                                                 else list(cfg.widths)))
     sp = cfg.speed
-    rows = build_rows(model, evaluate(model, widths, cfg, device, progress), cfg.resolution, cfg.batch_size,
-                      device, sp.enabled, sp.warmup, sp.repeats)
+    skips: dict = {}  # unusable images left out of each dataset's features
+    rows = build_rows(model, evaluate(model, widths, cfg, device, progress, skips), cfg.resolution,
+                      cfg.batch_size, device, sp.enabled, sp.warmup, sp.repeats)
     ref_name = None
     if cfg.reference is not None:
         ref = cfg.reference
@@ -179,6 +184,8 @@ def run_all(cfg: DictConfig) -> list[dict]:
             "wall_time_s": round(time.perf_counter() - t0, 2)}
     if ref_name:
         meta["reference"] = ref_name
+    if skips:
+        meta["data_skips"] = skips
     if is_main_process():
         out = Path(cfg.output_dir)
         paths = write_report(rows, out, f"{cfg.title} — {name}", meta)

@@ -12,7 +12,7 @@ import argparse
 import contextlib
 import re
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -215,6 +215,8 @@ class EvalContext:
     device: torch.device
     output_dir: Path
     progress: bool
+    #: Unusable images left out of each dataset's features (``veca_ssl.features.skip_summary``).
+    data_skips: dict[str, Any] = field(default_factory=dict)
 
 
 def setup(args: argparse.Namespace) -> EvalContext:
@@ -239,7 +241,7 @@ def classification_features(ctx: EvalContext, args: argparse.Namespace, n_last_b
 
     Returns ``({width: FeatureSet} train, test, val-or-None)``.
     """
-    from veca_ssl.features import extract_features
+    from veca_ssl.features import extract_features, skip_summary
 
     specs = {"train": args.train, "test": args.test, "val": getattr(args, "val", None)}
     datasets = {name: build_eval_dataset(spec, args.resolution) for name, spec in specs.items() if spec}
@@ -254,6 +256,8 @@ def classification_features(ctx: EvalContext, args: argparse.Namespace, n_last_b
             progress=ctx.progress)
         first = next(iter(out[name].values()))
         require_labels(first.labels, specs[name])
+        if first.skipped:
+            ctx.data_skips[name] = skip_summary(first)
     return out["train"], out["test"], out.get("val")
 
 

@@ -356,6 +356,13 @@ def dense_features(ctx, train_spec: str, test_spec: str, resolution: int, batch_
         targets = ds.targets()  # fails early (before extraction) on data without masks/depth
         feats = extract_features(ctx.model, ds, ctx.widths, resolution, batch_size, ctx.device,
                                  with_patches=True, num_workers=num_workers, progress=ctx.progress)
+        rows = next(iter(feats.values()))
+        if rows.skipped:  # unusable images are left out of the features: keep their targets out too
+            targets = {k: v[rows.indices] for k, v in targets.items()}
+            if hasattr(ctx, "data_skips"):
+                from veca_ssl.features import skip_summary
+
+                ctx.data_skips[name] = skip_summary(rows)
         sets[name] = (feats, targets)
     return sets["train"][0], sets["test"][0], sets["train"][1], sets["test"][1]
 

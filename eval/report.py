@@ -184,6 +184,8 @@ def finish_report(ctx, args, metrics: dict[Width, dict], title: str, protocol: s
         meta = {"model": ctx.model_name, "protocol": protocol, "resolution": args.resolution,
                 "device": str(ctx.device), "train": getattr(args, "train", None),
                 "test": getattr(args, "test", None)}
+        if getattr(ctx, "data_skips", None):  # unusable images left out, per dataset
+            meta["data_skips"] = ctx.data_skips
         paths = write_report(rows, ctx.output_dir, f"{title} — {ctx.model_name}", meta)
         print(paths["md"].read_text())
         print(f"report written to {ctx.output_dir}/report.{{md,csv,json,png}}")

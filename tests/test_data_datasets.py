@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 from veca_ssl.data import (
     DenseEvalTransform,
     SkipCounter,
+    UnreadableItem,
     build_dataset,
     make_eval_transform,
     parse_spec,
@@ -88,7 +89,11 @@ def test_filelist_relative_paths_labels_and_bad_label(tmp_path):
     missing = tmp_path / "missing.txt"
     missing.write_text("imgs/c/gone.png\t0\nimgs/c/img001.png\t1\n")
     listed = build_dataset(f"filelist:{missing}")
-    assert listed[0][1] == 1 and listed.skip_counter.skipped == 1  # absent file: skipped, next one used
+    with pytest.raises(UnreadableItem, match="gone.png") as err:  # evaluation: never another item's row
+        listed[0]
+    assert err.value.kind == "missing"
+    assert listed.load(0, substitute=True)[1:] == (1, 1)  # training: the next readable item is used
+    assert listed.skip_counter.skipped == 2 and listed.skip_counter.by_kind == {"missing": 2}
     bad = tmp_path / "bad.txt"
     bad.write_text("imgs/c/img000.png\tcat\n")
     with pytest.raises(ValueError, match=r"bad.txt:1.*'cat'"):
@@ -189,14 +194,19 @@ def test_corrupt_and_truncated_images_are_skipped_counted_and_replaced(tmp_path,
     names = [Path(p).name for p in ds.paths]
     assert names == ["img000.jpg", "img000.png", "img001.png", "img002.png", "img003.png"]
     with caplog.at_level(logging.WARNING, logger="veca_ssl.data"):
-        items = [ds[i] for i in range(len(ds))] + [ds[2]]
-    # unreadable items are replaced by the next readable one (wrapping), never by a blank image
+        items = [ds.load(i, substitute=True)[0] for i in range(len(ds))] + [ds.load(2, substitute=True)[0]]
+    # training: unreadable items are replaced by the next readable one (wrapping), never by a blank image
     expected = [_colour(0), _colour(0), _colour(3), _colour(3), _colour(3), _colour(3)]
-    assert all(np.array_equal(np.asarray(img), e) for (img, _), e in zip(items, expected))
+    assert all(np.array_equal(np.asarray(img), e) for img, e in zip(items, expected))
     assert ds.skip_counter.skipped == 6 and ds.skip_counter.seen == 12
     logged = [r.getMessage() for r in caplog.records if "skipping unreadable" in r.getMessage()]
     assert len(logged) == 3  # each bad file logged once although it was hit twice
     assert any("img002.png" in m for m in logged) and any("img000.jpg" in m for m in logged)
+    # evaluation (plain indexing): the bad item itself is reported, never its neighbour's pixels/label
+    for i, name in ((0, "img000.jpg"), (2, "img001.png"), (3, "img002.png")):
+        with pytest.raises(UnreadableItem, match=name):
+            ds[i]
+    assert np.array_equal(np.asarray(ds[4][0]), _colour(3))
 
 
 def test_ssl_samples_skip_corrupt_files_deterministically(tmp_path):
@@ -214,7 +224,7 @@ def test_skip_threshold_raises_with_config_key(tmp_path):
     ds = build_dataset(f"imagefolder:{_corrupt_folder(tmp_path)}", skip_counter=counter)
     with pytest.raises(RuntimeError, match=r"data\.max_skip_fraction") as err:
         for i in range(len(ds)):
-            ds[i]
+            ds.load(i, substitute=True)
     assert "unreadable" in str(err.value) and "0.2" in str(err.value)
     fail_all = SkipCounter(fail_fast=3)
     with pytest.raises(RuntimeError, match="all of the first 3"):

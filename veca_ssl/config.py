@@ -114,6 +114,23 @@ def check(cfg: DictConfig) -> None:
         raise ConfigError(f"crops.num_local must be >= 0, got {cfg.crops.num_local}")
     if cfg.mode == "distill" and not cfg.distill.teacher:
         raise ConfigError("mode=distill needs distill.teacher=/path/to/teacher (a local checkpoint)")
+    _check_data(cfg)
+
+
+def _check_data(cfg: DictConfig) -> None:
+    """The training data: spec kind, options, paths and split resolve (no image is read)."""
+    from veca_ssl.data import check_spec
+
+    d = cfg.data
+    if not 0.0 <= d.max_skip_fraction <= 1.0:
+        raise ConfigError(f"data.max_skip_fraction must be in [0, 1], got {d.max_skip_fraction}")
+    for key in ("num_workers", "max_pixels", "shuffle_buffer"):
+        if d[key] < 0:
+            raise ConfigError(f"data.{key} must be >= 0, got {d[key]}")
+    try:
+        check_spec(str(d.train), d.split, split_if_present=True)
+    except (ValueError, OSError) as exc:
+        raise ConfigError(f"data.train={d.train}: {exc}") from None
 
 
 def save_config(cfg: DictConfig, path: str | Path) -> None:

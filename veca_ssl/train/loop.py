@@ -27,7 +27,7 @@ from veca_ssl.models import build_backbone, save_backbone
 from veca_ssl.models.base import Backbone
 from veca_ssl.parallelize import wrap_ddp
 from veca_ssl.train.checkpoint import CheckpointManager, rng_state, set_rng_state
-from veca_ssl.train.data import build_train_loader
+from veca_ssl.train.data import TrainData, build_train_dataset
 from veca_ssl.train.ema import ema_update_
 from veca_ssl.train.metrics import MetricLogger
 from veca_ssl.train.multires import FixedSchedule, MultiResSchedule, parse_phases
@@ -89,8 +89,6 @@ def check_finite(losses: dict, step: int, last_checkpoint: Path | None) -> None:
 def train(cfg: DictConfig) -> dict:
     """Train from ``cfg`` (already validated by ``veca_ssl.config.load_config``); resume automatically
     from ``<output_dir>/checkpoints``. Returns a summary dict."""
-    from veca_ssl.data import build_dataset
-
     info = dist.init_distributed(cfg.device)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
@@ -112,7 +110,7 @@ def train(cfg: DictConfig) -> dict:
         raise ConfigError(f"crops.global_size={cfg.crops.global_size} and crops.local_size={cfg.crops.local_size} "
                           f"must be multiples of model.patch_size={cfg.model.patch_size}")
     multires_phases = parse_phases(cfg.multires, cfg.model.patch_size, cfg.optim.epochs)  # [] = one size
-    dataset = build_dataset(cfg.data.train, split=cfg.data.split, max_skip_fraction=cfg.data.max_skip_fraction)
+    dataset = build_train_dataset(cfg)
     method = build_method(cfg, backbone).to(info.device)
     dist.seed_everything(cfg.seed, info.rank)  # per-rank randomness (drop-path, coordinate jitter) from here
 
@@ -128,7 +126,7 @@ def train(cfg: DictConfig) -> dict:
         optimizer.add_param_group({"params": extra_params, "lr_mult": 1.0, "wd_mult": 1.0, "is_last_layer": False})
 
     # --- resume --------------------------------------------------------------------------------------
-    start_step, latest = 0, ckpts.latest()
+    start_step, latest, data_state = 0, ckpts.latest(), None
     if latest is not None:
         state = CheckpointManager.load(latest)
         method.student_module.load_state_dict(state["student"])
@@ -137,6 +135,7 @@ def train(cfg: DictConfig) -> dict:
             method.load_loss_state(state["loss_state"])
         optimizer.load_state_dict(state["optimizer"])
         start_step = int(state["step"])
+        data_state = state.get("data")  # stream layout and skip counts (veca_ssl.train.data)
         set_rng_state(state["rng"])
         if main:
             print(f"resumed from {latest} at step {start_step}", flush=True)
@@ -167,8 +166,8 @@ def train(cfg: DictConfig) -> dict:
     peak_lr = scaled_lr(cfg.optim.base_lr, global_batch, rule=cfg.optim.lr_scaling)
     warmup_steps = schedule.step_of_epoch(cfg.optim.warmup_epochs)
 
-    loader = build_train_loader(cfg, dataset, backbone.patch_size, info, schedule.samples_before(start_step),
-                                multires=schedule if multires_phases else None, start_step=start_step)
+    data = TrainData(cfg, dataset, backbone.patch_size, info, schedule.samples_before(start_step),
+                     multires=schedule if multires_phases else None, start_step=start_step, state=data_state)
     logger = MetricLogger(out, enabled=main)
     monitor = None
     if cfg.train.knn_monitor.enabled and cfg.train.knn_monitor.dataset:
@@ -181,7 +180,7 @@ def train(cfg: DictConfig) -> dict:
     params = [p for p in method.student_module.parameters() if p.requires_grad] + extra_params
     bar = tqdm(total=stop_at, initial=start_step, disable=not (main and cfg.train.progress), unit="step",
                dynamic_ncols=True, desc="train")
-    data_iter = iter(loader)
+    data_iter = iter(data)
     step, t_last, last_ckpt = start_step, time.perf_counter(), latest
     for step in range(start_step, stop_at):
         epoch = schedule.epoch_at(step)
@@ -224,6 +223,7 @@ def train(cfg: DictConfig) -> dict:
                           budget=float(step_budgets[0]) if step_budgets[0] is not None else 0.0,
                           grad_norm=float(grad_norm), images_per_s=images_per_s,
                           resolution=float(batch["global_crops"].shape[-1]))
+            record.update(data.log_record())  # global skip counts (all ranks); stops on too many skips
             logger.log(done, record)
             bar.set_postfix(loss=f"{record['loss']:.3f}", C=step_budgets[0], img_s=f"{images_per_s:.0f}")
         if monitor is not None and main and done % cfg.train.knn_monitor.every == 0 and done != stop_at:
@@ -231,7 +231,7 @@ def train(cfg: DictConfig) -> dict:
         preempted = signals.checkpoint_requested()
         if done % cfg.train.checkpoint_every == 0 or done == stop_at or preempted:
             if main:
-                last_ckpt = ckpts.save(_state(cfg, method, optimizer, backbone, done), done)
+                last_ckpt = ckpts.save({**_state(cfg, method, optimizer, backbone, done), "data": data.state()}, done)
             dist.barrier()
         bar.update(1)
         if preempted:
@@ -242,6 +242,7 @@ def train(cfg: DictConfig) -> dict:
 
     summary = {"steps": step + 1 if stop_at > start_step else start_step, "total_steps": total_steps,
                "output_dir": str(out)}
+    summary["data"] = data.summary()  # unusable samples: counts and the first few items
     if main and summary["steps"] >= stop_at:
         export = save_backbone(method.teacher.backbone, out / "export" / "teacher.safetensors",
                                extra={"steps": stop_at, "mode": cfg.mode})

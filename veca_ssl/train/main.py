@@ -25,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from veca_ssl import distributed as dist
     from veca_ssl import signals
+    from veca_ssl.data.errors import DataError
     from veca_ssl.train.loop import train
     from veca_ssl.train.monitor import KnnMonitor
 
@@ -33,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
         summary = train(cfg)
     except ConfigError as exc:
         print(f"veca train: config error: {exc}", file=sys.stderr)
+        return 2
+    except DataError as exc:  # too many unusable samples, a half-replaced shard set, …
+        print(f"veca train: data error: {exc}", file=sys.stderr)
         return 2
     finally:
         dist.cleanup()
