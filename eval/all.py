@@ -44,6 +44,7 @@ DEFAULTS: dict = {
     "protocols": ["knn", "linear", "logreg"],
     "widths": "all", "resolution": 224, "batch_size": 64, "num_workers": 0, "device": "auto",
     "output_dir": "eval_output", "progress": True, "title": "Evaluation",
+    "max_skip_fraction": 0.01,  # stop above this fraction of unusable images; below, they are listed
     "knn": {"ks": list(KNN_KS), "temperature": KNN_TEMPERATURE, "backend": "torch", "chunk_size": 1024},
     "linear": {"epochs": 10, "epoch_length": 1250, "batch_size": 128, "lrs": list(DINOV2_LRS),
                "val_fraction": 0.1},
@@ -118,7 +119,8 @@ def evaluate(model: torch.nn.Module, widths: list, cfg: DictConfig, device: torc
         for k, ds in datasets.items():
             feats[k] = extract_features(model, ds, widths, cfg.resolution, cfg.batch_size, device,
                                         n_last_blocks=n_blocks, with_patch_mean=linear,
-                                        num_workers=cfg.num_workers, progress=progress)
+                                        num_workers=cfg.num_workers, progress=progress,
+                                        max_skip_fraction=cfg.max_skip_fraction)
             require_labels(next(iter(feats[k].values())).labels, specs[k])
             if next(iter(feats[k].values())).skipped:  # unusable images left out: into the report
                 skips[k] = skip_summary(feats[k])
@@ -145,7 +147,8 @@ def evaluate(model: torch.nn.Module, widths: list, cfg: DictConfig, device: torc
         from eval.dense import DenseProbeConfig, dense_features, resolve_tasks, run_dense
 
         d = cfg.dense
-        ctx = EvalContext(model, "", widths, device, Path(cfg.output_dir), progress)
+        ctx = EvalContext(model, "", widths, device, Path(cfg.output_dir), progress,
+                          max_skip_fraction=cfg.max_skip_fraction)
         tr, te, tr_t, te_t = dense_features(ctx, cfg.datasets.dense_train, cfg.datasets.dense_test,
                                             cfg.resolution, cfg.batch_size, cfg.num_workers, d.reduce_zero_label)
         skips.update({f"dense_{k}": v for k, v in ctx.data_skips.items()})

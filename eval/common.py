@@ -196,6 +196,9 @@ def add_run_args(parser: argparse.ArgumentParser, resolution: int = 224) -> None
     g.add_argument("--no-speed", action="store_true", help="skip latency/throughput in the report")
     g.add_argument("--speed-warmup", type=int, default=3, help="untimed warm-up calls per width")
     g.add_argument("--speed-repeats", type=int, default=5, help="timed calls per width (median)")
+    g.add_argument("--max-skip-fraction", type=float, default=0.01,
+                   help="stop when more than this fraction of a dataset's images is unusable; below it they "
+                        "are left out and listed in the report (default 0.01)")
 
 
 def is_main_process() -> bool:
@@ -217,6 +220,8 @@ class EvalContext:
     progress: bool
     #: Unusable images left out of each dataset's features (``veca_ssl.features.skip_summary``).
     data_skips: dict[str, Any] = field(default_factory=dict)
+    #: Stop when more than this fraction of a dataset's images is unusable (``--max-skip-fraction``).
+    max_skip_fraction: float = 0.01
 
 
 def setup(args: argparse.Namespace) -> EvalContext:
@@ -232,6 +237,7 @@ def setup(args: argparse.Namespace) -> EvalContext:
         device=device,
         output_dir=Path(args.output_dir),
         progress=progress_enabled(not args.no_progress),
+        max_skip_fraction=getattr(args, "max_skip_fraction", 0.01),
     )
 
 
@@ -253,7 +259,7 @@ def classification_features(ctx: EvalContext, args: argparse.Namespace, n_last_b
         out[name] = extract_features(
             ctx.model, ds, ctx.widths, args.resolution, args.batch_size, ctx.device,
             n_last_blocks=n_blocks, with_patch_mean=patch_mean, num_workers=args.num_workers,
-            progress=ctx.progress)
+            progress=ctx.progress, max_skip_fraction=ctx.max_skip_fraction)
         first = next(iter(out[name].values()))
         require_labels(first.labels, specs[name])
         if first.skipped:

@@ -355,7 +355,8 @@ def dense_features(ctx, train_spec: str, test_spec: str, resolution: int, batch_
         ds = DenseEvalDataset(build_dense_dataset(spec, reduce_zero_label), resolution, spec)
         targets = ds.targets()  # fails early (before extraction) on data without masks/depth
         feats = extract_features(ctx.model, ds, ctx.widths, resolution, batch_size, ctx.device,
-                                 with_patches=True, num_workers=num_workers, progress=ctx.progress)
+                                 with_patches=True, num_workers=num_workers, progress=ctx.progress,
+                                 max_skip_fraction=getattr(ctx, "max_skip_fraction", 0.01))
         rows = next(iter(feats.values()))
         if rows.skipped:  # unusable images are left out of the features: keep their targets out too
             targets = {k: v[rows.indices] for k, v in targets.items()}

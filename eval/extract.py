@@ -213,7 +213,7 @@ def extract_to_shards(
         else:
             manifest["shards"].append({"index": index, "count": stop - start, "skipped": skipped})
             manifest["skipped"] = _skip_totals(manifest)
-        totals = SkipCounter(max_skip_fraction)
+        totals = SkipCounter(max_skip_fraction, min_seen=1)  # over every finished shard
         totals.load_state({"seen": manifest["skipped"]["seen"], "skipped": manifest["skipped"]["count"],
                            "first": [r for e in manifest["shards"] for r in e.get("skipped", [])][:10]})
         totals.check()  # same manifest on every rank: all stop together
@@ -276,6 +276,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from veca_ssl.data.errors import DataError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except (ValueError, OSError, DataError) as exc:  # bad input: one message, no traceback
+        print(f"veca extract: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     from eval.common import (
         build_eval_dataset,
         check_checkpoint,
@@ -285,7 +296,6 @@ def main(argv: list[str] | None = None) -> int:
         resolve_device,
     )
 
-    args = build_parser().parse_args(argv)
     check_checkpoint(args.checkpoint)
     device = resolve_device(args.device)
     model = model_from_args(args)

@@ -162,22 +162,22 @@ def test_changed_layout_on_resume_repeats_nothing_within_an_epoch(shards):
     spec = shards[1]["spec"]  # 6 shards of 2 samples: one epoch = 6 shard visits
     kw = dict(seed=4, shuffle_buffer=2)
     old = build_dataset(spec, endless=True, **kw)
-    old.resume(None, 0, world_size=1, workers=2, batch_size=2)
+    old.resume(None, 0, rank=0, world_size=1, workers=2, batch_size=2)
     before = [s[1] for s in _stream(spec, 6, workers=2, **kw)]  # 3 batches (workers 0, 1, 0), then killed
     # readers 0 and 1 had started visits 0, 2 and 1: the new layout starts at visit 3
     new = build_dataset(spec, endless=True, **kw)
-    note = new.resume(old.state(), 6, world_size=2, workers=1, batch_size=2)
+    note = new.resume(old.state(), 6, rank=0, world_size=2, workers=1, batch_size=2)
     assert "2 rank(s) x 1 worker(s)" in note and "1 rank(s) x 2 worker(s)" in note and "no sample repeats" in note
     assert [s.first_visit for s in new.segments] == [0, 3]
     after = []
     for rank, n in ((0, 4), (1, 2)):  # rank 0 reads visits 3 and 5, rank 1 visit 4: the rest of epoch 0
-        ds = build_dataset(spec, endless=True, rank=rank, world_size=2, **kw)
-        ds.resume(old.state(), 6, world_size=2, workers=1, batch_size=2)
+        ds = build_dataset(spec, endless=True, **kw)
+        ds.resume(old.state(), 6, rank=rank, world_size=2, workers=1, batch_size=2)
         it = ds.iter_train(lambda raw, seed: raw.name)
         after += [next(it)[0] for _ in range(n)]
     assert len(set(before + after)) == 12  # epoch 0: every sample exactly once across the two layouts
     again = build_dataset(spec, endless=True, **kw)  # a second resume with the new layout is exact
-    assert again.resume(new.state(), 10, world_size=2, workers=1, batch_size=2) is None
+    assert again.resume(new.state(), 10, rank=1, world_size=2, workers=1, batch_size=2) is None
     assert again.segments == new.segments
 
 

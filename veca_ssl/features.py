@@ -286,7 +286,9 @@ def extract_features(
     order = torch.argsort(all_indices, stable=True)
     in_order = bool((order == torch.arange(len(order))).all())
     all_skipped = sorted(_gather_objects(skipped), key=lambda r: r["index"])
-    counter = SkipCounter(max_skip_fraction if max_skip_fraction is not None else 1.0, enforce=False)
+    # the whole pass is known: judge the fraction over all of it (min_seen=1); workers logged the items
+    counter = SkipCounter(max_skip_fraction if max_skip_fraction is not None else 1.0, min_seen=1, enforce=False,
+                          log=False)
     counter.add(len(all_indices) + len(all_skipped), all_skipped)
     if max_skip_fraction is not None:
         counter.check()  # the same gathered counts on every rank: all stop together

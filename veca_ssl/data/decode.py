@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import UnreadableItem
 
@@ -189,6 +189,8 @@ class Decoder:
 
 
 def _describe(err: BaseException) -> str:
+    if isinstance(err, UnidentifiedImageError):  # its message holds a memory address: say it plainly
+        return "UnidentifiedImageError: not an image in a known format"
     text = str(err) or type(err).__name__
     return f"{type(err).__name__}: {text}"[:300]
 

@@ -68,6 +68,8 @@ class SkipCounter:
         enforce: raise :class:`DataSkipError` when the threshold is passed (off in worker processes,
             whose counts are summed elsewhere).
         keep: how many skipped items are remembered (with their reasons) for reports.
+        log: log each skipped item the first time (off for counters that sum records from processes
+            that logged them already).
 
     Raises (from :meth:`skip`, :meth:`ok` and :meth:`add` when ``enforce``):
         DataSkipError naming the counts, the fraction, the threshold, ``data.max_skip_fraction`` and
@@ -75,7 +77,7 @@ class SkipCounter:
     """
 
     def __init__(self, max_skip_fraction: float = 0.01, min_seen: int = 100, fail_fast: int = 10,
-                 enforce: bool = True, keep: int = 10) -> None:
+                 enforce: bool = True, keep: int = 10, log: bool = True) -> None:
         if not 0.0 <= float(max_skip_fraction) <= 1.0:
             raise ValueError(
                 f"{SKIP_CONFIG_KEY} must be a fraction in [0, 1], got {max_skip_fraction!r} "
@@ -85,6 +87,7 @@ class SkipCounter:
             raise ValueError(f"min_seen and fail_fast must be >= 1, got {min_seen}, {fail_fast}")
         self.max_skip_fraction = float(max_skip_fraction)
         self.min_seen, self.fail_fast, self.enforce, self.keep = int(min_seen), int(fail_fast), bool(enforce), int(keep)
+        self.log = bool(log)
         self.seen = 0
         self.skipped = 0
         self.by_kind: dict[str, int] = {}
@@ -125,7 +128,7 @@ class SkipCounter:
         for rec in records:
             kind = rec.get("kind", "unreadable")
             self.by_kind[kind] = self.by_kind.get(kind, 0) + 1
-            if rec["item"] not in self._logged and len(self._logged) < 1000:
+            if self.log and rec["item"] not in self._logged and len(self._logged) < 1000:
                 self._logged.add(rec["item"])
                 logger.warning("skipping %s sample %s: %s", kind, rec["item"], rec.get("reason", ""))
             if len(self.first) < self.keep and all(r["item"] != rec["item"] for r in self.first):

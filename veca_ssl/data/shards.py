@@ -224,10 +224,10 @@ def make_shards(
     ds = _source_dataset(str(src), split, counter, max_pixels)
     old = sorted(p.name for p in dst.glob("shard-*.tar"))
     identity = _identity(str(src), ds, split, shard_size, shuffle, seed, verify, max_pixels)
+    previous = json.loads((dst / MANIFEST_NAME).read_text()) if (dst / MANIFEST_NAME).exists() else {}
+    if finished_swap and previous.get("identity") == identity:
+        return previous  # the interrupted swap of this very command is now complete
     if old and not overwrite:
-        previous = json.loads((dst / MANIFEST_NAME).read_text()) if (dst / MANIFEST_NAME).exists() else {}
-        if finished_swap and previous.get("identity") == identity:
-            return previous  # the interrupted run of this very command is now complete
         raise FileExistsError(f"make-shards: {dst} already holds {len(old)} shard(s); pass --overwrite to replace them")
     staging = dst / STAGING
     done = _resume_progress(staging, identity)

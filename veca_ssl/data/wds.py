@@ -256,12 +256,14 @@ class WdsDataset(IterableDataset):
         segments = self.segments if self.segments is not None else []
         return {"version": 1, **self.fingerprint(), "segments": [asdict(s) for s in segments]}
 
-    def resume(self, state: Mapping[str, Any] | None, start: int, world_size: int, workers: int,
+    def resume(self, state: Mapping[str, Any] | None, start: int, rank: int, world_size: int, workers: int,
                batch_size: int) -> str | None:
-        """Lay the stream out for this run at global sample ``start``; return a note for the user if the
-        layout differs from the checkpoint's (``state`` = a previous :meth:`state`, or ``None``)."""
+        """Lay the stream out for this run (this process being ``rank``) at global sample ``start``; return
+        a note for the user if the layout differs from the checkpoint's (``state``: a previous
+        :meth:`state`, or ``None``). DataLoader workers get the rank from here, not from torch.distributed."""
         layout = Segment(start, 0, int(world_size), max(1, int(workers)), int(batch_size), self.window)
-        self.start, self.world_size, self.workers, self.batch_size = int(start), layout.world_size, layout.workers, layout.batch_size
+        self.start, self.rank, self.world_size = int(start), int(rank), layout.world_size
+        self.workers, self.batch_size = layout.workers, layout.batch_size
         old = [Segment(**s) for s in (state or {}).get("segments", [])]
         if not old:
             self.segments = [Segment(0, 0, *layout.layout())]

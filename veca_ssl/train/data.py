@@ -129,14 +129,14 @@ class TrainData:
         single = info.world_size == 1
         # one process: the local count is the global count and is judged on every batch;
         # several ranks: judged on the all-reduced count at log time (all ranks stop together)
-        self.local = SkipCounter(self.max_skip_fraction, enforce=single)
+        self.local = SkipCounter(self.max_skip_fraction, enforce=single, log=False)  # datasets log their skips
         if single and self._base:
             self.local.load_state(self._base)
         self.totals = self.local if single else self._global([0, 0], [])
         self._reported: set[str] = {r["item"] for r in self._base.get("first", [])}
         self.note: str | None = None
         if self.streaming:
-            self.note = dataset.resume((state or {}).get("stream"), start_sample, info.world_size,
+            self.note = dataset.resume((state or {}).get("stream"), start_sample, info.rank, info.world_size,
                                        cfg.data.num_workers, cfg.optim.batch_size_per_gpu)
             if self.note and info.is_main:
                 print(self.note, flush=True)
@@ -151,7 +151,7 @@ class TrainData:
             yield batch
 
     def _global(self, counts: list[int], records: list[dict[str, str]]) -> SkipCounter:
-        total = SkipCounter(self.max_skip_fraction)
+        total = SkipCounter(self.max_skip_fraction, log=False)
         total.load_state(self._base)
         total.enforce = False
         total.add(counts[0], records, skipped=counts[1])
