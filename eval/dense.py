@@ -156,6 +156,9 @@ def build_dense_dataset(text: str, reduce_zero_label: bool = False) -> Dataset:
         return SegFolderDataset(spec.removeprefix("folder:"), split, reduce_zero_label)
     from veca_ssl.data import build_dataset  # npz: (masks/depth keys), synthetic:, …
 
+    if spec.startswith("wds:"):  # shards carry images and class labels, not masks or depth maps
+        raise ValueError(f"dense evaluation needs masks or depth maps, which {spec!r} (WebDataset shards of images "
+                         "and labels) does not hold; use folder:/root (images/ + masks/ or depth/), npz: or synthetic:")
     return build_dataset(spec, split=split)
 
 

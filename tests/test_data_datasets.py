@@ -245,3 +245,40 @@ def test_eval_loader_batches_transformed_items():
     plain = build_dataset("digits", split="val", transform=make_eval_transform(32))
     x, y = next(iter(DataLoader(plain, batch_size=5)))
     assert x.shape == (5, 3, 32, 32) and y.dtype == torch.int64
+
+
+def test_specs_naming_one_set_of_files_train_whole_and_explicit_splits_stay_strict(tmp_path):
+    from veca_ssl.data import check_spec, make_shards
+
+    _folder(tmp_path / "d" / "train", {"a": 2, "b": 2})
+    _folder(tmp_path / "d" / "val", {"a": 1, "b": 1}, start=50)
+    # training's data.split=train: a class folder and the printed shard spec are used whole
+    assert len(build_dataset(f"imagefolder:{tmp_path}/d/train", split="train", split_if_present=True)) == 4
+    spec = make_shards(str(tmp_path / "d" / "train"), tmp_path / "s", shard_size=2, progress=False)["spec"]
+    assert len(build_dataset(spec, split="train", split_if_present=True)) == 4
+    assert check_spec(spec, "train", split_if_present=True).endswith("shard-{000000..000001}.tar")
+    # a folder of splits still applies the split, and refuses to be read as classes "train"/"val"
+    assert len(build_dataset(f"imagefolder:{tmp_path}/d", split="train", split_if_present=True)) == 4
+    with pytest.raises(ValueError, match=r"folder of splits \(train, val\)"):
+        build_dataset(f"imagefolder:{tmp_path}/d")
+    # an explicit split the spec does not have (evaluation's SPEC@SPLIT) is an error, not a leak
+    with pytest.raises(ValueError, match="has no split 'val'"):
+        build_dataset(spec, split="val")
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        check_spec(f"imagefolder:{tmp_path}/nowhere")
+
+
+def test_train_and_submit_accept_the_guessable_specs_and_name_bad_ones(tmp_path, capsys):
+    from launchers.submit import main as submit_main
+    from veca_ssl.config import ConfigError, load_config
+
+    _folder(tmp_path / "d" / "train", {"a": 2})
+    exp = "configs/experiments/veca_s16_imagenet.yaml"
+    cfg = load_config(exp, [f"data.train=imagefolder:{tmp_path}/d/train"])
+    assert cfg.data.split == "train"
+    with pytest.raises(ConfigError, match=r"data\.train=imagefolder:/d/train: imagefolder: directory"):
+        load_config(exp, ["data.train=imagefolder:/d/train"])
+    assert submit_main(["train", "--config", exp, f"data.train=imagefolder:{tmp_path}/d/train", "--dry-run",
+                        f"output_dir={tmp_path}/o"]) == 0
+    assert submit_main(["train", "--config", exp, "data.train=wds:/nowhere/shard-{0..3}.tar", "--dry-run"]) == 2
+    assert "data.train=wds:/nowhere/shard-{0..3}.tar" in capsys.readouterr().err

@@ -1,7 +1,8 @@
 """WebDataset tar shards read by sample position: an index from the headers, then only the bytes asked for.
 
 A shard is a tar file whose members ``<key>.<ext>`` are grouped into samples by ``<key>`` (the
-WebDataset convention, ``webdataset.tariterators.base_plus_ext``): ``<key>.jpg``/``.png``/… holds
+WebDataset convention: the key is the path up to the first dot of the file name, the extension is
+everything after it, consecutive members with one key form one sample): ``<key>.jpg``/``.png``/… holds
 the encoded image and ``<key>.cls`` the integer label. :func:`scan_shard` walks the tar headers only
 (each member's data is skipped by a seek), so a reader can jump to sample ``o`` of a shard, or count
 the samples of a shard, without reading — let alone decoding — the samples before it.
@@ -13,11 +14,10 @@ the shard's manifest count tells how many were lost (see ``shardset.py``).
 from __future__ import annotations
 
 import os
+import re
 import tarfile
 from dataclasses import dataclass, field
 from typing import BinaryIO
-
-from webdataset.tariterators import base_plus_ext
 
 from .decode import IMAGE_EXTENSIONS
 from .errors import UnreadableItem
@@ -47,11 +47,106 @@ class RawSample:
     problem: UnreadableItem | None = None
 
 
-def scan_shard(path: str) -> ShardIndex:
-    """Index the samples of the tar file at ``path`` from its headers (no member data is read)."""
+#: ``dir/key.ext.more`` → (``dir/key``, ``ext.more``): WebDataset's key/extension split.
+_KEY_EXT = re.compile(r"^((?:.*/)?[^./]+)\.([^/]*)$")
+
+
+def _add(index: ShardIndex, name: str, offset: int, size: int) -> None:
+    match = _KEY_EXT.match(name)
+    if match is None or os.path.basename(match.group(1)).startswith("__"):
+        return
+    prefix, ext = match.group(1), match.group(2)
+    if not index.keys or index.keys[-1] != prefix:
+        index.keys.append(prefix)
+        index.members.append({})
+    index.members[-1][ext.lower()] = (offset, size)
+
+
+def _octal(field: bytes) -> int:
+    text = field.rstrip(b"\0 ").lstrip(b" ")
+    return int(text, 8) if text else 0
+
+
+def _pax_records(data: bytes) -> dict[bytes, bytes]:
+    """``{key: value}`` of a pax extended header (``"<len> <key>=<value>\\n"`` records)."""
+    out: dict[bytes, bytes] = {}
+    pos = 0
+    while pos < len(data) and data[pos:pos + 1] != b"\0":
+        space = data.index(b" ", pos)
+        length = int(data[pos:space])
+        key, _, value = data[space + 1:pos + length - 1].partition(b"=")
+        out[key] = value
+        pos += length
+    return out
+
+
+def _scan_ustar(path: str, size: int) -> ShardIndex | None:
+    """Fast path: ustar headers plus pax/GNU long-name records (what ``webdataset.TarWriter`` writes),
+    read with one seek and one 512-byte read per header. ``None`` when the shard needs the general
+    reader (global pax headers, base-256 sizes)."""
+    index = ShardIndex(path)
+    pending: dict[bytes, bytes] = {}  # pax/GNU overrides of the next member's name and size
+    with open(path, "rb") as f:
+        offset = 0
+        while True:
+            f.seek(offset)
+            header = f.read(512)
+            if len(header) < 512:
+                if header.strip(b"\0") or offset < size:
+                    index.problem = f"tar headers end early at byte {offset}"
+                return index
+            if not header.strip(b"\0"):  # end-of-archive block
+                return index
+            if header[124] & 0x80:  # base-256 size: rare, leave it to tarfile
+                return None
+            try:
+                member_size = _octal(header[124:136])
+                checksum = _octal(header[148:156])
+            except ValueError:
+                index.problem = f"damaged tar header at byte {offset}"
+                return index
+            if checksum != sum(header[:148]) + 256 + sum(header[156:]):
+                index.problem = f"damaged tar header at byte {offset}"
+                return index
+            kind = header[156:157]
+            data = offset + 512
+            if kind == b"g":
+                return None
+            if kind in (b"x", b"L", b"K"):
+                f.seek(data)
+                payload = f.read(member_size)
+                if len(payload) != member_size:
+                    index.problem = f"tar headers end early at byte {offset}"
+                    return index
+                try:
+                    if kind == b"x":
+                        pending.update(_pax_records(payload))
+                    elif kind == b"L":
+                        pending[b"path"] = payload.split(b"\0", 1)[0]
+                except ValueError:
+                    index.problem = f"damaged pax header at byte {offset}"
+                    return index
+            elif kind in (b"0", b"\0", b"7"):
+                if b"size" in pending:
+                    member_size = int(pending[b"size"])
+                if data + member_size > size:  # header present, data cut off
+                    index.problem = f"a member is cut off at byte {size}"
+                    return index
+                name = header[:100].split(b"\0", 1)[0]
+                if header[257:262] == b"ustar" and header[345]:
+                    name = header[345:500].split(b"\0", 1)[0] + b"/" + name
+                name = pending.get(b"path", name)
+                _add(index, name.decode("utf-8", "surrogateescape"), data, member_size)
+                pending = {}
+            else:
+                pending = {}
+            offset = data + (member_size + 511) // 512 * 512
+
+
+def _scan_tarfile(path: str, size: int) -> ShardIndex:
+    """General path through :mod:`tarfile` (pax and GNU extensions)."""
     index = ShardIndex(path)
     try:
-        size = os.path.getsize(path)
         tar = tarfile.open(path, "r:")
     except (OSError, tarfile.TarError, EOFError) as err:
         index.problem = f"not a readable tar file ({type(err).__name__}: {err})"
@@ -70,14 +165,18 @@ def scan_shard(path: str) -> ShardIndex:
             if info.offset_data + info.size > size:  # header present, data cut off
                 index.problem = f"member {info.name} is cut off at byte {size}"
                 break
-            prefix, ext = base_plus_ext(info.name)
-            if prefix is None or os.path.basename(prefix).startswith("__"):
-                continue
-            if not index.keys or index.keys[-1] != prefix:
-                index.keys.append(prefix)
-                index.members.append({})
-            index.members[-1][ext.lower()] = (info.offset_data, info.size)
+            _add(index, info.name, info.offset_data, info.size)
     return index
+
+
+def scan_shard(path: str) -> ShardIndex:
+    """Index the samples of the tar file at ``path`` from its headers (no member data is read)."""
+    try:
+        size = os.path.getsize(path)
+        fast = _scan_ustar(path, size)
+    except OSError as err:
+        return ShardIndex(path, problem=f"not readable ({type(err).__name__}: {err})")
+    return fast if fast is not None else _scan_tarfile(path, size)
 
 
 def _read(f: BinaryIO, where: tuple[int, int]) -> bytes:

@@ -178,7 +178,8 @@ class WdsDataset(IterableDataset):
         resampled: visit shards by independent uniform draws instead of per-epoch permutations.
         shard_shuffle: permute shards per epoch (training stream without ``resampled``).
         seed: base seed of visits, windows and per-sample augmentation seeds.
-        rank / world_size: this process's place; ``None`` → torch.distributed or single process.
+        rank / world_size: this process's place; ``None`` → torch.distributed's (at construction) or a
+            single process.
         start: samples consumed globally before this run (resume position).
         batch_size: per-rank DataLoader batch size (needed to resume with several workers).
         workers: DataLoader workers per rank the stream is laid out for (``None``: whatever the
@@ -217,7 +218,10 @@ class WdsDataset(IterableDataset):
         self.transform = transform
         self.endless, self.resampled, self.shard_shuffle = bool(endless), bool(resampled), bool(shard_shuffle)
         self.window = max(1, int(shuffle_buffer))
-        self.seed, self.rank, self.world_size = int(seed), rank, world_size
+        self.seed = int(seed)
+        # resolved now, in the process that builds the dataset: DataLoader worker processes must not
+        # depend on seeing torch.distributed's state
+        self.rank, self.world_size = dist_info(rank, world_size)
         self.start, self.batch_size, self.workers = int(start), batch_size, workers
         self.skip_counter = skip_counter if skip_counter is not None else SkipCounter(max_skip_fraction)
         self.decoder = Decoder(max_pixels)
