@@ -33,7 +33,7 @@ class MapImageDataset(Dataset):
 
     Args:
         transform: applied to the PIL image (see module docstring for joint dense transforms).
-        skip_counter: counter of this process; a new one with ``max_skip_fraction`` is made when ``None``.
+        skip_counter: counter of this process; a new, recording-only one is made when ``None``.
         max_skip_fraction: tolerated fraction of unreadable images (``data.max_skip_fraction``).
         dense: ``None`` → items carry dense labels iff the dataset has them; ``False`` → always
             ``(image, target)``; ``True`` → require dense labels (``ValueError`` if there are none).
@@ -52,7 +52,9 @@ class MapImageDataset(Dataset):
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
     ) -> None:
         self.transform = transform
-        self.skip_counter = skip_counter if skip_counter is not None else SkipCounter(max_skip_fraction)
+        # records and logs; the threshold is judged where counts of all processes meet (train loop,
+        # feature engine, make-shards), never on one DataLoader worker's share
+        self.skip_counter = skip_counter if skip_counter is not None else SkipCounter(max_skip_fraction, enforce=False)
         self.decoder = Decoder(max_pixels)
         self._dense_request = dense
         #: Class names (index = label) when known, else ``None``.

@@ -155,7 +155,6 @@ def inspect_dataset(
     if max_images < 1 or num_samples < 0:
         raise ValueError(f"max_images must be >= 1 and num_samples >= 0, got {max_images}, {num_samples}")
     ds = build_dataset(spec, split=split, max_pixels=max_pixels)
-    ds.skip_counter.enforce = False  # inspect reports what it finds instead of stopping
     if isinstance(ds, WdsDataset):
         summary, images, captions = _inspect_wds(ds, max_images, num_samples)
     else:

@@ -55,7 +55,8 @@ PROGRESS = "progress.json"
 
 def _source_dataset(src: str, split: str | None, counter: SkipCounter, max_pixels: int | None) -> MapImageDataset:
     kind = src.partition(":")[0].lower()
-    common: dict[str, Any] = {"skip_counter": counter, "dense": False, "max_pixels": max_pixels}
+    # the dataset keeps its own (recording) counter: make_shards counts each source once, in ``counter``
+    common: dict[str, Any] = {"dense": False, "max_pixels": max_pixels, "max_skip_fraction": counter.max_skip_fraction}
     if kind in SPEC_KINDS and ":" in src or src in SPEC_KINDS:
         ds = build_dataset(src, split=split, **common)
     elif os.path.isdir(src):

@@ -223,7 +223,8 @@ class WdsDataset(IterableDataset):
         # depend on seeing torch.distributed's state
         self.rank, self.world_size = dist_info(rank, world_size)
         self.start, self.batch_size, self.workers = int(start), batch_size, workers
-        self.skip_counter = skip_counter if skip_counter is not None else SkipCounter(max_skip_fraction)
+        # records and logs; thresholds are judged on counts summed over workers and ranks (see errors.py)
+        self.skip_counter = skip_counter if skip_counter is not None else SkipCounter(max_skip_fraction, enforce=False)
         self.decoder = Decoder(max_pixels)
         self.segments: list[Segment] | None = None  # set by resume(); else one segment from the arguments
         self.range: tuple[int, int] | None = None  # one-pass: global indices [lo, hi) (see subset)
