@@ -18,7 +18,6 @@ resumed shards are byte-identical to those of an uninterrupted run.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -30,11 +29,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset, Subset
 
-from eval.common import is_main_process
+from eval.extract_cli import FORMATS
+from veca_ssl.distributed import is_main_process
 from veca_ssl.widths import Width, resolve_widths
 
 MANIFEST = "manifest.json"
-FORMATS = ("safetensors", "npy")
 DTYPES = {"float32": (torch.float32, np.float32), "float16": (torch.float16, np.float16)}
 #: Manifest fields that must match for a resume to continue an existing extraction.
 IDENTITY = ("model", "checkpoint", "width", "resolution", "dataset", "count", "dtype", "format",
@@ -165,7 +164,8 @@ def extract_to_shards(
     manifest = {"model": info.get("model"), "checkpoint": info.get("checkpoint"), "width": width,
                 "resolution": resolution, "dataset": info.get("dataset"), "count": len(dataset),
                 "dtype": dtype, "format": fmt, "shard_size": shard_size,
-                "features": features + ["labels", "indices"], "embed_dim": int(getattr(model, "embed_dim", 0)),
+                "features": features + ["labels", "indices"],
+                "embed_dim": int(getattr(model, "num_features", getattr(model, "embed_dim", 0))),
                 "shards": [], "complete": False, "skipped": {"seen": 0, "count": 0, "indices": []}}
     path = out / MANIFEST
     if path.exists():
@@ -251,68 +251,11 @@ def read_features(directory: str | Path) -> dict[str, np.ndarray]:
     return {k: np.concatenate(v) for k, v in parts.items()}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from eval.common import add_model_args
-
-    p = argparse.ArgumentParser(prog="veca extract", description=__doc__.split("\n")[0])
-    add_model_args(p)
-    p.add_argument("--data", required=True, help="dataset SPEC[@SPLIT], e.g. imagefolder:/data/train")
-    p.add_argument("--width", type=int, default=None, help="core width (default: the largest budget)")
-    p.add_argument("--resolution", type=int, default=224)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--num-workers", type=int, default=0)
-    p.add_argument("--output-dir", required=True)
-    p.add_argument("--format", choices=FORMATS, default="safetensors")
-    p.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
-    p.add_argument("--shard-size", type=int, default=10000, help="images per shard")
-    p.add_argument("--no-patch-mean", action="store_true", help="do not store the mean patch token")
-    p.add_argument("--patches", action="store_true", help="also store all patch tokens (large)")
-    p.add_argument("--max-shards", type=int, default=None, help="stop after N new shards (resume later)")
-    p.add_argument("--max-skip-fraction", type=float, default=0.01,
-                   help="stop when more than this fraction of images is unusable (they are left out and listed)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--no-progress", action="store_true")
-    return p
-
-
 def main(argv: list[str] | None = None) -> int:
-    from veca_ssl.data.errors import DataError
+    """``python -m eval.extract`` = ``veca extract`` (the command line lives in ``eval.extract_cli``)."""
+    from eval.extract_cli import main as cli_main
 
-    args = build_parser().parse_args(argv)
-    try:
-        return _run(args)
-    except (ValueError, OSError, DataError) as exc:  # bad input: one message, no traceback
-        print(f"veca extract: error: {exc}", file=sys.stderr)
-        return 2
-
-
-def _run(args: argparse.Namespace) -> int:
-    from eval.common import (
-        build_eval_dataset,
-        check_checkpoint,
-        model_description,
-        model_from_args,
-        progress_enabled,
-        resolve_device,
-    )
-
-    check_checkpoint(args.checkpoint)
-    device = resolve_device(args.device)
-    model = model_from_args(args)
-    dataset = build_eval_dataset(args.data, args.resolution)
-    info = {"model": model_description(None, args.model, model) if args.model else model_description(
-        args.checkpoint, None, model), "checkpoint": args.checkpoint, "dataset": args.data}
-    manifest = extract_to_shards(
-        model, dataset, args.output_dir, args.width, args.resolution, args.batch_size, device,
-        args.shard_size, args.format, args.dtype, with_patch_mean=not args.no_patch_mean,
-        with_patches=args.patches, info=info, max_shards=args.max_shards, num_workers=args.num_workers,
-        progress=progress_enabled(not args.no_progress), max_skip_fraction=args.max_skip_fraction)
-    state = "complete" if manifest["complete"] else "incomplete (run again to resume)"
-    skipped = manifest["skipped"]["count"]
-    print(f"{len(manifest['shards'])} shard(s), {manifest['count']} images"
-          f"{f' ({skipped} unusable, left out and listed in the manifest)' if skipped else ''}, "
-          f"width {manifest['width']}: {state} → {args.output_dir}/{MANIFEST}")
-    return 0
+    return cli_main(argv)
 
 
 if __name__ == "__main__":

@@ -282,3 +282,8 @@ def test_train_and_submit_accept_the_guessable_specs_and_name_bad_ones(tmp_path,
                         f"output_dir={tmp_path}/o"]) == 0
     assert submit_main(["train", "--config", exp, "data.train=wds:/nowhere/shard-{0..3}.tar", "--dry-run"]) == 2
     assert "data.train=wds:/nowhere/shard-{0..3}.tar" in capsys.readouterr().err
+    from veca_ssl.data import make_shards
+
+    printed = make_shards(str(tmp_path / "d" / "train"), tmp_path / "s", shard_size=1, progress=False)["spec"]
+    assert submit_main(["train", "--config", exp, f"data.train={printed}", "--dry-run", f"output_dir={tmp_path}/o"]) == 0
+    assert load_config(exp, [f"data.train={printed}"]).data.samples_per_epoch is None  # the manifest counts 2

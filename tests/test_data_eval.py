@@ -87,10 +87,10 @@ def test_extract_cli_lists_skipped_indices_and_eval_reports_them(tmp_path, capsy
     assert eval_main(["knn", "--checkpoint", str(ckpt), "--train", f"imagefolder:{root}", "--test",
                       f"imagefolder:{root}", "--resolution", "32", "--no-speed", "--no-progress", "--ks", "1",
                       "--output-dir", str(report), "--max-skip-fraction", "0.3"]) == 0
-    skips = json.loads((report / "report.json").read_text())["data_skips"]
+    skips = json.loads((report / "knn" / "report.json").read_text())["data_skips"]
     assert skips["train"]["skipped_indices"] == list(BAD) and skips["test"]["skipped"] == 3
     # k=1 on train == test: every kept image finds itself, so no row carries another image's label
-    rows = json.loads((report / "report.json").read_text())["rows"]
+    rows = json.loads((report / "knn" / "report.json").read_text())["rows"]
     assert all(r["knn_k1_top1"] == 100.0 for r in rows)
 
 
@@ -126,7 +126,7 @@ def test_extraction_and_eval_on_wds_shards_match_the_folder_and_resume(tmp_path)
         out = tmp_path / protocol
         assert eval_main([protocol, "--checkpoint", str(ckpt), "--train", spec, "--test", spec, "--resolution",
                           "32", "--no-speed", "--no-progress", "--output-dir", str(out), *extra]) == 0
-        assert len(json.loads((out / "report.json").read_text())["rows"]) == 2
+        assert len(json.loads((out / protocol / "report.json").read_text())["rows"]) == 2
 
 
 def test_wds_extraction_lists_a_corrupt_member_by_its_global_index(tmp_path):

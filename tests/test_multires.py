@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from test_train import TINY as TRAIN_TINY  # tests/ is on sys.path (no package, pytest prepend mode)
 
 from veca_ssl.config import ConfigError, load_config
@@ -122,9 +123,11 @@ def test_one_size_reads_what_the_single_resolution_loader_reads():
      r"multires.phases\[0\].batch_sizes must be integers >= 1"),
 ])
 def test_bad_phases_name_the_key(phase, epochs, match):
-    cfg = load_config(None, [f"multires.phases=[{phase}]", f"optim.epochs={epochs}"])
+    cfg = OmegaConf.from_dotlist([f"multires.phases=[{phase}]"])
     with pytest.raises(ConfigError, match=match):
-        parse_phases(cfg.multires, 8, cfg.optim.epochs)
+        parse_phases(cfg.multires, 8, epochs)
+    with pytest.raises(ConfigError, match=match):  # load_config runs the same rules
+        load_config(None, ["model.patch_size=8", f"multires.phases=[{phase}]", f"optim.epochs={epochs}"])
     assert parse_phases(load_config(None, []).multires, 8, 2) == []
 
 
@@ -196,8 +199,7 @@ def test_distillation_trains_across_sizes(tmp_path: Path, monkeypatch):
 def test_multires_config_error_before_any_work(tmp_path):
     from veca_ssl.train.loop import train
 
-    cfg = load_config(None, TINY + [f"output_dir={tmp_path / 'run'}",
-                                    "multires.phases=[{epochs: 1, sizes: [12], probs: [1.0], batch_sizes: [4]}]"])
     with pytest.raises(ConfigError, match=r"multires.phases\[0\].sizes: 12 is not a positive multiple"):
-        train(cfg)
+        train(load_config(None, TINY + [f"output_dir={tmp_path / 'run'}",
+                                        "multires.phases=[{epochs: 1, sizes: [12], probs: [1.0], batch_sizes: [4]}]"]))
     assert not (tmp_path / "run").exists()

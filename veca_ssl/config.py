@@ -7,6 +7,7 @@ type raise one ``ConfigError`` naming the key and the fix.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -112,9 +113,69 @@ def check(cfg: DictConfig) -> None:
             raise ConfigError(f"{key} must be >= 1, got {OmegaConf.select(cfg, key)}")
     if cfg.crops.num_local < 0:
         raise ConfigError(f"crops.num_local must be >= 0, got {cfg.crops.num_local}")
+    init_from = OmegaConf.select(cfg, "model.init_from")
+    if init_from is not None and not Path(str(init_from)).exists():
+        raise ConfigError(f"model.init_from={init_from!r} does not exist; give a checkpoint, export or run "
+                          f"directory (or null for a random init)")
     if cfg.mode == "distill" and not cfg.distill.teacher:
         raise ConfigError("mode=distill needs distill.teacher=/path/to/teacher (a local checkpoint)")
     _check_data(cfg)
+    _check_model_and_crops(cfg)
+
+
+def build_model(cfg: DictConfig, device: str | None = None):
+    """The backbone ``cfg.model`` describes (``device="meta"``: shapes only, no memory, no init cost).
+    Raises ``ConfigError`` naming the problem."""
+    import torch
+
+    from veca_ssl.models import build_backbone
+
+    kwargs = dict(OmegaConf.to_container(cfg.model.overrides, resolve=True))
+    kwargs.setdefault("drop_path_rate", cfg.model.drop_path_rate)
+    if cfg.model.layerscale_init is not None:
+        kwargs.setdefault("layerscale_init", cfg.model.layerscale_init)
+    num_cores = cfg.model.num_cores if cfg.model.name.startswith("veca") else None
+    try:
+        with torch.device(device) if device else contextlib.nullcontext():
+            model = build_backbone(cfg.model.name, patch_size=cfg.model.patch_size, num_cores=num_cores, **kwargs)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ConfigError(f"model: {exc}") from None
+    model.set_grad_checkpointing(cfg.model.grad_checkpointing)
+    return model
+
+
+def _check_model_and_crops(cfg: DictConfig) -> None:
+    """The rules that need the model: it builds, the widths are reachable, crops fit the patch grid,
+    the multi-resolution phases are valid, streaming data has an epoch length."""
+    from veca_ssl.method.budgets import BudgetPolicy, resolve_budgets
+    from veca_ssl.train.multires import parse_phases
+
+    backbone = build_model(cfg, device="meta")
+    try:
+        budgets = resolve_budgets(backbone.budgets, cfg.budgets.choices)
+        BudgetPolicy(budgets, cfg.budgets.policy, cfg.budgets.weights, seed=cfg.seed)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    patch = cfg.model.patch_size
+    if cfg.crops.global_size % patch or cfg.crops.local_size % patch:
+        raise ConfigError(f"crops.global_size={cfg.crops.global_size} and crops.local_size={cfg.crops.local_size} "
+                          f"must be multiples of model.patch_size={patch}")
+    phases = parse_phases(cfg.multires, patch, cfg.optim.epochs)  # raises ConfigError naming the key
+    streaming = str(cfg.data.train).startswith("wds:")
+    if streaming and cfg.data.samples_per_epoch is None and _stream_length(cfg) is None:
+        raise ConfigError(f"data.samples_per_epoch is required for streaming data ({cfg.data.train}) whose shards "
+                          f"have no manifest.json with their counts: set it to the number of samples in the shards "
+                          f"(make-shards prints it and writes the manifest)")
+    if streaming and phases:
+        raise ConfigError(f"multires.phases needs map-style data (samples addressed by position); "
+                          f"{cfg.data.train} streams")
+
+
+def _stream_length(cfg: DictConfig) -> int | None:
+    """Samples in the ``wds:`` shards of ``data.train`` from their manifest (None without one)."""
+    from veca_ssl.data import stream_length
+
+    return stream_length(str(cfg.data.train), cfg.data.split, split_if_present=True)
 
 
 def _check_data(cfg: DictConfig) -> None:

@@ -21,7 +21,6 @@ carries its global sample index, and rows are put in index order after gathering
 from __future__ import annotations
 
 import contextlib
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,16 +30,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, IterableDataset
-from tqdm import tqdm
 
 from veca_ssl.data.errors import SkipCounter, UnreadableItem
 from veca_ssl.data.wds import Skipped
+from veca_ssl.progress import track
 from veca_ssl.widths import Width, resolve_widths
-
-
-def progress_enabled(flag: bool) -> bool:
-    """Progress bars only when asked for and stderr is a terminal."""
-    return bool(flag) and sys.stderr.isatty()
 
 
 @dataclass
@@ -186,7 +180,7 @@ def _forward_blocks(model: torch.nn.Module, images: torch.Tensor, width: Width, 
     kwargs = {} if width is None else {"num_cores": width}
     if n_blocks == 1:
         return [model.forward_features(images, **kwargs)]
-    return list(model.get_intermediate_layers(images, n=n_blocks, **kwargs))
+    return list(model.get_intermediate_features(images, n=n_blocks, **kwargs))
 
 
 @torch.no_grad()
@@ -208,7 +202,8 @@ def extract_features(
     """Extract frozen features of ``dataset`` at every width in one pass over the data.
 
     Args:
-        model: a backbone of ``veca_ssl.models`` (``forward_features``/``get_intermediate_layers``).
+        model: a backbone of ``veca_ssl.models`` (``forward_features``/``get_intermediate_features``),
+            in its current feature space (``set_feature_space``).
         dataset: map-style dataset of ``(image, target[, dense])``; images are normalised tensors
             (or PIL images, then the standard eval transform is applied).
         widths: core budgets (``None`` = all budgets of the model; a dense ViT has only ``None``).
@@ -251,8 +246,8 @@ def extract_features(
     labels: list[torch.Tensor] = []
     indices: list[torch.Tensor] = []
     skipped: list[dict[str, Any]] = []
-    bar = tqdm(loader, desc="extract", unit="batch", disable=not progress_enabled(progress))
-    for images, targets, idx, bad in bar:
+    # A bar in a terminal and progress lines in the log (batch jobs have no terminal).
+    for images, targets, idx, bad in track(loader, desc="extract", unit="batch", bar=progress):
         skipped += [{"index": int(b.index), **b.record} for b in bad]
         if images is None:
             continue
@@ -273,7 +268,7 @@ def extract_features(
                 grid = blocks[-1].get("grid")
                 grids[w] = tuple(int(g) for g in grid) if grid is not None else (res[0] // patch, res[1] // patch)
 
-    d = int(getattr(model, "embed_dim", 0))
+    d = int(getattr(model, "num_features", getattr(model, "embed_dim", 0)))
 
     def cat(chunks: list[torch.Tensor] | None, empty_shape: tuple[int, ...], dt: torch.dtype) -> torch.Tensor:
         local = torch.cat(chunks) if chunks else torch.zeros(empty_shape, dtype=dt)

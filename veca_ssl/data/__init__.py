@@ -21,7 +21,7 @@ from .masking import MaskingGenerator
 from .npz import NpzDataset
 from .sampler import InfiniteSampler, derive_seed, sample_seed
 from .shards import make_shards
-from .specs import SPEC_KINDS, build_dataset, check_spec, parse_spec
+from .specs import SPEC_KINDS, build_dataset, check_spec, parse_spec, stream_length
 from .ssl import SSLDataset, SSLIterableDataset
 from .synthetic import SyntheticDataset
 from .transforms import (
@@ -75,4 +75,5 @@ __all__ = [
     "make_shards",
     "parse_spec",
     "sample_seed",
+    "stream_length",
 ]

@@ -32,7 +32,7 @@ from .digits import DigitsDataset
 from .errors import SkipCounter
 from .folder import FileListDataset, ImageFolderDataset
 from .npz import NpzDataset
-from .shardset import expand_shards
+from .shardset import ShardSet, expand_shards
 from .synthetic import SyntheticDataset, parse_synthetic_options
 from .wds import WdsDataset
 
@@ -111,6 +111,16 @@ def _resolve_path(kind: str, path: str, split: str | None, spec: str, split_if_p
         f"dataset spec {spec!r} names one set of files and has no split {split!r}; name the split's own "
         f"files (e.g. '{kind}:/data/val…'), put a {{split}} placeholder in the path, or give no split"
     )
+
+
+def stream_length(spec: str, split: str | None = None, split_if_present: bool = False) -> int | None:
+    """Samples in the shards of a ``wds:`` spec when a manifest counts every one of them (no shard is
+    opened), else ``None``."""
+    kind, arg = parse_spec(spec)
+    if kind != "wds":
+        return None
+    shards = ShardSet(expand_shards(_resolve_path(kind, arg, split, spec, split_if_present)))
+    return int(sum(shards.counts())) if shards.fully_counted else None
 
 
 def check_spec(spec: str, split: str | None = None, split_if_present: bool = False) -> str:

@@ -416,10 +416,9 @@ class WdsDataset(IterableDataset):
         return view
 
     def __len__(self) -> int:
-        """One-pass length over all ranks (the extraction engine never relies on it per rank)."""
-        if self.endless:
-            raise TypeError("the training stream of a WdsDataset is endless")
-        lo, hi = self.range if self.range is not None else (0, self.num_samples)
+        """Samples of one pass over all ranks (the training stream: one epoch's worth). Per rank and
+        worker, streams yield their share; nothing here relies on ``len`` per reader."""
+        lo, hi = self.range if self.range is not None and not self.endless else (0, self.num_samples)
         return max(0, hi - lo)
 
     def _my_range(self) -> tuple[list[int], int, int]:

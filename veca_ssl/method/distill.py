@@ -21,19 +21,30 @@ from torch import Tensor, nn
 
 from veca_ssl.loss import DistillationLoss
 from veca_ssl.loss.distill import resample_patch_grid
+from veca_ssl.method.base import Method
 from veca_ssl.models import load_backbone
 from veca_ssl.models.base import Backbone
 
 
 class DistillStudentNet(nn.Module):
-    """The student backbone; one forward = every budget of the step (one DDP forward per backward)."""
+    """The student backbone and the learnable projections from its width to the frozen teacher's
+    (identity when the widths match); one forward = every width of the step (one DDP forward per
+    backward). The projections live here, not in the loss, so that DDP averages their gradients and
+    the EMA copy carries them along with the backbone."""
 
-    def __init__(self, backbone: Backbone) -> None:
+    def __init__(self, backbone: Backbone, teacher_dim: int) -> None:
         super().__init__()
         self.backbone = backbone
+        same = backbone.embed_dim == teacher_dim
+        self.cls_projection = nn.Identity() if same else nn.Linear(backbone.embed_dim, teacher_dim)
+        self.patch_projection = nn.Identity() if same else nn.Linear(backbone.embed_dim, teacher_dim)
 
-    def forward(self, images: Tensor, budgets: Sequence[int | None]) -> list[dict]:
-        return [self.backbone.forward_features(images, num_cores=c) for c in budgets]
+    def forward(self, images: Tensor, widths: Sequence[int | None]) -> list[dict]:
+        outs = []
+        for c in widths:
+            f = self.backbone.forward_features(images, num_cores=c)
+            outs.append({**f, "cls": self.cls_projection(f["cls"]), "patches": self.patch_projection(f["patches"])})
+        return outs
 
 
 def load_frozen_teacher(cfg) -> Backbone:
@@ -43,21 +54,30 @@ def load_frozen_teacher(cfg) -> Backbone:
     return teacher
 
 
-class ElasticDistillation(nn.Module):
+class ElasticDistillation(Method):
+    """Distillation of a frozen dense network into a nested-width VECA student.
+
+    ``student`` is a :class:`DistillStudentNet`; ``teacher`` its EMA copy (exported and evaluated);
+    ``frozen_teacher`` the external network whose features are the targets.
+    """
+
     def __init__(self, cfg, backbone: Backbone, frozen_teacher: Backbone | None = None) -> None:
-        super().__init__()
-        self.cfg = cfg
+        super().__init__(cfg)
         backbone.mask_token.requires_grad_(False)  # no masking in distillation (DDP needs every grad)
-        self.student = DistillStudentNet(backbone)
+        self.frozen_teacher = frozen_teacher if frozen_teacher is not None else load_frozen_teacher(cfg)
+        self.student = DistillStudentNet(backbone, self.frozen_teacher.embed_dim)
         self.teacher = copy.deepcopy(self.student)  # EMA of the student
         self.teacher.requires_grad_(False)
-        self.frozen_teacher = frozen_teacher if frozen_teacher is not None else load_frozen_teacher(cfg)
         d = cfg.distill
         self.loss = DistillationLoss(d.cls_weight, d.patch_cos_weight, d.patch_mse_weight,
-                                     student_dim=backbone.embed_dim, teacher_dim=self.frozen_teacher.embed_dim,
                                      normalize_mse_target=d.normalize_mse_target,
                                      center_features=d.center_features)
         self.teacher_resolution = self.teacher_size(cfg.crops.global_size)
+
+    def to(self, device: torch.device | str) -> ElasticDistillation:
+        super().to(device)
+        self.frozen_teacher.to(device)
+        return self
 
     def teacher_size(self, student_size: int) -> int:
         """The teacher's input side: ``distill.teacher_resolution`` or the student's (multi-resolution
@@ -66,25 +86,8 @@ class ElasticDistillation(nn.Module):
         size = self.cfg.distill.teacher_resolution or student_size
         return max(tp, round(size / tp) * tp)
 
-    @property
-    def student_module(self) -> DistillStudentNet:
-        return getattr(self.student, "module", self.student)
-
-    def extra_parameters(self) -> list[nn.Parameter]:
-        """Learnable width projections of the loss (trained with the student)."""
-        return list(self.loss.parameters())
-
-    def loss_state(self) -> dict:
-        return {"distill": self.loss.state_dict()}
-
-    def load_loss_state(self, state: dict) -> None:
-        self.loss.load_state_dict(state["distill"])
-
-    def update_centers(self) -> None:  # no centring in distillation
-        return None
-
     @torch.no_grad()
-    def teacher_features(self, images: Tensor) -> dict:
+    def get_teacher_output(self, images: Tensor) -> dict:
         """Frozen-teacher features, micro-batched, bf16 on CUDA, at the teacher's resolution."""
         size = self.teacher_size(images.shape[-1])
         if images.shape[-2:] != (size, size):
@@ -100,19 +103,29 @@ class ElasticDistillation(nn.Module):
             grid = out["grid"]
         return {"cls": torch.cat(cls), "patches": torch.cat(patches), "grid": grid}
 
-    def forward(self, batch: dict, budgets: Sequence[int | None], teacher_temp: float | None = None) -> dict:
-        images = batch["global_crops"]
-        t = self.teacher_features(images)
-        student_outs = self.student(images, budgets)
+    def get_student_output(self, images: Tensor, widths: Sequence[int | None]) -> list[dict]:
+        """Per width: projected image feature ``cls`` and patch features, with the patch ``grid``."""
+        return self.engine(images, widths)
+
+    def compute_losses(self, widths: Sequence[int | None], student_outs: list[dict], t: dict) -> dict[str, Tensor]:
         terms: dict[str, Tensor] = {}
-        total = images.new_zeros(())
-        for c, s in zip(budgets, student_outs):
+        total = t["cls"].new_zeros(())
+        for c, s in zip(widths, student_outs):
             t_patches = resample_patch_grid(t["patches"], t["grid"], s["grid"])
             losses = self.loss(s["cls"], s["patches"], t["cls"], t_patches)
             total = total + sum(losses.values())
             for name, value in losses.items():
                 terms[name] = terms.get(name, 0.0) + value.detach()
-                if len(budgets) > 1:
+                if len(widths) > 1:
                     terms[f"{name}_C{c}"] = value.detach()
         terms["loss"] = total
         return terms
+
+    def forward(self, batch: dict, widths: Sequence[int | None], teacher_temp: float | None = None) -> dict:
+        """One step's losses. Reads ``batch["global_crops"]`` (the student's images; the frozen teacher
+        sees them resized to its resolution). Returns ``"loss"`` and the detached terms
+        ``"distill_cls_cos"``, ``"distill_patch_cos"``, ``"distill_patch_mse"`` (those with a non-zero
+        weight), per width as ``"<term>_C{c}"`` when the step trains several widths."""
+        images = batch["global_crops"]
+        t = self.get_teacher_output(images)
+        return self.compute_losses(widths, self.get_student_output(images, widths), t)

@@ -5,8 +5,8 @@ DINOv2 recipe (Oquab et al. 2023, arXiv:2304.07193), adapted to VECA's elastic c
 teacher always runs at the full budget and the student at the sampled budget(s), so every width
 learns from the widest ("elastic self-distillation").
 
-``ElasticDINO.forward(batch, budgets, teacher_temp)`` returns a dict of losses; backward,
-clipping, the optimiser and the EMA step live in the training loop.
+``ElasticDINO.forward(batch, widths, teacher_temp)`` returns a dict of losses; backward,
+clipping, the optimiser and the EMA step (``update_teacher``) are the training loop's.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from veca_ssl.loss import DINOHead, DINOLoss, KoLeoLoss, iBOTPatchLoss
+from veca_ssl.method.base import Method
 from veca_ssl.models.base import Backbone
 
 
@@ -57,13 +58,16 @@ def build_heads(cfg, embed_dim: int) -> tuple[DINOHead, DINOHead | None]:
     return dino_head, ibot_head
 
 
-class ElasticDINO(nn.Module):
-    """Student, EMA teacher and the three losses. ``student`` may be replaced by a DDP/FSDP wrapper
-    (``student_module`` always gives the bare module)."""
+class ElasticDINO(Method):
+    """DINO + iBOT + KoLeo with nested core widths: the EMA teacher at the full bank, the student at
+    the step's width(s).
+
+    ``student`` and ``teacher`` are :class:`StudentTeacherNet` (backbone + DINO head + optional iBOT
+    head); the DINO and iBOT losses hold the EMA centres (checkpointed through ``loss_modules``).
+    """
 
     def __init__(self, cfg, backbone: Backbone) -> None:
-        super().__init__()
-        self.cfg = cfg
+        super().__init__(cfg)
         dino_head, ibot_head = build_heads(cfg, backbone.embed_dim)
         self.student = StudentTeacherNet(backbone, dino_head, ibot_head)
         self.teacher = copy.deepcopy(self.student)
@@ -72,17 +76,21 @@ class ElasticDINO(nn.Module):
         self.dino_loss = DINOLoss(cfg.dino.head_out_dim, cfg.dino.student_temp, cfg.dino.center_momentum)
         self.ibot_loss = iBOTPatchLoss(ibot_dim, cfg.dino.student_temp, cfg.dino.center_momentum)
         self.koleo_loss = KoLeoLoss()
-        self._pending_centers: tuple[Tensor, Tensor | None] | None = None
 
-    @property
-    def student_module(self) -> StudentTeacherNet:
-        return getattr(self.student, "module", self.student)
+    def loss_modules(self) -> dict[str, nn.Module]:
+        return {"dino": self.dino_loss, "ibot": self.ibot_loss}
 
     @torch.no_grad()
-    def teacher_targets(self, global_crops: Tensor, masks: Tensor | None, teacher_temp: float):
-        """Teacher probabilities for the global crops (full budget) and the masked patches."""
+    def get_teacher_output(self, global_crops: Tensor, masks: Tensor | None,
+                           teacher_temp: float) -> tuple[Tensor, Tensor | None]:
+        """Teacher probabilities for the global crops (full width) and the masked patches.
+
+        With EMA centring, the centres are updated here from this batch's teacher logits, after the
+        targets were computed with the previous centres (DINOv2 applies the same update lazily, before
+        the next use).
+        """
         teacher = self.teacher
-        g = teacher.backbone.forward_features(global_crops)  # full budget (None = all cores)
+        g = teacher.backbone.forward_features(global_crops)  # full width (None = all cores)
         cls_logits = teacher.dino_head(g["cls"]).float()
         patch_logits = None
         if masks is not None and masks.any():
@@ -91,26 +99,28 @@ class ElasticDINO(nn.Module):
             cls_probs = self.dino_loss.sinkhorn_knopp_teacher(cls_logits, teacher_temp)
             patch_probs = (self.ibot_loss.sinkhorn_knopp_teacher(patch_logits, teacher_temp)
                            if patch_logits is not None else None)
-        else:
-            cls_probs = self.dino_loss.softmax_center_teacher(cls_logits, teacher_temp)
-            patch_probs = (self.ibot_loss.softmax_center_teacher(patch_logits, teacher_temp)
-                           if patch_logits is not None else None)
-        self._pending_centers = (cls_logits, patch_logits)
+            return cls_probs, patch_probs
+        cls_probs = self.dino_loss.softmax_center_teacher(cls_logits, teacher_temp)
+        patch_probs = (self.ibot_loss.softmax_center_teacher(patch_logits, teacher_temp)
+                       if patch_logits is not None else None)
+        self.dino_loss.update_center(cls_logits)
+        if patch_logits is not None:
+            self.ibot_loss.update_center(patch_logits)
         return cls_probs, patch_probs
 
-    def forward(self, batch: dict, budgets: Sequence[int | None], teacher_temp: float) -> dict[str, Tensor]:
-        global_crops, local_crops = batch["global_crops"], batch["local_crops"]
-        masks = batch.get("masks")
-        n_global_views = 2
-        t_cls, t_patch = self.teacher_targets(global_crops, masks, teacher_temp)
-        teacher_views = list(t_cls.chunk(n_global_views))
-        student_outs = self.student(global_crops, local_crops, masks, budgets)
+    def get_student_output(self, batch: dict, widths: Sequence[int | None]) -> list[dict]:
+        """Per width: the image features and DINO logits of every crop, iBOT logits of masked patches."""
+        return self.engine(batch["global_crops"], batch["local_crops"], batch.get("masks"), widths)
 
+    def compute_losses(self, batch: dict, widths: Sequence[int | None], student_outs: list[dict],
+                       t_cls: Tensor, t_patch: Tensor | None) -> dict[str, Tensor]:
         cfg = self.cfg
+        n_global_views, n_local = 2, cfg.crops.num_local
+        masks = batch.get("masks")
+        teacher_views = list(t_cls.chunk(n_global_views))
         terms: dict[str, Tensor] = {}
-        total = global_crops.new_zeros(())
-        n_local = self.cfg.crops.num_local
-        for c, out in zip(budgets, student_outs):
+        total = batch["global_crops"].new_zeros(())
+        for c, out in zip(widths, student_outs):
             views = list(out["global_logits"].chunk(n_global_views))
             if n_local and out["local_logits"].numel():
                 views += list(out["local_logits"].chunk(n_local))
@@ -125,27 +135,20 @@ class ElasticDINO(nn.Module):
             total = total + loss
             for name, value in (("dino", dino), ("ibot", ibot), ("koleo", koleo)):
                 terms[name] = terms.get(name, 0.0) + value.detach()
-                if len(budgets) > 1:
+                if len(widths) > 1:
                     terms[f"{name}_C{c}"] = value.detach()
         terms["loss"] = total
         return terms
 
-    def loss_state(self) -> dict:
-        """The loss modules' centres (checkpointed with the weights)."""
-        return {"dino": self.dino_loss.state_dict(), "ibot": self.ibot_loss.state_dict()}
+    def forward(self, batch: dict, widths: Sequence[int | None], teacher_temp: float) -> dict[str, Tensor]:
+        """One step's losses.
 
-    def load_loss_state(self, state: dict) -> None:
-        self.dino_loss.load_state_dict(state["dino"])
-        self.ibot_loss.load_state_dict(state["ibot"])
-
-    @torch.no_grad()
-    def update_centers(self) -> None:
-        """EMA centring update from this step's teacher logits (after the step, as in DINOv2)."""
-        if self._pending_centers is None or self.cfg.dino.centering != "centering":
-            self._pending_centers = None
-            return
-        cls_logits, patch_logits = self._pending_centers
-        self.dino_loss.update_center(cls_logits)
-        if patch_logits is not None:
-            self.ibot_loss.update_center(patch_logits)
-        self._pending_centers = None
+        Reads ``batch["global_crops"]`` (2B, 3, H, W: view-major), ``batch["local_crops"]``
+        (n_local·B, 3, h, w, possibly empty), and for iBOT ``batch["masks"]`` (2B, N) bool with
+        ``batch["mask_weights"]`` (2B, N). Returns ``"loss"`` (the weighted total over the widths) and
+        the detached terms ``"dino"``, ``"ibot"``, ``"koleo"`` (summed over widths), plus per width
+        ``"dino_C{c}"`` etc. when the step trains several widths.
+        """
+        t_cls, t_patch = self.get_teacher_output(batch["global_crops"], batch.get("masks"), teacher_temp)
+        student_outs = self.get_student_output(batch, widths)
+        return self.compute_losses(batch, widths, student_outs, t_cls, t_patch)

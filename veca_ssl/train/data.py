@@ -4,7 +4,7 @@ The loop uses four things from here::
 
     dataset = build_train_dataset(cfg)
     data = TrainData(cfg, dataset, patch_size, info, start_sample, state=checkpoint.get("data"))
-    for batch in data: ...                      # batches exactly as an uninterrupted run would see them
+    batch = next(data)                          # batches exactly as an uninterrupted run would see them
     record.update(data.log_record())            # at log time, on every rank (one small all-reduce)
     checkpoint["data"] = data.state(); summary["data"] = data.summary()
 
@@ -144,11 +144,18 @@ class TrainData:
                 log.warning(self.note)
         self.loader = build_train_loader(cfg, dataset, patch_size, info, start_sample, multires=multires,
                                          start_step=start_step)
+        self._batches: Iterator[dict[str, Any]] | None = None
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        for batch in self.loader:
-            self.local.add(batch.pop("data_seen", 0), batch.pop("data_skips", ()))
-            yield batch
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        """The next batch; what it cost (attempts, replaced unusable items) is counted here."""
+        if self._batches is None:
+            self._batches = iter(self.loader)
+        batch = next(self._batches)
+        self.local.add(batch.pop("data_seen", 0), batch.pop("data_skips", ()))
+        return batch
 
     def _global(self, counts: list[int], records: list[dict[str, str]]) -> SkipCounter:
         total = SkipCounter(self.max_skip_fraction, log=False)

@@ -1,4 +1,4 @@
-"""End-of-distillation report (SPEC §3.2, issue 7): per core width, how close the student is to the
+"""End-of-distillation report: per core width, how close the student is to the
 frozen teacher (cosine of image and patch features, through the learned projections) and the k-NN
 top-1 of student vs teacher on a labelled split."""
 
@@ -13,18 +13,19 @@ from veca_ssl.loss.distill import resample_patch_grid
 @torch.no_grad()
 def feature_cosines(method, images: torch.Tensor, widths: list[int | None], batch_size: int = 64) -> dict:
     """Mean student–teacher cosine per width: ``{width: {"cls_cos": …, "patch_cos": …}}``."""
-    student = method.teacher.backbone  # the EMA student: the weights that are exported
+    ema = method.teacher  # the EMA student (backbone + projections): the weights that are exported
+    student = ema.backbone
     was_training = student.training
     student.eval()
     sums = {w: [0.0, 0.0] for w in widths}
     n = 0
     for part in images.split(batch_size):
-        t = method.teacher_features(part)
+        t = method.get_teacher_output(part)
         for w in widths:
             s = student.forward_features(part, num_cores=w)
             t_patches = resample_patch_grid(t["patches"], t["grid"], s["grid"])
-            cls = method.loss.cls_projection(s["cls"]).float()
-            patches = method.loss.patch_projection(s["patches"]).float()
+            cls = ema.cls_projection(s["cls"]).float()
+            patches = ema.patch_projection(s["patches"]).float()
             sums[w][0] += F.cosine_similarity(cls, t["cls"], dim=-1).sum().item()
             sums[w][1] += F.cosine_similarity(patches, t_patches, dim=-1).mean(dim=1).sum().item()
         n += part.shape[0]
@@ -48,7 +49,7 @@ def distillation_report(method, cfg, device: torch.device) -> dict:
     m = cfg.train.knn_monitor
     train_set = build_dataset(m.dataset, split=m.train_split)
     val_set = build_dataset(m.dataset, split=m.val_split)
-    student = method.teacher.backbone
+    student = method.ema_backbone
     widths = list(student.budgets) or [None]
     images = _eval_images(val_set, m.resolution, 512).to(device)
     cosines = feature_cosines(method, images, widths)

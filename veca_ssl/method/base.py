@@ -1,0 +1,98 @@
+"""The interface between a training method and the training loop.
+
+A method owns three things and one forward:
+
+- ``student``: an ``nn.Module`` holding *every* trainable parameter (backbone, heads, projections).
+  It is what the optimiser sees and what data/model parallelism wraps (``parallelize``), so DDP
+  averages every gradient and nothing is all-reduced by hand.
+- ``teacher``: the exponential moving average of ``student`` (same architecture, no gradients). Its
+  backbone is what training exports and evaluates (``ema_backbone``).
+- loss modules with state (e.g. DINO centres), listed by ``loss_modules()`` so they are checkpointed.
+- ``forward(batch, widths, teacher_temp) -> dict`` of losses, ``"loss"`` being the one to minimise.
+
+The loop calls ``update_teacher(momentum)`` after each optimiser step and ``state_dict`` /
+``load_state_dict`` to checkpoint and resume; it never reaches further into a method.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from veca_ssl.models.base import Backbone
+from veca_ssl.train.ema import ema_update_
+
+
+class Method(ABC):
+    """A student, its EMA teacher and the losses; see the module docstring for the contract."""
+
+    student: nn.Module
+    teacher: nn.Module
+
+    def __init__(self, cfg) -> None:
+        self.cfg = cfg
+        self._engine: nn.Module | None = None
+
+    # -- what the loop may use --------------------------------------------------------------------------
+    @property
+    def backbone(self) -> Backbone:
+        """The student's backbone (trained by the optimiser)."""
+        return self.student.backbone
+
+    @property
+    def ema_backbone(self) -> Backbone:
+        """The teacher's backbone: the EMA weights that are exported, monitored and evaluated."""
+        return self.teacher.backbone
+
+    def loss_modules(self) -> dict[str, nn.Module]:
+        """Loss modules whose state (buffers) a resume needs, by checkpoint name."""
+        return {}
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.student.parameters() if p.requires_grad]
+
+    def to(self, device: torch.device | str) -> Method:
+        for module in (self.student, self.teacher, *self.loss_modules().values()):
+            module.to(device)
+        return self
+
+    def train(self, mode: bool = True) -> Method:
+        """Student in training mode; the teacher stays as the subclass keeps it."""
+        self.student.train(mode)
+        return self
+
+    def parallelize(self, wrap: Callable[[nn.Module], nn.Module]) -> None:
+        """Run the student through ``wrap(student)`` (e.g. a DDP wrapper). The wrapper is kept outside
+        ``student`` so parameter names, checkpoints and the EMA never see it."""
+        self._engine = wrap(self.student)
+
+    @property
+    def engine(self) -> nn.Module:
+        """What to call for a student forward: the parallel wrapper when there is one."""
+        return self._engine if self._engine is not None else self.student
+
+    @abstractmethod
+    def forward(self, batch: dict, widths: Sequence[int | None], teacher_temp: float) -> dict[str, Tensor]:
+        """The losses of one step (``"loss"`` is the total to minimise; the other entries are detached)."""
+
+    def __call__(self, batch: dict, widths: Sequence[int | None], teacher_temp: float) -> dict[str, Tensor]:
+        return self.forward(batch, widths, teacher_temp)
+
+    @torch.no_grad()
+    def update_teacher(self, momentum: float) -> None:
+        """EMA step of the teacher towards the student, after the optimiser step."""
+        ema_update_(self.teacher, self.student, momentum)
+
+    def state_dict(self) -> dict:
+        """Everything of the method a bit-exact resume needs."""
+        return {"student": self.student.state_dict(), "teacher": self.teacher.state_dict(),
+                "loss_state": {name: m.state_dict() for name, m in self.loss_modules().items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.student.load_state_dict(state["student"])
+        self.teacher.load_state_dict(state["teacher"])
+        for name, module in self.loss_modules().items():
+            module.load_state_dict(state.get("loss_state", {})[name])
