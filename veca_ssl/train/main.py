@@ -27,12 +27,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors whose message already says what happened and what to do."""
+    from veca_ssl.data.errors import DataError
     from veca_ssl.train.checkpoint import CheckpointError
     from veca_ssl.train.lock import RunLockedError
     from veca_ssl.train.loop import NonFiniteLossError
     from veca_ssl.train.metrics import MetricsWriteError
 
-    return ConfigError, CheckpointError, RunLockedError, NonFiniteLossError, MetricsWriteError
+    # DataError: too many unusable samples, a half-replaced shard set, ...
+    return ConfigError, CheckpointError, RunLockedError, NonFiniteLossError, MetricsWriteError, DataError
 
 
 def _train(args: argparse.Namespace) -> int:
