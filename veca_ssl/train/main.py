@@ -82,7 +82,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         if isinstance(exc, _user_errors()):
-            print(f"{PROG}: {exc}", file=sys.stderr)
+            from veca_ssl.data.errors import DataError
+
+            kind = "data error: " if isinstance(exc, DataError) else ""
+            print(f"{PROG}: {kind}{exc}", file=sys.stderr)
             return 2
         first = str(exc).strip().splitlines()
         print(f"{PROG}: error: {type(exc).__name__}: {first[0] if first else ''} (rerun with --debug for the "
