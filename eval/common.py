@@ -306,7 +306,8 @@ def classification_features(model: torch.nn.Module, widths: list[Width], cfg: Ev
     for k, ds in datasets.items():
         log.info("extracting %s features of %s at %d px, widths %s", k, specs[k], resolution, widths)
         out[k] = extract_features(model, ds, widths, resolution, cfg.batch_size, device, n_last_blocks=n_blocks,
-                                  with_patch_mean=patch_mean, num_workers=cfg.num_workers, progress=progress)
+                                  with_patch_mean=patch_mean, num_workers=cfg.num_workers, progress=progress,
+                                  max_skip_fraction=cfg.max_skip_fraction)
         require_labels(next(iter(out[k].values())).labels, specs[k])
     return out
 

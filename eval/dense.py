@@ -193,6 +193,9 @@ def build_dense_dataset(text: str, reduce_zero_label: bool = False) -> Dataset:
         return SegFolderDataset(spec.removeprefix("folder:"), split, reduce_zero_label)
     from veca_ssl.data import build_dataset  # npz: (masks/depth keys), synthetic:, …
 
+    if spec.startswith("wds:"):  # shards carry images and class labels, not masks or depth maps
+        raise ValueError(f"dense evaluation needs masks or depth maps, which {spec!r} (WebDataset shards of images "
+                         "and labels) does not hold; use folder:/root (images/ + masks/ or depth/), npz: or synthetic:")
     return build_dataset(spec, split=split)
 
 
@@ -386,7 +389,7 @@ def run_dense(train_sets: dict, test_sets: dict, train_targets: dict[str, torch.
 
 def dense_features(model: torch.nn.Module, widths: list, train_spec: str, test_spec: str, resolution: int,
                    batch_size: int, device: torch.device, num_workers: int = 0, reduce_zero_label: bool = False,
-                   progress: bool = False) -> tuple:
+                   progress: bool = False, max_skip_fraction: float | None = 0.01) -> tuple:
     """Build dense train/test sets, patch features at every width, and the targets of the extracted items.
 
     Targets are stacked for the dataset indices the features came from, so feature row ``i`` and target
@@ -400,7 +403,7 @@ def dense_features(model: torch.nn.Module, widths: list, train_spec: str, test_s
         ds.targets([0])  # fails early (before extraction) on data without masks/depth
         log.info("extracting dense %s features of %s at %d px", name, spec, resolution)
         feats = extract_features(model, ds, widths, resolution, batch_size, device, with_patches=True,
-                                 num_workers=num_workers, progress=progress)
+                                 num_workers=num_workers, progress=progress, max_skip_fraction=max_skip_fraction)
         sets[name] = (feats, ds.targets(next(iter(feats.values())).indices.tolist()))
     return sets["train"][0], sets["test"][0], sets["train"][1], sets["test"][1]
 

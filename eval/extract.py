@@ -2,7 +2,11 @@
 
 Each shard holds ``image`` (N, D), optionally ``patch_mean`` (N, D) and ``patches`` (N, Hp*Wp, D),
 plus ``labels`` and dataset ``indices`` — one ``.safetensors`` file per shard (default) or one
-``.npy`` file per array. ``manifest.json`` describes the run (model, checkpoint, width, resolution,
+``.npy`` file per array. Shard ``i`` covers dataset items ``[i × shard_size, (i+1) × shard_size)``;
+an unusable image is left out (never replaced by another item's row), and the manifest lists its
+index, name and reason under the shard and counts all of them under ``skipped``; extraction stops
+when they pass ``--max-skip-fraction``. ``wds:`` shards work like folders: the counts in their
+manifest give the length, and each extraction shard reads only its own range of samples. ``manifest.json`` describes the run (model, checkpoint, width, resolution,
 dataset, count, dtype, shard size) and lists the finished shards with their byte sizes and SHA-256.
 Shards and manifest are written atomically (temporary file + rename) and the manifest is updated
 after every shard, so an interrupted extraction resumes where it stopped: listed shards whose files
@@ -22,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset, IterableDataset, Subset
 
 from eval.extract_cli import FORMATS
 from veca_ssl.distributed import is_main_process
@@ -69,6 +73,24 @@ def _shard_ok(out_dir: Path, entry: dict) -> bool:
     return True
 
 
+def _part(dataset: Dataset, start: int, stop: int) -> tuple[Dataset, int]:
+    """Items ``[start, stop)`` and the offset to add to the part's row indices to get dataset indices."""
+    if isinstance(dataset, IterableDataset):
+        subset = getattr(dataset, "subset", None)
+        if subset is None:
+            raise ValueError(f"{type(dataset).__name__} streams without positions; extraction needs a map-style "
+                             "dataset or wds: shards")
+        return subset(start, stop), 0  # rows carry global sample indices already
+    return Subset(dataset, range(start, stop)), start
+
+
+def _skip_totals(manifest: dict) -> dict:
+    """Counts over the finished shards: attempted items, skipped items and their indices."""
+    listed = [r for e in manifest["shards"] for r in e.get("skipped", [])]
+    return {"seen": sum(e["count"] for e in manifest["shards"]), "count": len(listed),
+            "indices": [r["index"] for r in listed]}
+
+
 def _write_manifest(out_dir: Path, manifest: dict) -> None:
     _atomic_write_bytes(out_dir / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
 
@@ -91,6 +113,7 @@ def extract_to_shards(
     on_shard: Callable[[int], None] | None = None,
     num_workers: int = 0,
     progress: bool = True,
+    max_skip_fraction: float = 0.01,
 ) -> dict:
     """Extract ``dataset`` features at ``width`` into shards under ``output_dir``; resume if possible.
 
@@ -98,10 +121,13 @@ def extract_to_shards(
         info: identity of the run recorded in the manifest (``model``, ``checkpoint``, ``dataset``).
         max_shards: stop after writing this many new shards (the rest is done by a later call).
         on_shard: called with the shard index after each shard and its manifest entry are on disk.
+        max_skip_fraction: stop (``DataSkipError``) once more than this fraction of the items in the
+            finished shards is unusable; the shards written so far stay valid.
 
     Returns:
         The manifest (``manifest["complete"]`` tells whether every shard is written).
     """
+    from veca_ssl.data.errors import SkipCounter
     from veca_ssl.features import extract_features
 
     if fmt not in FORMATS:
@@ -124,7 +150,7 @@ def extract_to_shards(
                 "dtype": dtype, "format": fmt, "shard_size": shard_size,
                 "features": features + ["labels", "indices"],
                 "embed_dim": int(getattr(model, "num_features", getattr(model, "embed_dim", 0))),
-                "shards": [], "complete": False}
+                "shards": [], "complete": False, "skipped": {"seen": 0, "count": 0, "indices": []}}
     path = out / MANIFEST
     if path.exists():
         old = json.loads(path.read_text())
@@ -146,24 +172,35 @@ def extract_to_shards(
         if max_shards is not None and written >= max_shards:
             break
         start, stop = index * shard_size, min(n, (index + 1) * shard_size)
-        fs = extract_features(model, Subset(dataset, range(start, stop)), [width], resolution, batch_size,
-                              device, with_patch_mean=with_patch_mean, with_patches=with_patches,
-                              num_workers=num_workers, progress=progress, dtype=torch_dtype)[width]
+        part, offset = _part(dataset, start, stop)
+        fs = extract_features(model, part, [width], resolution, batch_size, device,
+                              with_patch_mean=with_patch_mean, with_patches=with_patches, num_workers=num_workers,
+                              progress=progress, dtype=torch_dtype, max_skip_fraction=None)[width]
         arrays = {"image": fs.image.numpy().astype(np_dtype)}
         if with_patch_mean:
             arrays["patch_mean"] = fs.patch_mean.numpy().astype(np_dtype)
         if with_patches:
             arrays["patches"] = fs.patches.numpy().astype(np_dtype)
         arrays["labels"] = fs.labels.numpy().astype(np.int64)
-        arrays["indices"] = (fs.indices + start).numpy().astype(np.int64)
+        arrays["indices"] = (fs.indices + offset).numpy().astype(np.int64)
+        skipped = [{**r, "index": int(r["index"]) + offset} for r in fs.skipped]
         if is_main_process():
             # One metadata key only: safetensors serialises metadata from a hash map, so with several
             # keys their order (hence the file bytes) would differ between runs.
             meta = {"veca_extract": json.dumps({"shard": index, "start": start, "count": stop - start})}
             files = _write_shard(out, index, arrays, fmt, meta)
-            manifest["shards"].append({"index": index, "start": start, "count": stop - start, "files": files})
+            manifest["shards"].append({"index": index, "start": start, "count": stop - start, "files": files,
+                                       "rows": len(fs), "skipped": skipped})
             manifest["complete"] = len(manifest["shards"]) == n_shards
+            manifest["skipped"] = _skip_totals(manifest)
             _write_manifest(out, manifest)
+        else:
+            manifest["shards"].append({"index": index, "count": stop - start, "skipped": skipped})
+            manifest["skipped"] = _skip_totals(manifest)
+        totals = SkipCounter(max_skip_fraction, min_seen=1)  # over every finished shard
+        totals.load_state({"seen": manifest["skipped"]["seen"], "skipped": manifest["skipped"]["count"],
+                           "first": [r for e in manifest["shards"] for r in e.get("skipped", [])][:10]})
+        totals.check()  # same manifest on every rank: all stop together
         written += 1
         if on_shard is not None:
             on_shard(index)

@@ -67,7 +67,8 @@ def build_parser() -> ArgumentParser:
     g = p.add_argument_group("extraction")
     add_fields(g, ExtractOptions, required=("data", "output_dir"))
     r = p.add_argument_group("run")
-    add_fields(r, EvalConfig, only=("resolution", "batch_size", "num_workers", "device", "progress"))
+    add_fields(r, EvalConfig, only=("resolution", "batch_size", "num_workers", "device", "progress",
+                                    "max_skip_fraction"))
     add_debug_option(p)
     return p
 
@@ -136,9 +137,11 @@ def main(argv: list[str] | None = None) -> int:
                 model, dataset, opts.output_dir, width, resolution, common.batch_size, device, opts.shard_size,
                 opts.format, opts.dtype, with_patch_mean=opts.patch_mean, with_patches=opts.patches, info=info,
                 max_shards=opts.max_shards, num_workers=common.num_workers,
-                progress=progress_enabled(common.progress))
+                progress=progress_enabled(common.progress), max_skip_fraction=common.max_skip_fraction)
         state = "complete" if manifest["complete"] else "incomplete (run again to resume)"
-        print(f"{len(manifest['shards'])} shard(s), {manifest['count']} images, width {manifest['width']}, "
+        skipped = manifest["skipped"]["count"]
+        unusable = f" ({skipped} unusable, left out and listed in the manifest)" if skipped else ""
+        print(f"{len(manifest['shards'])} shard(s), {manifest['count']} images{unusable}, width {manifest['width']}, "
               f"{resolution} px ({why}): {state} → {opts.output_dir}/{MANIFEST}")
         return 0
 

@@ -55,8 +55,12 @@ class EvalResult:
 
 
 def run_protocols(model: torch.nn.Module, widths: list[Width], cfg: EvalConfig, resolution: int, why: str,
-                  device: torch.device, progress: bool) -> dict[Width, dict]:
-    """Every protocol of ``cfg`` on ``model`` at ``widths``: ``{width: merged metrics}``."""
+                  device: torch.device, progress: bool, skips: dict | None = None) -> dict[Width, dict]:
+    """Every protocol of ``cfg`` on ``model`` at ``widths``: ``{width: merged metrics}``. Unusable images
+    left out of a dataset's features are summarised into ``skips`` (``{dataset: skip_summary}``)."""
+    from veca_ssl.features import skip_summary
+
+    skips = {} if skips is None else skips
     results = []
     classification = [p for p in cfg.protocols if p != "dense"]
     if classification:
@@ -64,6 +68,7 @@ def run_protocols(model: torch.nn.Module, widths: list[Width], cfg: EvalConfig, 
         feats = classification_features(model, widths, cfg, resolution, why, device, progress,
                                         n_last_blocks=max(cfg.linear.n_last_blocks) if linear else 1,
                                         patch_mean=linear)
+        skips.update({k: skip_summary(v) for k, v in feats.items() if next(iter(v.values())).skipped})
         for protocol in classification:
             if protocol == "knn":
                 from eval.knn import run_knn
@@ -86,15 +91,17 @@ def run_protocols(model: torch.nn.Module, widths: list[Width], cfg: EvalConfig, 
         d = cfg.dense
         tr, te, tr_t, te_t = dense_features(model, widths, cfg.datasets.dense_train, cfg.datasets.dense_test,
                                             resolution, cfg.batch_size, device, cfg.num_workers,
-                                            d.reduce_zero_label, progress)
+                                            d.reduce_zero_label, progress, cfg.max_skip_fraction)
+        skips.update({f"dense_{k}": skip_summary(v) for k, v in (("train", tr), ("test", te))
+                      if next(iter(v.values())).skipped})
         results.append(run_dense(tr, te, tr_t, te_t, d.tasks, d.num_classes, d, device, cfg.seed, cfg.bootstrap,
                                  progress))
     return merge_metrics(*results)
 
 
 def _rows(model: torch.nn.Module, widths: list[Width], cfg: EvalConfig, resolution: int, why: str,
-          device: torch.device, progress: bool, reference: bool = False) -> list[dict]:
-    metrics = run_protocols(model, widths, cfg, resolution, why, device, progress)
+          device: torch.device, progress: bool, reference: bool = False, skips: dict | None = None) -> list[dict]:
+    metrics = run_protocols(model, widths, cfg, resolution, why, device, progress, skips)
     if cfg.speed.enabled:
         log.info("measuring latency and throughput at %d px, widths %s", resolution, widths)
     return build_rows(model, metrics, resolution, cfg.batch_size, device, cfg.speed.enabled, cfg.speed.warmup,
@@ -133,7 +140,8 @@ def _evaluate(cfg: EvalConfig, net: torch.nn.Module, device: torch.device, resol
     run_dir = cfg.run_dir
     log.info("evaluating %s: %s at %d px (%s), widths %s, on %s", model_description(cfg, net),
              ", ".join(cfg.protocols), resolution, why, [w for w in widths], device)
-    rows = _rows(net, widths, cfg, resolution, why, device, progress)
+    skips: dict = {}  # unusable images left out of each dataset's features (listed in the report)
+    rows = _rows(net, widths, cfg, resolution, why, device, progress, skips=skips)
     ref_name = None
     if cfg.reference is not None:
         ref_model = load_model(cfg.reference, cfg.seed).to(device)
@@ -151,6 +159,8 @@ def _evaluate(cfg: EvalConfig, net: torch.nn.Module, device: torch.device, resol
             "wall_time_s": round(time.perf_counter() - t0, 2)}
     if ref_name:
         meta["reference"] = ref_name
+    if skips:
+        meta["data_skips"] = skips
     meta["config"] = to_mapping(resolved)
     paths: dict[str, Path] = {}
     if is_main_process():

@@ -32,7 +32,7 @@ for argv in json.loads(sys.argv[1]):
         except SystemExit as exc:
             code = exc.code
     texts[" ".join(argv)] = {"code": code, "text": buf.getvalue()}
-heavy = sorted(m for m in ("torch", "numpy", "PIL", "sklearn", "submitit", "webdataset") if m in sys.modules)
+heavy = sorted(m for m in ("torch", "sklearn", "scipy", "matplotlib", "submitit", "webdataset") if m in sys.modules)
 print(json.dumps({"texts": texts, "heavy": heavy}))
 """
 

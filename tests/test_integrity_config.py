@@ -34,10 +34,10 @@ CASES = [
     ("augment.color_jitter=[0.4,0.4]", r"augment.color_jitter=\[0.4, 0.4\] is out of range: it must be a list of 4"),
     ("device=tpu", r"device='tpu' is not valid; choose auto, cpu, cuda or cuda:N"),
     ("optim.warmup_epochs=5", r"optim.warmup_epochs=5 is longer than the whole training \(optim.epochs=2\)"),
-    ("data.train=imagefolder:/does/not/exist", r"data.train=imagefolder:/does/not/exist: .*'/does/not/exist/train' "
+    ("data.train=imagefolder:/does/not/exist", r"data.train=imagefolder:/does/not/exist: .*'/does/not/exist' "
                                                r"does not exist"),
     ("data.train=npz:/does/not/exist.npz data.split=null",
-     r"data.train=npz:/does/not/exist.npz: file /does/not/exist.npz does not exist"),
+     r"data.train=npz:/does/not/exist.npz: npz: file '/does/not/exist.npz' does not exist"),
     ("data.train=wds:/nope/shard-{000..003}.tar data.split=null data.samples_per_epoch=10",
      r"data.train=wds:/nope/shard-\{000..003\}.tar: wds: 4 of 4 shards do not exist"),
     ("data.train=foo:/x", r"data.train=foo:/x: malformed dataset spec 'foo:/x': unknown kind 'foo'"),

@@ -224,6 +224,8 @@ RULES: list[tuple[str, _Rule]] = [
     ("model.layerscale_init", _number(0, lo_open=True, null=True)),
     ("data.num_workers", _COUNT),
     ("data.max_skip_fraction", _PROBABILITY),
+    ("data.max_pixels", _COUNT),
+    ("data.shuffle_buffer", _COUNT),
     ("data.samples_per_epoch", _number(1, integer=True, null=True)),
     ("crops.global_size", _POSITIVE_INT),
     ("crops.local_size", _POSITIVE_INT),
@@ -327,6 +329,7 @@ def check(cfg: DictConfig, local: bool = True) -> None:
                           "or set train.wandb.enabled=false")
     if cfg.mode == "distill" and not cfg.distill.teacher:
         raise ConfigError("mode=distill needs distill.teacher=/path/to/teacher (a local checkpoint)")
+    _check_data(cfg)
     _check_model_and_crops(cfg)
     if cfg.optim.warmup_epochs > cfg.optim.epochs:
         raise ConfigError(f"optim.warmup_epochs={cfg.optim.warmup_epochs} is longer than the whole training "
@@ -393,9 +396,10 @@ def _check_model_and_crops(cfg: DictConfig) -> None:
                           f"model.patch_size={patch}")
     phases = parse_phases(cfg.multires, patch, cfg.optim.epochs)  # raises ConfigError naming the key
     streaming = str(cfg.data.train).startswith("wds:")
-    if streaming and cfg.data.samples_per_epoch is None:
-        raise ConfigError(f"data.samples_per_epoch is required for streaming data ({cfg.data.train}): set it to "
-                          f"the number of samples in the shards (make-shards prints it)")
+    if streaming and cfg.data.samples_per_epoch is None and _stream_length(cfg) is None:
+        raise ConfigError(f"data.samples_per_epoch is required for streaming data ({cfg.data.train}) whose shards "
+                          f"have no manifest.json with their counts: set it to the number of samples in the shards "
+                          f"(make-shards prints it and writes the manifest)")
     if streaming and phases:
         raise ConfigError(f"multires.phases needs map-style data (samples addressed by position); "
                           f"{cfg.data.train} streams")
@@ -404,24 +408,11 @@ def _check_model_and_crops(cfg: DictConfig) -> None:
 # ---------------------------------------------------------------------------------------------- paths
 def _check_dataset(key: str, spec: Any, split: str | None) -> None:
     """The spec parses and, for path-based kinds, what it points to exists (without reading it)."""
-    from veca_ssl.data.specs import _resolve_path, parse_spec
-    from veca_ssl.data.synthetic import parse_synthetic_options
-    from veca_ssl.data.wds import expand_shards
+    from veca_ssl.data import check_spec
 
     try:
-        kind, arg = parse_spec(spec)
-        if kind == "synthetic":
-            parse_synthetic_options(spec, arg)
-        if kind in ("digits", "synthetic"):
-            return
-        path = _resolve_path(kind, arg, split, spec)
-        if kind == "wds":
-            expand_shards(path)
-        elif kind == "imagefolder" and not os.path.isdir(path):
-            raise FileNotFoundError(f"directory {path} does not exist")
-        elif kind in ("npz", "filelist") and not os.path.isfile(path):
-            raise FileNotFoundError(f"file {path} does not exist")
-    except (ValueError, FileNotFoundError) as exc:
+        check_spec(str(spec), split)
+    except (ValueError, OSError) as exc:
         raise ConfigError(f"{key}={spec}: {exc}") from None
 
 
@@ -446,7 +437,6 @@ def _check_output_dir(value: Any) -> None:
 
 
 def _check_paths(cfg: DictConfig) -> None:
-    _check_dataset("data.train", cfg.data.train, cfg.data.split)
     monitor = cfg.train.knn_monitor
     if monitor.enabled and monitor.dataset:
         _check_dataset("train.knn_monitor.dataset", monitor.dataset, monitor.train_split)
@@ -500,6 +490,24 @@ def resume_changes(old: DictConfig | str, new: DictConfig) -> list[tuple[str, An
 
 def format_changes(changes: list[tuple[str, Any, Any]]) -> str:
     return "\n".join(f"  {key}: {_show(a)} -> {_show(b)}" for key, a, b in changes)
+
+
+def _stream_length(cfg: DictConfig) -> int | None:
+    """Samples in the ``wds:`` shards of ``data.train`` from their manifest (None without one)."""
+    from veca_ssl.data import stream_length
+
+    return stream_length(str(cfg.data.train), cfg.data.split, split_if_present=True)
+
+
+def _check_data(cfg: DictConfig) -> None:
+    """The training data: spec kind, options, paths and split resolve (no image is read)."""
+    from veca_ssl.data import check_spec
+
+    d = cfg.data
+    try:
+        check_spec(str(d.train), d.split, split_if_present=True)
+    except (ValueError, OSError) as exc:
+        raise ConfigError(f"data.train={d.train}: {exc}") from None
 
 
 def save_config(cfg: DictConfig, path: str | Path) -> None:

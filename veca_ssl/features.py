@@ -8,13 +8,22 @@ at every width, so adding widths costs forward passes only, never data loading.
 Distributed: when ``torch.distributed`` is initialised each rank extracts a contiguous shard of the
 dataset and the shards are all-gathered, so every rank ends up with the full set in dataset order
 (the DINOv2 evaluation setup, arXiv:2304.07193).
+
+Unusable images: a row is never filled with another image's features or label. An item that cannot
+be decoded is left out; its dataset index, name and reason are listed in ``FeatureSet.skipped``
+(counted over all DataLoader workers and ranks), and extraction stops with
+:class:`~veca_ssl.data.errors.DataSkipError` when they pass ``max_skip_fraction``.
+
+Streaming datasets (``wds:``) need no length: each rank and worker reads its own part, every row
+carries its global sample index, and rows are put in index order after gathering.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,6 +31,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from veca_ssl.data.errors import SkipCounter, UnreadableItem
+from veca_ssl.data.wds import Skipped
 from veca_ssl.progress import track
 from veca_ssl.widths import Width, resolve_widths
 
@@ -37,6 +48,10 @@ class FeatureSet:
     patch_mean: torch.Tensor | None = None  # (N, D) mean patch token of the last block
     patches: torch.Tensor | None = None  # (N, Hp*Wp, D) patch tokens of the last block
     grid: tuple[int, int] | None = None  # (Hp, Wp) of ``patches``
+    #: Items left out because they could not be used: ``{"index", "item", "kind", "reason"}`` each.
+    skipped: list[dict[str, Any]] = field(default_factory=list)
+    #: Items attempted (rows + skipped).
+    seen: int = 0
 
     @property
     def image(self) -> torch.Tensor:
@@ -71,9 +86,12 @@ class _Indexed(Dataset):
             self._pil_transform = make_eval_transform(size)
         return self._pil_transform(image)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int] | Skipped:
         index = self.indices[i]
-        item = self.dataset[index]
+        try:
+            item = self.dataset[index]
+        except UnreadableItem as err:  # left out and listed; never replaced by another item
+            return Skipped(index, err.record())
         if isinstance(item, tuple | list):
             image, target = item[0], (item[1] if len(item) > 1 else -1)
         else:
@@ -82,15 +100,44 @@ class _Indexed(Dataset):
 
 
 class _IndexedStream(IterableDataset):
-    """Iterable datasets (``wds:``): ``(image, target, position)``; the dataset splits itself by rank."""
+    """Iterable datasets: ``(image, target, index)`` or :class:`Skipped`; the dataset splits itself by
+    rank and worker. ``WdsDataset`` rows carry their global sample index; other iterables their position."""
 
     def __init__(self, dataset: IterableDataset, resolution: int | tuple[int, int]):
         self.dataset, self.convert = dataset, _Indexed(dataset, [], resolution)
 
     def __iter__(self):
-        for position, item in enumerate(self.dataset):
-            image, target = (item[0], item[1]) if isinstance(item, tuple | list) else (item, -1)
-            yield self.convert._to_tensor(image), int(target), position
+        indexed = getattr(self.dataset, "iter_indexed", None)
+        items = indexed() if indexed is not None else enumerate(self.dataset)
+        for entry in items:
+            if isinstance(entry, Skipped):
+                yield entry
+                continue
+            if indexed is not None:
+                image, target, index = entry
+            else:
+                index, item = entry
+                image, target = (item[0], item[1]) if isinstance(item, tuple | list) else (item, -1)
+            yield self.convert._to_tensor(image), int(target), int(index)
+
+
+def _collate_rows(items: list) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, list[Skipped]]:
+    """Stack the usable items of a batch; pass the skipped ones on separately (they have no image)."""
+    good = [it for it in items if not isinstance(it, Skipped)]
+    skipped = [it for it in items if isinstance(it, Skipped)]
+    images = torch.stack([g[0] for g in good]) if good else None
+    targets = torch.tensor([int(g[1]) for g in good], dtype=torch.long)
+    indices = torch.tensor([int(g[2]) for g in good], dtype=torch.long)
+    return images, targets, indices, skipped
+
+
+def _gather_objects(local: list) -> list:
+    """Concatenate every rank's list (rank order); the list itself when not distributed."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return local
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, local)
+    return [x for p in parts for x in p]
 
 
 def _shard_range(n: int) -> range:
@@ -150,6 +197,7 @@ def extract_features(
     num_workers: int = 0,
     progress: bool = True,
     dtype: torch.dtype = torch.float32,
+    max_skip_fraction: float | None = 0.01,
 ) -> dict[Width, FeatureSet]:
     """Extract frozen features of ``dataset`` at every width in one pass over the data.
 
@@ -164,9 +212,12 @@ def extract_features(
         with_patch_mean: also keep the mean patch token of the last block.
         with_patches: also keep all patch tokens of the last block (dense probes).
         dtype: storage dtype of the features (CPU tensors).
+        max_skip_fraction: stop (``DataSkipError``, after the pass, on every rank alike) when more than
+            this fraction of items is unusable; ``None`` = never stop, only list them.
 
     Returns:
-        ``{width: FeatureSet}`` in the order of ``widths``.
+        ``{width: FeatureSet}`` in the order of ``widths``, rows in dataset-index order; unusable items
+        are absent and listed in ``FeatureSet.skipped``.
     """
     device = torch.device(device)
     widths = resolve_widths(model, widths)
@@ -187,15 +238,19 @@ def extract_features(
     else:
         wrapped = _Indexed(dataset, _shard_range(len(dataset)), res)  # type: ignore[arg-type]
     loader = DataLoader(wrapped, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        pin_memory=device.type == "cuda")
+                        pin_memory=device.type == "cuda", collate_fn=_collate_rows)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else contextlib.nullcontext())
     parts: dict[Width, dict[str, list[torch.Tensor]]] = {w: {} for w in widths}
     grids: dict[Width, tuple[int, int]] = {}
     labels: list[torch.Tensor] = []
     indices: list[torch.Tensor] = []
+    skipped: list[dict[str, Any]] = []
     # A bar in a terminal and progress lines in the log (batch jobs have no terminal).
-    for images, targets, idx in track(loader, desc="extract", unit="batch", bar=progress):
+    for images, targets, idx, bad in track(loader, desc="extract", unit="batch", bar=progress):
+        skipped += [{"index": int(b.index), **b.record} for b in bad]
+        if images is None:
+            continue
         images = _prepare(images, res, device)
         labels.append(targets.long())
         indices.append(idx.long())
@@ -222,16 +277,40 @@ def extract_features(
     n_p = (res[0] // patch) * (res[1] // patch)
     all_labels = cat(labels, (0,), torch.long)
     all_indices = cat(indices, (0,), torch.long)
+    # index order: ranks and workers of a stream interleave; map-style rows are in order already
+    order = torch.argsort(all_indices, stable=True)
+    in_order = bool((order == torch.arange(len(order))).all())
+    all_skipped = sorted(_gather_objects(skipped), key=lambda r: r["index"])
+    # the whole pass is known: judge the fraction over all of it (min_seen=1); workers logged the items
+    counter = SkipCounter(max_skip_fraction if max_skip_fraction is not None else 1.0, min_seen=1, enforce=False,
+                          log=False)
+    counter.add(len(all_indices) + len(all_skipped), all_skipped)
+    if max_skip_fraction is not None:
+        counter.check()  # the same gathered counts on every rank: all stop together
+
+    def rows(t: torch.Tensor | None) -> torch.Tensor | None:
+        return t if t is None or in_order else t[order]
+
     out: dict[Width, FeatureSet] = {}
     for w in widths:
         store = parts[w]
         out[w] = FeatureSet(
             width=w,
-            cls=cat(store.get("cls"), (0, n_last_blocks, d), dtype),
-            labels=all_labels,
-            indices=all_indices,
-            patch_mean=cat(store.get("patch_mean"), (0, d), dtype) if with_patch_mean else None,
-            patches=cat(store.get("patches"), (0, n_p, d), dtype) if with_patches else None,
+            cls=rows(cat(store.get("cls"), (0, n_last_blocks, d), dtype)),
+            labels=rows(all_labels),
+            indices=rows(all_indices),
+            patch_mean=rows(cat(store.get("patch_mean"), (0, d), dtype)) if with_patch_mean else None,
+            patches=rows(cat(store.get("patches"), (0, n_p, d), dtype)) if with_patches else None,
             grid=grids.get(w, (res[0] // patch, res[1] // patch)) if with_patches else None,
+            skipped=all_skipped,
+            seen=counter.seen,
         )
     return out
+
+
+def skip_summary(features: dict[Width, FeatureSet] | FeatureSet, max_listed: int = 100) -> dict[str, Any]:
+    """Unusable items of one extraction for reports: counts, their indices and the first few names."""
+    fs = features if isinstance(features, FeatureSet) else next(iter(features.values()))
+    return {"seen": fs.seen, "skipped": len(fs.skipped),
+            "skipped_indices": [r["index"] for r in fs.skipped[:max_listed]],
+            "first": [f"{r['item']} ({r['kind']}: {r['reason']})" for r in fs.skipped[:5]]}

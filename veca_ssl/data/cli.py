@@ -1,6 +1,6 @@
 """``veca data``: dataset tools — ``make-shards SRC DST --shard-size N`` and ``inspect SPEC``.
 
-The parser is built before anything heavy is imported, so ``--help`` answers at once."""
+The parser is built before torch or the dataset modules are imported, so ``--help`` answers at once."""
 
 from __future__ import annotations
 
@@ -10,6 +10,9 @@ import logging
 import sys
 
 from veca_ssl.cli import HelpFormatter
+
+from .decode import DEFAULT_MAX_PIXELS
+from .errors import DataError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -21,18 +24,22 @@ def _parser() -> argparse.ArgumentParser:
     mk = sub.add_parser("make-shards", formatter_class=HelpFormatter,
                         help="convert an image folder / npz / spec into WebDataset tar shards",
                         description="Convert an image folder, an .npz file or any dataset spec into WebDataset "
-                                    "tar shards\n(shard-000000.tar, …) and manifest.json; it prints the spec to train on, e.g. "
-                                    "data.train=wds:DST/shard-{000000..000009}.tar.")
+                                    "tar shards\n(shard-000000.tar, …) and manifest.json; it prints the spec to "
+                                    "train on, e.g. data.train=wds:DST/shard-{000000..000009}.tar.")
     mk.add_argument("src", help="image folder (class sub-folders), .npz file, or a dataset spec such as 'digits'")
     mk.add_argument("dst", help="output folder for shard-000000.tar …")
     mk.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     mk.add_argument("--split", default=None, help="split of the source spec (e.g. train)")
     mk.add_argument("--no-shuffle", action="store_true", help="keep source order instead of mixing samples")
     mk.add_argument("--seed", type=int, default=0, help="seed of the sample order")
-    mk.add_argument("--verify", action="store_true", help="fully decode every image before copying it")
-    mk.add_argument("--overwrite", action="store_true", help="replace existing shards in DST")
+    mk.add_argument("--verify", action="store_true",
+                    help="fully decode every source image, and re-read every written sample before committing")
+    mk.add_argument("--overwrite", action="store_true",
+                    help="replace the shard set in DST (the old set stays until the new one is complete)")
     mk.add_argument("--max-skip-fraction", type=float, default=0.01,
                     help="stop when more than this fraction of the images is unreadable (0 to 1)")
+    mk.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                    help=f"skip images with more pixels, without decoding them (default {DEFAULT_MAX_PIXELS}; 0 = no limit)")
 
     ins = sub.add_parser("inspect", formatter_class=HelpFormatter,
                          help="counts, classes, image sizes and a PNG grid of samples",
@@ -44,6 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     ins.add_argument("--num-samples", type=int, default=16, help="images in the grid")
     ins.add_argument("--max-images", type=int, default=1000, help="images whose size is measured")
     ins.add_argument("--json", action="store_true", help="print the summary as JSON")
+    ins.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                     help="report images with more pixels as too large, without decoding them")
     return parser
 
 
@@ -65,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
                 verify=args.verify,
                 overwrite=args.overwrite,
                 max_skip_fraction=args.max_skip_fraction,
+                max_pixels=args.max_pixels,
             )
             print(
                 f"wrote {manifest['num_samples']} samples in {manifest['num_shards']} shard(s) "
@@ -72,10 +82,11 @@ def main(argv: list[str] | None = None) -> int:
             )
             print(f"use: {manifest['spec']}")
             return 0
-        summary = inspect_dataset(args.spec, split=args.split, out=args.out, max_images=args.max_images, num_samples=args.num_samples)
+        summary = inspect_dataset(args.spec, split=args.split, out=args.out, max_images=args.max_images,
+                                  num_samples=args.num_samples, max_pixels=args.max_pixels)
         print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
         return 0
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as err:
+    except (ValueError, OSError, DataError, RuntimeError) as err:
         print(f"veca data {args.command}: error: {err}", file=sys.stderr)
         return 2
 

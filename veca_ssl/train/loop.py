@@ -13,7 +13,6 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +23,6 @@ from tqdm import tqdm
 from veca_ssl import distributed as dist
 from veca_ssl import fileio, signals
 from veca_ssl.config import ConfigError, build_model
-from veca_ssl.data import build_dataset
 from veca_ssl.method.base import Method
 from veca_ssl.method.budgets import BudgetPolicy, resolve_budgets
 from veca_ssl.method.distill import ElasticDistillation
@@ -33,7 +31,7 @@ from veca_ssl.models import save_backbone
 from veca_ssl.models.base import Backbone
 from veca_ssl.parallelize import wrap_ddp
 from veca_ssl.train.checkpoint import CheckpointManager, rng_state, set_rng_state
-from veca_ssl.train.data import build_train_loader
+from veca_ssl.train.data import TrainData, build_train_dataset
 from veca_ssl.train.lock import RunLock
 from veca_ssl.train.metrics import MetricLogger, MetricsWriteError
 from veca_ssl.train.monitor import KnnMonitor
@@ -107,7 +105,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     policy: BudgetPolicy
     schedule: FixedSchedule | MultiResSchedule
-    data: Iterator[dict]
+    data: TrainData  # batches, plus the data position and skip counts (veca_ssl.train.data)
     checkpoints: CheckpointManager
     lock: RunLock | None
     logger: MetricLogger
@@ -150,7 +148,7 @@ def setup(cfg: DictConfig) -> Run:
     widths = resolve_budgets(backbone.budgets, cfg.budgets.choices)
     policy = BudgetPolicy(widths, cfg.budgets.policy, cfg.budgets.weights, seed=cfg.seed)
     phases = parse_phases(cfg.multires, cfg.model.patch_size, cfg.optim.epochs)  # [] = one size
-    dataset = build_dataset(cfg.data.train, split=cfg.data.split, max_skip_fraction=cfg.data.max_skip_fraction)
+    dataset = build_train_dataset(cfg)
     method = build_method(cfg, backbone).to(info.device)
     dist.seed_everything(cfg.seed, info.rank)  # per-rank randomness (drop-path, coordinate jitter) from here
 
@@ -162,12 +160,13 @@ def setup(cfg: DictConfig) -> Run:
     lock = RunLock(out) if info.rank == 0 else None
     opened: dict = {}
     latest = on_main(info, lambda: _open(opened, cfg, out, lock, checkpoints, method, optimizer))
-    start_step = 0
+    start_step, data_state = 0, None
     if latest is not None:
         state = opened.get("state") or CheckpointManager.load(latest, verify=False)
         method.load_state_dict(state)
         optimizer.load_state_dict(state["optimizer"])
         start_step = int(state["step"])
+        data_state = state.get("data")  # stream layout and skip counts (veca_ssl.train.data)
         set_rng_state(state["rng"])
         if info.rank == 0:
             print(f"resumed from {latest} at step {start_step}", flush=True)
@@ -193,10 +192,8 @@ def setup(cfg: DictConfig) -> Run:
     # multires too: the lr is scaled by the reference batch optim.batch_size_per_gpu x world size
     peak_lr = scaled_lr(cfg.optim.base_lr, cfg.optim.batch_size_per_gpu * info.world_size, rule=cfg.optim.lr_scaling)
 
-    loader = build_train_loader(cfg, dataset, backbone.patch_size, info, schedule.samples_before(start_step),
-                                multires=schedule if phases else None, start_step=start_step)
-    with signals.stop_signals_blocked():  # workers start with stop signals blocked, then ignore them
-        data = iter(loader)
+    data = TrainData(cfg, dataset, backbone.patch_size, info, schedule.samples_before(start_step),
+                     multires=schedule if phases else None, start_step=start_step, state=data_state)
     monitor = None
     if cfg.train.knn_monitor.enabled and cfg.train.knn_monitor.dataset:
         monitor = KnnMonitor(cfg, info.device, out)
@@ -257,6 +254,7 @@ def train_step(run: Run, step: int) -> tuple[bool, dict | None]:
                       budget=float(widths[0]) if widths[0] is not None else 0.0,
                       grad_norm=float(grad_norm), images_per_s=images_per_s,
                       resolution=float(batch["global_crops"].shape[-1]))
+        record.update(run.data.log_record())  # global skip counts (all ranks); stops on too many skips
         run.logger.log(done, record)
     if run.monitor is not None and run.main and done % cfg.train.knn_monitor.every == 0 and done != run.stop_at:
         run.logger.log(done, run.monitor.evaluate(method.ema_backbone))
@@ -276,6 +274,7 @@ def _state(run: Run, step: int) -> dict:
         **run.method.state_dict(),
         "optimizer": run.optimizer.state_dict(),
         "rng": rng_state(),
+        "data": run.data.state(),  # stream layout and skip counts
     }
 
 
@@ -283,6 +282,7 @@ def finish(run: Run, steps_done: int) -> dict:
     """Export the EMA backbone, the final k-NN table (and distillation report) and ``summary.json``;
     release the output directory. The export records the step its weights come from."""
     summary = {"steps": steps_done, "total_steps": run.schedule.total_steps, "output_dir": str(run.output_dir)}
+    summary["data"] = run.data.summary()  # unusable samples: counts and the first few items
     if run.main and steps_done >= run.stop_at:
         ema = run.method.ema_backbone
         export = save_backbone(ema, run.output_dir / "export" / "teacher.safetensors",

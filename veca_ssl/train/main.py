@@ -57,12 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors whose message already says what happened and what to do."""
+    from veca_ssl.data.errors import DataError
     from veca_ssl.train.checkpoint import CheckpointError
     from veca_ssl.train.lock import RunLockedError
     from veca_ssl.train.loop import NonFiniteLossError
     from veca_ssl.train.metrics import MetricsWriteError
 
-    return ConfigError, CheckpointError, RunLockedError, NonFiniteLossError, MetricsWriteError
+    # DataError: too many unusable samples, a half-replaced shard set, ...
+    return ConfigError, CheckpointError, RunLockedError, NonFiniteLossError, MetricsWriteError, DataError
 
 
 def _is_main_process() -> bool:
@@ -127,7 +129,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         if isinstance(exc, _user_errors()):
-            print(f"{PROG}: {exc}", file=sys.stderr)
+            from veca_ssl.data.errors import DataError
+
+            kind = "data error: " if isinstance(exc, DataError) else ""
+            print(f"{PROG}: {kind}{exc}", file=sys.stderr)
             return 2
         return _unexpected(exc, output_dir)
 
