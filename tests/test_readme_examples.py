@@ -11,6 +11,7 @@ covered as soon as it is written — or fails here until a rule below says how t
   the README's first command, whose k-NN table is checked); torchrun with 1 process.
 - ``veca eval``/``veca extract``: run with short probes (``EVAL_FAST``); on the stand-ins for released
   checkpoints at 64 px unless the example sets ``--resolution``.
+- ``veca export``, ``veca data``: run as written.
 - ``veca select``: run as written, except that a ``--max-latency-ms`` budget (a property of the
   machine, not of the example) is lifted so that it is met here.
 - ``veca submit``: run with ``--dry-run`` (no cluster): everything is validated, nothing queued.
@@ -18,6 +19,8 @@ covered as soon as it is written — or fails here until a rule below says how t
 - An example whose comment says ``pip install -e ".[X]"`` runs when extra X is installed; without it,
   it must stop with one message naming ``[X]`` (no traceback).
 - ``model.init_from=FILE`` examples keep the checkpoint's width (only the depth is cut to 2).
+- A ``veca train`` example that does not name its ``output_dir`` and would share one with an earlier
+  example gets its own (the examples are independent; a resume with another config is refused).
 - A ``veca train`` example whose config trains on a dataset path of the user's (absent here) gets a
   stand-in of the same kind (``DATASET_STAND_INS``), so the rest of that config is still exercised.
 
@@ -65,7 +68,9 @@ EVAL_FAST = {
 # README text -> what stands in for it here ({ws} is the scratch directory)
 PLACEHOLDERS = {
     "configs/experiments/<your experiment>.yaml": "configs/experiments/synthetic64_veca_tiny.yaml",
-    "imagefolder:/data/in1k": "imagefolder:{ws}/data/in1k",
+    # make-shards of the 32 stand-in images writes one shard, not ImageNet's 1282
+    "/data/in1k-wds/shard-{000000..001281}.tar": "{ws}/data/in1k-wds/shard-{{000000..000000}}.tar",
+    "/data/in1k": "{ws}/data/in1k",
     "folder:/data/ade@": "folder:{ws}/ade@",
     "folder:/ade@": "folder:{ws}/ade@",
     "--checkpoint CKPT": "--checkpoint outputs/quickstart",
@@ -218,6 +223,7 @@ class Runner:
         self.ws = ws
         self.env = {**os.environ, "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1"}
         self.plans: list[list[tuple[str, object, str | None]] | AssertionError] = []
+        self._train_outputs: set[str] = set()  # output_dir of every training example planned so far
         for ex in EXAMPLES:
             try:
                 self.plans.append(self._plan(ex))
@@ -256,9 +262,10 @@ class Runner:
         batch.clear()
 
     def _substitute(self, text: str) -> str:
-        for old, new in PLACEHOLDERS.items():
-            text = text.replace(old, new.format(ws=self.ws))
-        return text
+        """One pass, longest placeholder first, so a replacement is never replaced again."""
+        olds = sorted(PLACEHOLDERS, key=len, reverse=True)
+        pattern = re.compile("|".join(re.escape(o) for o in olds))
+        return pattern.sub(lambda m: PLACEHOLDERS[m.group(0)].format(ws=self.ws), text)
 
     def _plan(self, ex: Example) -> list[tuple[str, object, str | None]]:
         """(kind, payload, extra): ``extra`` names an extra the example needs that is not installed,
@@ -288,7 +295,7 @@ class Runner:
     def _veca(self, args: list[str]) -> list[str]:
         cmd = args[0]
         if cmd == "train":
-            args = args + self._dataset_stand_in(args)
+            args = args + self._dataset_stand_in(args) + self._own_output_dir(args)
             if any(a.startswith("model.init_from=") for a in args):  # the checkpoint fixes the width
                 return args + [a for a in TRAIN_TINY if not a.startswith("model.overrides=")] + [
                     "model.overrides={depth: 2}"]
@@ -299,7 +306,7 @@ class Runner:
             return args + EVAL_FAST[args[1]] + (small if args[1] != "all" else [])
         if cmd == "extract":
             return args + EVAL_FAST["extract"] + small
-        if cmd == "export":
+        if cmd in ("export", "data"):
             return args
         if cmd == "select":
             if "--max-latency-ms" in args:
@@ -309,6 +316,27 @@ class Runner:
         if cmd == "submit":
             return args + ([] if "--dry-run" in args else ["--dry-run"])
         raise AssertionError(f"no rule to run `veca {cmd}` examples; add one in tests/test_readme_examples.py")
+
+    def _own_output_dir(self, args: list[str]) -> list[str]:
+        """README examples are independent illustrations: one that does not name its output_dir and
+        would land in the run of an earlier example (with another config, which a resume refuses)
+        gets a directory of its own. Named directories are left alone (reusing one means resuming)."""
+        from omegaconf import OmegaConf
+
+        from veca_ssl.config import resolve_config_path
+
+        named = [a.split("=", 1)[1] for a in args if a.startswith("output_dir=")]
+        if named:
+            self._train_outputs.add(named[-1])
+            return []
+        name = args[args.index("--config") + 1] if "--config" in args else "quickstart"
+        out = str(OmegaConf.select(OmegaConf.load(resolve_config_path(name)), "output_dir", default="outputs/run"))
+        if out not in self._train_outputs:
+            self._train_outputs.add(out)
+            return []
+        fresh = f"{out}_example{len(self._train_outputs)}"
+        self._train_outputs.add(fresh)
+        return [f"output_dir={fresh}"]
 
     def _dataset_stand_in(self, args: list[str]) -> list[str]:
         """``data.train=<stand-in>`` when the example's config reads an absolute path that is not here."""
