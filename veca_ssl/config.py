@@ -107,6 +107,11 @@ def check(cfg: DictConfig) -> None:
         raise ConfigError(f"optim.lr_scaling={cfg.optim.lr_scaling!r}; valid: 'sqrt', 'linear', 'none'")
     if cfg.train.amp not in ("auto", "bf16", "off"):
         raise ConfigError(f"train.amp={cfg.train.amp!r}; valid: 'auto', 'bf16', 'off'")
+    from veca_ssl.parallelize import COMPILE_MODES, PARALLEL_MODES
+
+    for key, valid in (("train.parallel", PARALLEL_MODES), ("train.compile", COMPILE_MODES)):
+        if OmegaConf.select(cfg, key) not in valid:
+            raise ConfigError(f"{key}={OmegaConf.select(cfg, key)!r}; valid: {', '.join(map(repr, valid))}")
     for key in ("optim.epochs", "optim.batch_size_per_gpu", "train.checkpoint_every", "train.keep_last",
                 "train.log_every"):
         if OmegaConf.select(cfg, key) < 1:

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from veca_ssl import distributed as dist
 from veca_ssl import signals
-from veca_ssl.config import build_model, save_config
+from veca_ssl.config import ConfigError, build_model, save_config
 from veca_ssl.data import build_dataset
 from veca_ssl.method.base import Method
 from veca_ssl.method.budgets import BudgetPolicy, resolve_budgets
@@ -32,7 +32,8 @@ from veca_ssl.method.distill import ElasticDistillation
 from veca_ssl.method.ssl import ElasticDINO
 from veca_ssl.models import save_backbone
 from veca_ssl.models.base import Backbone
-from veca_ssl.parallelize import wrap_ddp
+from veca_ssl.parallelize import parallelize_method
+from veca_ssl.train import sharded_checkpoint
 from veca_ssl.train.checkpoint import CheckpointManager, rng_state, set_rng_state
 from veca_ssl.train.data import build_train_loader
 from veca_ssl.train.metrics import MetricLogger
@@ -129,25 +130,17 @@ def setup(cfg: DictConfig) -> Run:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
     checkpoints = CheckpointManager(out / "checkpoints", cfg.train.keep_last)
+    # activation checkpointing, compile, DDP/FSDP2 (train.parallel) -- before the optimiser, because
+    # FSDP2 replaces every parameter by its shard
+    try:
+        parallelize_method(method, cfg, info)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     optimizer = build_optimizer(method.student, backbone.depth, cfg.optim, backbone.no_weight_decay_keywords())
 
-    start_step, latest = 0, checkpoints.latest()
-    if latest is not None:
-        state = CheckpointManager.load(latest)
-        method.load_state_dict(state)
-        optimizer.load_state_dict(state["optimizer"])
-        start_step = int(state["step"])
-        set_rng_state(state["rng"])
-        if info.rank == 0:
-            print(f"resumed from {latest} at step {start_step}", flush=True)
-
-    if info.world_size > 1:
-        def wrap(student: torch.nn.Module) -> torch.nn.Module:
-            if cfg.dino.head_use_bn and info.device.type == "cuda":  # BN statistics over the global batch
-                student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(student)
-            return wrap_ddp(student, info)
-
-        method.parallelize(wrap)
+    start_step, latest = _resume(checkpoints, method, optimizer)
+    if latest is not None and info.rank == 0:
+        print(f"resumed from {latest} at step {start_step}", flush=True)
 
     # schedule lengths: epochs of data.samples_per_epoch (or the dataset length) samples
     samples_per_epoch = cfg.data.samples_per_epoch or len(dataset)
@@ -167,8 +160,10 @@ def setup(cfg: DictConfig) -> Run:
     monitor = None
     if cfg.train.knn_monitor.enabled and cfg.train.knn_monitor.dataset:
         monitor = KnnMonitor(cfg, info.device, out)
-        if info.rank == 0 and start_step == 0:
-            monitor.record_before(method.ema_backbone)
+        if start_step == 0:
+            teacher = method.full_teacher()  # a collective when sharded; whole weights on rank 0
+            if info.rank == 0:
+                monitor.record_before(teacher.backbone)
     return Run(cfg=cfg, info=info, output_dir=out, method=method, optimizer=optimizer, policy=policy,
                schedule=schedule, data=iter(loader), checkpoints=checkpoints,
                logger=MetricLogger(out, enabled=info.rank == 0), monitor=monitor, start_step=start_step,
@@ -216,14 +211,51 @@ def train_step(run: Run, step: int) -> tuple[bool, dict | None]:
                       grad_norm=float(grad_norm), images_per_s=images_per_s,
                       resolution=float(batch["global_crops"].shape[-1]))
         run.logger.log(done, record)
-    if run.monitor is not None and run.main and done % cfg.train.knn_monitor.every == 0 and done != run.stop_at:
-        run.logger.log(done, run.monitor.evaluate(method.ema_backbone))
+    if run.monitor is not None and done % cfg.train.knn_monitor.every == 0 and done != run.stop_at:
+        teacher = method.full_teacher()  # a collective when sharded; whole weights on rank 0
+        if run.main:
+            run.logger.log(done, run.monitor.evaluate(teacher.backbone))
     stop = signals.checkpoint_requested()
     if done % cfg.train.checkpoint_every == 0 or done == run.stop_at or stop:
-        if run.main:
-            run.last_checkpoint = run.checkpoints.save(_state(run, done), done)
-        dist.barrier()
+        run.last_checkpoint = _save_checkpoint(run, done)
     return stop, record
+
+
+# ------------------------------------------------------------------------------------- checkpoints
+# Two formats in one directory, same names and keep-last rule: single files (``train.checkpoint``,
+# whole tensors written by rank 0) for unsharded runs, DCP directories (``train.sharded_checkpoint``,
+# every rank its shards) for FSDP2. A run resumes from the newest of either kind, on any world size.
+def _resume(checkpoints: CheckpointManager, method: Method,
+            optimizer: torch.optim.Optimizer) -> tuple[int, Path | None]:
+    """Load the newest checkpoint of either format into ``method`` and ``optimizer``; ``(step, path)``,
+    ``(0, None)`` when there is none. Every rank calls it."""
+    single = checkpoints.latest()
+    sharded = sharded_checkpoint.newest_good(checkpoints.directory)
+    step_of = sharded_checkpoint.step_of
+    if sharded is not None and (single is None or step_of(sharded) >= step_of(single)):
+        return int(sharded_checkpoint.load(sharded, method, optimizer)["step"]), sharded
+    if single is None:
+        return 0, None
+    state = CheckpointManager.load(single)
+    if method.sharded:  # whole tensors from the file, each rank keeps its shards
+        sharded_checkpoint.load_full_state(state, method, optimizer)
+    else:
+        method.load_state_dict(state)
+        optimizer.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"])
+    return int(state["step"]), single
+
+
+def _save_checkpoint(run: Run, step: int) -> Path | None:
+    """Write the checkpoint after ``step`` (every rank calls it); its path (None on ranks > 0 for
+    single files)."""
+    if run.method.sharded:
+        meta = {"config": OmegaConf.to_yaml(run.cfg, resolve=True), "backbone_config": run.method.backbone.config}
+        return sharded_checkpoint.save(run.checkpoints.directory, step, run.method, run.optimizer, meta,
+                                       run.cfg.train.keep_last)
+    path = run.checkpoints.save(_state(run, step), step) if run.main else run.last_checkpoint
+    dist.barrier()
+    return path
 
 
 def _state(run: Run, step: int) -> dict:
@@ -241,8 +273,10 @@ def _state(run: Run, step: int) -> dict:
 def finish(run: Run, steps_done: int) -> dict:
     """Export the EMA backbone, the final k-NN table (and distillation report) and ``summary.json``."""
     summary = {"steps": steps_done, "total_steps": run.schedule.total_steps, "output_dir": str(run.output_dir)}
+    # whole EMA weights: a collective when sharded (every rank), the teacher itself otherwise
+    teacher = run.method.full_teacher() if steps_done >= run.stop_at else None
     if run.main and steps_done >= run.stop_at:
-        ema = run.method.ema_backbone
+        ema = teacher.backbone
         export = save_backbone(ema, run.output_dir / "export" / "teacher.safetensors",
                                extra={"steps": run.stop_at, "mode": run.cfg.mode})
         summary["export"] = str(export)
@@ -252,7 +286,7 @@ def finish(run: Run, steps_done: int) -> dict:
             if run.cfg.mode == "distill":
                 from veca_ssl.train.distill_report import distillation_report
 
-                summary["distill_report"] = distillation_report(run.method, run.cfg, run.info.device)
+                summary["distill_report"] = distillation_report(run.method, run.cfg, run.info.device, teacher)
         (run.output_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     run.logger.close()
     return summary
