@@ -23,7 +23,7 @@ otherwise ranks would average gradients of different sub-networks.
 What works on sharded parameters: the EMA update (``torch._foreach_*`` on DTensors), gradient
 clipping (``clip_grad_norm_`` on DTensor gradients returns a replicated DTensor norm), the centring
 (plain collectives on unsharded loss buffers), and everything that needs whole weights (k-NN monitor,
-export, distillation report) through ``gather_full_module``: one collective, a plain copy on rank 0.
+export, distillation report) through ``gather_full_module``: one collective, a plain copy on every rank.
 """
 
 from __future__ import annotations
@@ -286,17 +286,23 @@ def meta_skeleton(module: nn.Module) -> nn.Module:
     from one would lack them). ``gather_full_module`` fills it with whole weights."""
     memo: dict[int, Any] = {id(p): nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
                             for p in module.parameters()}
-    return copy.deepcopy(module, memo)
+    return copy.deepcopy(module, memo)  # a copy drops ``nn.Module.compile``'s state: it runs eagerly
 
 
-def gather_full_module(module: nn.Module, skeleton: nn.Module, rank: int) -> nn.Module | None:
-    """Whole weights of a sharded ``module`` as a plain module (a copy of ``skeleton``) on rank 0's
-    CPU; ``None`` on the other ranks. A collective: every rank must call it."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+def gather_full_module(module: nn.Module, skeleton: nn.Module) -> nn.Module:
+    """Whole weights of a sharded ``module`` as a plain module (a copy of ``skeleton``) on this rank's CPU.
 
-    full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if rank != 0:
-        return None
+    A collective (every rank calls it, every rank gets the copy): evaluation code splits its data over
+    the ranks (``veca_ssl.features``), so each rank needs the whole network. Tensors are gathered one
+    at a time and moved to the CPU at once, so the accelerator never holds more than one whole tensor
+    beyond the shards.
+    """
+    from torch.distributed.tensor import DTensor
+
+    full = {}
+    for name, tensor in module.state_dict().items():
+        whole = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+        full[name] = whole.detach().to("cpu", copy=True)
     plain = copy.deepcopy(skeleton)
     plain.load_state_dict(full, strict=True, assign=True)
     plain.train(module.training)

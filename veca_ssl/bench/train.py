@@ -130,6 +130,8 @@ def _parallel_worker(args: argparse.Namespace) -> list[dict]:
                 step()
             barrier()
             peaks.append(peak_memory_bytes(step, info.device))
+        if info.rank == 0:
+            print(f"[{res}px] warm-up (and compilation) and memory done; timing", flush=True)
         times = time_round_robin(steps, 0, args.repeats, info.device)
         for (mode, comp, _, net, opt), peak, t in zip(variants, peaks, times):
             state = _state_bytes(net, opt)

@@ -92,18 +92,15 @@ class Method(ABC):
         """True when student and teacher hold DTensor shards (FSDP2)."""
         return self._teacher_skeleton is not None
 
-    def full_teacher(self) -> nn.Module | None:
-        """The EMA teacher with whole weights, for what runs on one rank (k-NN monitor, export, reports).
-
-        Unsharded: the teacher itself, on every rank. Sharded: a collective (every rank must call it)
-        that returns a plain copy on rank 0's CPU and ``None`` on the other ranks.
-        """
+    def full_teacher(self) -> nn.Module:
+        """The EMA teacher with whole weights, for evaluation during and after training (k-NN monitor,
+        export, reports). Unsharded: the teacher itself. Sharded: a collective (every rank must call it)
+        that returns a plain copy on every rank's CPU (evaluation splits its data over the ranks)."""
         if self._teacher_skeleton is None:
             return self.teacher
-        from veca_ssl.distributed import get_rank
         from veca_ssl.parallelize import gather_full_module
 
-        return gather_full_module(self.teacher, self._teacher_skeleton, get_rank())
+        return gather_full_module(self.teacher, self._teacher_skeleton)
 
     @property
     def engine(self) -> nn.Module:

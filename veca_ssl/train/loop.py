@@ -160,10 +160,8 @@ def setup(cfg: DictConfig) -> Run:
     monitor = None
     if cfg.train.knn_monitor.enabled and cfg.train.knn_monitor.dataset:
         monitor = KnnMonitor(cfg, info.device, out)
-        if start_step == 0:
-            teacher = method.full_teacher()  # a collective when sharded; whole weights on rank 0
-            if info.rank == 0:
-                monitor.record_before(teacher.backbone)
+        if start_step == 0:  # every rank: feature extraction splits the data over the ranks
+            monitor.record_before(method.full_teacher().backbone, write=info.rank == 0)
     return Run(cfg=cfg, info=info, output_dir=out, method=method, optimizer=optimizer, policy=policy,
                schedule=schedule, data=iter(loader), checkpoints=checkpoints,
                logger=MetricLogger(out, enabled=info.rank == 0), monitor=monitor, start_step=start_step,
@@ -212,9 +210,8 @@ def train_step(run: Run, step: int) -> tuple[bool, dict | None]:
                       resolution=float(batch["global_crops"].shape[-1]))
         run.logger.log(done, record)
     if run.monitor is not None and done % cfg.train.knn_monitor.every == 0 and done != run.stop_at:
-        teacher = method.full_teacher()  # a collective when sharded; whole weights on rank 0
-        if run.main:
-            run.logger.log(done, run.monitor.evaluate(teacher.backbone))
+        # every rank: feature extraction splits the data over the ranks (whole EMA weights on each)
+        run.logger.log(done, run.monitor.evaluate(method.full_teacher().backbone))
     stop = signals.checkpoint_requested()
     if done % cfg.train.checkpoint_every == 0 or done == run.stop_at or stop:
         run.last_checkpoint = _save_checkpoint(run, done)
@@ -273,13 +270,14 @@ def _state(run: Run, step: int) -> dict:
 def finish(run: Run, steps_done: int) -> dict:
     """Export the EMA backbone, the final k-NN table (and distillation report) and ``summary.json``."""
     summary = {"steps": steps_done, "total_steps": run.schedule.total_steps, "output_dir": str(run.output_dir)}
-    # whole EMA weights: a collective when sharded (every rank), the teacher itself otherwise
-    teacher = run.method.full_teacher() if steps_done >= run.stop_at else None
-    if run.main and steps_done >= run.stop_at:
+    if steps_done >= run.stop_at:
+        # every rank from here: gathering sharded weights and feature extraction are collectives
+        teacher = run.method.full_teacher()
         ema = teacher.backbone
-        export = save_backbone(ema, run.output_dir / "export" / "teacher.safetensors",
-                               extra={"steps": run.stop_at, "mode": run.cfg.mode})
-        summary["export"] = str(export)
+        if run.main:
+            export = save_backbone(ema, run.output_dir / "export" / "teacher.safetensors",
+                                   extra={"steps": run.stop_at, "mode": run.cfg.mode})
+            summary["export"] = str(export)
         if run.monitor is not None:
             summary["knn"] = run.monitor.final(ema)
             run.logger.log(run.stop_at, run.monitor.flat(summary["knn"]))
@@ -287,7 +285,8 @@ def finish(run: Run, steps_done: int) -> dict:
                 from veca_ssl.train.distill_report import distillation_report
 
                 summary["distill_report"] = distillation_report(run.method, run.cfg, run.info.device, teacher)
-        (run.output_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        if run.main:
+            (run.output_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     run.logger.close()
     return summary
 

@@ -247,7 +247,7 @@ def save(directory: str | Path, step: int, method: Any, optimizer: torch.optim.O
                 shutil.rmtree(stale, ignore_errors=True)
     _barrier()
     state, _ = _training_state(method, optimizer)
-    state["rng"] = {f"rank{rank}": rng_state()}
+    state["rng"] = {f"rank{rank}": _rng_tensors()}
     writer = dcp.FileSystemWriter(str(tmp), sync_files=True)
     # returns on every rank after rank 0 has written .metadata, i.e. after every rank's shards
     dcp.save(state, storage_writer=writer, no_dist=not _dist())
@@ -302,9 +302,8 @@ def load(path: str | Path, method: Any, optimizer: torch.optim.Optimizer) -> dic
     stored = reader.read_metadata().state_dict_metadata
     state, param_groups = _training_state(method, optimizer)
     rank = tdist.get_rank() if _dist() else 0
-    rng = rng_state()
-    rng_keys = [f"rng.rank{rank}.torch"] + [f"rng.rank{rank}.cuda.{i}" for i in range(len(rng.get("cuda", [])))]
-    restore_rng = all(k in stored for k in rng_keys)
+    rng = _rng_tensors()
+    restore_rng = all(f"rng.rank{rank}.{k}" in stored for k in rng)
     if restore_rng:
         state["rng"] = {f"rank{rank}": rng}
     missing = sorted(k for k in _flat_keys(state) if k not in stored)
@@ -318,8 +317,16 @@ def load(path: str | Path, method: Any, optimizer: torch.optim.Optimizer) -> dic
     method.load_state_dict(state)  # in place already for plain and DTensor tensors; this keeps it explicit
     set_optimizer_state_dict(method.student, optimizer, {"state": state["optimizer"], "param_groups": param_groups})
     if restore_rng:
-        set_rng_state(state["rng"][f"rank{rank}"])
+        saved = state["rng"][f"rank{rank}"]
+        set_rng_state({"torch": saved["torch"], **({"cuda": [saved[f"cuda{i}"] for i in range(len(saved) - 1)]}
+                                                    if len(saved) > 1 else {})})
     return meta
+
+
+def _rng_tensors() -> dict[str, torch.Tensor]:
+    """This process's RNG states as a flat dict of tensors (``torch``, ``cuda0``, ``cuda1``, …)."""
+    state = rng_state()
+    return {"torch": state["torch"], **{f"cuda{i}": t for i, t in enumerate(state.get("cuda", []))}}
 
 
 def _flat_keys(state: dict, prefix: str = "") -> list[str]:
