@@ -369,3 +369,14 @@ def test_bench_train_parallel_reports_sharded_state(tmp_path):
         assert r["step_ms"] > 0 and r["min_ms"] <= r["step_ms"] <= r["max_ms"]
         if r["parallel"] == "fsdp2":  # parameters + AdamW moments: 1/2 per process, plus dim-0 padding
             assert 0.45 * ddp["state_mib"] < r["state_mib"] < 0.55 * ddp["state_mib"], (r, ddp)
+
+
+def test_parallel_and_compile_values_are_checked_before_any_work():
+    from veca_ssl.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="train.parallel='fsdp'; valid: 'none', 'ddp', 'fsdp2'"):
+        load_config(None, COMMON + VECA + ["train.parallel=fsdp"])
+    with pytest.raises(ConfigError, match="train.compile='max_autotune'; valid: 'none', 'default', 'max-autotune'"):
+        load_config(None, COMMON + VECA + ["train.compile=max_autotune"])
+    with pytest.raises(ConfigError, match="train.compile.*must be of type str"):
+        load_config(None, COMMON + VECA + ["train.compile=true"])  # the old boolean key
