@@ -1,26 +1,30 @@
-"""Shared plumbing of the evaluation commands: argument parsing, model loading, widths, datasets.
+"""Runtime pieces every evaluation shares: device, model, resolution, datasets, output directory, logs.
 
-Every ``veca eval <protocol>`` / ``veca extract`` command takes the same model options
-(``--checkpoint`` or ``--model``), dataset options (``--train/--val/--test SPEC[@SPLIT]``) and run
-options (``--widths``, ``--resolution``, ``--batch-size``, ``--output-dir``, ``--device``); they are
-defined once here so the commands cannot drift apart.
+The options themselves (and their defaults and rules) live in ``eval.config``; this module turns a
+checked :class:`~eval.config.EvalConfig` into a model on a device, datasets at a resolution, and the
+run directory with its log.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
+import json
+import logging
 import re
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
-from veca_ssl.features import progress_enabled
-from veca_ssl.widths import Width, parse_widths, resolve_widths
+from eval.config import REQUIRED_DATA, EvalConfig, EvalConfigError, ModelSource
+from veca_ssl.widths import Width
+
+log = logging.getLogger("eval")
+
+#: Resolution used when neither the option nor the checkpoint gives one (DINOv2's eval resolution).
+FALLBACK_RESOLUTION = 224
+REPORT_FILES = ("report.json", "report.md", "report.csv", "report.png")
 
 
 # --------------------------------------------------------------------------------------------- device
@@ -30,67 +34,164 @@ def resolve_device(name: str | None) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name!r} requested but CUDA is not available; use --device cpu")
+        raise EvalConfigError(f"--device {name!r} requested but CUDA is not available; use --device cpu or auto")
     return dev
 
 
 # --------------------------------------------------------------------------------------------- models
-def _parse_value(text: str) -> Any:
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    if text.lower() in ("true", "false"):
-        return text.lower() == "true"
-    if text.lower() in ("none", "null"):
-        return None
-    return text
-
-
-def parse_key_values(items: Sequence[str] | None) -> dict[str, Any]:
-    """``["depth=2", "embed_dim=64"]`` → ``{"depth": 2, "embed_dim": 64}``."""
-    out: dict[str, Any] = {}
-    for item in items or ():
-        if "=" not in item:
-            raise ValueError(f"expected KEY=VALUE, got {item!r} (e.g. --model-arg depth=2)")
-        key, value = item.split("=", 1)
-        out[key.strip()] = _parse_value(value.strip())
-    return out
-
-
 def check_checkpoint(path: str | Path | None) -> None:
     """Raise FileNotFoundError naming ``path`` when it does not exist (call before any work)."""
     if path is not None and not Path(path).exists():
-        raise FileNotFoundError(f"checkpoint not found: {str(path)!r} (pass an existing file or directory)")
+        raise FileNotFoundError(f"checkpoint not found: {str(path)!r} (pass an existing run directory, "
+                                "checkpoint or export)")
 
 
-def load_model(
-    checkpoint: str | Path | None = None,
-    model: str | None = None,
-    model_args: dict[str, Any] | None = None,
-    seed: int = 0,
-) -> torch.nn.Module:
-    """A backbone from ``checkpoint`` (``load_backbone``) or a randomly-initialised ``model`` preset."""
-    if (checkpoint is None) == (model is None):
-        raise ValueError("give exactly one of --checkpoint PATH or --model PRESET")
+def model_kwargs(src: ModelSource) -> dict:
+    """Constructor arguments of a ``--model`` preset: ``model_args`` plus ``patch_size``/``num_cores``."""
+    kwargs = dict(src.model_args or {})
+    for key in ("patch_size", "num_cores"):
+        value = getattr(src, key)
+        if value is not None:
+            if key in kwargs and kwargs[key] != value:
+                raise EvalConfigError(f"{key} given twice with different values: {value} and model_args.{key}="
+                                      f"{kwargs[key]}")
+            kwargs[key] = value
+    return kwargs
+
+
+def load_model(src: ModelSource, seed: int = 0) -> torch.nn.Module:
+    """The backbone of ``src``: ``load_backbone(checkpoint)`` or a randomly initialised ``model`` preset.
+
+    ``src.features == "teacher"`` makes the backbone return teacher-space features (through its output
+    projection, e.g. a distilled reference VECA's) everywhere; an error when it has none.
+    """
     from veca_ssl.models import build_backbone, load_backbone
 
-    if checkpoint is not None:
-        check_checkpoint(checkpoint)
-        net = load_backbone(checkpoint)
+    if src.checkpoint is not None:
+        check_checkpoint(src.checkpoint)
+        net = load_backbone(src.checkpoint)
     else:
         torch.manual_seed(seed)
-        net = build_backbone(model, **(model_args or {}))
+        try:
+            net = build_backbone(src.model, **model_kwargs(src))
+        except TypeError as exc:  # an unknown constructor argument
+            raise EvalConfigError(f"--model {src.model}: {exc} (check --model-arg names)") from None
+    if src.features != "native":
+        try:
+            net.set_feature_space(src.features)
+        except ValueError as exc:
+            raise EvalConfigError(f"--features {src.features}: {exc}") from None
     return net.eval()
 
 
-def model_description(checkpoint: str | Path | None, model: str | None, net: torch.nn.Module) -> str:
+def model_description(src: ModelSource, net: torch.nn.Module) -> str:
     """Human-readable model name for manifests and report titles."""
-    if model is not None:
-        return f"{model} (random init)"
+    if src.model is not None:
+        return f"{src.model} (random init)"
     shape = ", ".join(f"{k} {getattr(net, k)}" for k in ("embed_dim", "depth", "patch_size") if hasattr(net, k))
-    return f"{type(net).__name__} [{shape}] ({checkpoint})"
+    return f"{type(net).__name__} [{shape}] ({src.checkpoint})"
+
+
+# --------------------------------------------------------------------------------------------- resolution
+def _resolution_of_training_config(text_or_dict: str | dict) -> int | None:
+    """The global-crop side a training run ended at: the last multi-resolution phase's most likely size
+    (ties: the larger), else ``crops.global_size``."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create(text_or_dict) if isinstance(text_or_dict, str | dict) else text_or_dict
+    phases = OmegaConf.select(cfg, "multires.phases", default=None)
+    if phases:
+        last = phases[-1]
+        sizes, probs = list(last.get("sizes", [])), list(last.get("probs", []))
+        if sizes and len(probs) == len(sizes):
+            return int(max(zip(probs, sizes))[1])
+    size = OmegaConf.select(cfg, "crops.global_size", default=None)
+    return int(size) if size is not None else None
+
+
+def training_resolution(checkpoint: str | Path) -> tuple[int, str] | None:
+    """``(resolution, where it was read)`` of the run that produced ``checkpoint``; None if unknown.
+
+    Looked up in order: a ``resolution`` entry of an export's ``.json`` sidecar, the run's resolved
+    ``config.yaml`` (a run directory, or the run holding ``export/`` or ``checkpoints/``), the config
+    stored inside a training checkpoint. External weights (DINOv2/timm ``.pth``) carry none.
+    """
+    path = Path(checkpoint)
+    candidates: list[Path] = []
+    if path.is_dir():
+        candidates.append(path / "config.yaml")
+    else:
+        if path.suffix == ".safetensors" and path.with_suffix(".json").is_file():
+            try:
+                meta = json.loads(path.with_suffix(".json").read_text())
+            except (OSError, ValueError):
+                meta = {}
+            if isinstance(meta.get("resolution"), int):
+                return int(meta["resolution"]), str(path.with_suffix(".json"))
+        if path.parent.name in ("export", "checkpoints"):
+            candidates.append(path.parent.parent / "config.yaml")
+    for cand in candidates:
+        if cand.is_file():
+            with contextlib.suppress(Exception):  # unreadable config: try the next source
+                res = _resolution_of_training_config(cand.read_text())
+                if res:
+                    return res, str(cand)
+    if path.is_file() and path.suffix in (".pt", ".pth"):
+        try:  # mmap: reads the pickled structure, not the tensors
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # not ours, or unreadable; load_backbone reports it properly
+            return None
+        text = obj.get("config") if isinstance(obj, dict) else None
+        if isinstance(text, str):
+            with contextlib.suppress(Exception):
+                res = _resolution_of_training_config(text)
+                if res:
+                    return res, f"{path} (training config)"
+    return None
+
+
+def resolve_resolution(cfg: EvalConfig, model: torch.nn.Module) -> tuple[int, str]:
+    """``(resolution, why)``: the option, else the checkpoint's training resolution, else 224.
+
+    Raises EvalConfigError when it is not a multiple of the model's patch size.
+    """
+    if cfg.resolution is not None:
+        res, why = cfg.resolution, "--resolution"
+    else:
+        found = training_resolution(cfg.checkpoint) if cfg.checkpoint else None
+        if found is not None:
+            res, why = found[0], f"training resolution, from {found[1]}"
+        else:
+            res, why = FALLBACK_RESOLUTION, ("default; the checkpoint records no training resolution"
+                                             if cfg.checkpoint else "default for a randomly initialised --model")
+    patch = int(getattr(model, "patch_size", 1))
+    if res % patch:
+        near = max(patch, round(res / patch) * patch)
+        raise EvalConfigError(f"resolution {res} ({why}) is not a multiple of the patch size {patch}; "
+                              f"use --resolution {near}")
+    return res, why
+
+
+def native_size(dataset: torch.utils.data.Dataset) -> tuple[int, int] | None:
+    """(width, height) of the dataset's first image before any transform; None when unknown (streams)."""
+    if isinstance(dataset, torch.utils.data.IterableDataset) or len(dataset) == 0:  # type: ignore[arg-type]
+        return None
+    images = getattr(dataset, "images", None)
+    if isinstance(images, np.ndarray) and images.ndim >= 3:  # in-memory arrays (digits, npz)
+        return int(images.shape[2]), int(images.shape[1])
+    load = getattr(dataset, "load", None)
+    if callable(load):
+        with contextlib.suppress(Exception):
+            return tuple(load(0)[0].size)  # type: ignore[return-value]
+    return None
+
+
+def warn_if_upsampling(dataset: torch.utils.data.Dataset, spec: str, resolution: int, why: str) -> None:
+    size = native_size(dataset)
+    if size is not None and resolution > max(size):
+        log.warning("resolution %d (%s) upsamples %s's %dx%d images %.1fx: slower, and different numbers than "
+                    "at the native size; pass --resolution to choose", resolution, why, spec, size[0], size[1],
+                    resolution / max(size))
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -148,115 +249,124 @@ def check_first_label(dataset: torch.utils.data.Dataset, spec: str) -> None:
         require_labels(torch.tensor([-1]), spec)
 
 
-# --------------------------------------------------------------------------------------------- argparse
-def add_model_args(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("model")
-    src = g.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="training checkpoint dir/file or exported .safetensors")
-    src.add_argument("--model", help="preset of a randomly-initialised backbone, e.g. veca_tiny, vit_small")
-    g.add_argument("--patch-size", type=int, default=None, help="patch size of --model")
-    g.add_argument("--num-cores", type=int, default=None, help="core bank size M of --model")
-    g.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra constructor argument of --model (repeatable), e.g. depth=2")
-    g.add_argument("--seed", type=int, default=0, help="seed of the random init and of the probes")
+def check_dataset_spec(text: str) -> None:
+    """Cheap checks of ``SPEC[@SPLIT]`` without reading it: a known kind, and an existing path."""
+    import os
+
+    from veca_ssl.data import parse_spec
+
+    spec, split = parse_dataset_spec(text)
+    if spec.startswith("folder:"):  # the dense folder layout of eval.dense
+        kind, path = "folder", spec.removeprefix("folder:")
+    elif os.path.isdir(os.path.expanduser(spec)):  # a bare dense folder
+        return
+    else:
+        kind, path = parse_spec(spec)
+    if kind in ("digits", "synthetic"):
+        return
+    path = os.path.expanduser(path)
+    if "{split}" in path:
+        path = path.replace("{split}", split or "")
+    elif kind == "wds":
+        path = os.path.dirname(path) or "."  # brace-expanded shard names: check their folder
+    elif kind == "imagefolder" and split:
+        path = os.path.join(path, split)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"dataset {text!r}: {path!r} does not exist")
 
 
-def model_from_args(args: argparse.Namespace) -> torch.nn.Module:
-    """Load/build the backbone described by :func:`add_model_args` options."""
-    check_checkpoint(args.checkpoint)
-    kwargs = parse_key_values(args.model_arg)
-    if args.patch_size is not None:
-        kwargs["patch_size"] = args.patch_size
-    if args.num_cores is not None:
-        kwargs["num_cores"] = args.num_cores
-    if args.checkpoint is not None and kwargs:
-        raise ValueError("--patch-size/--num-cores/--model-arg only apply to --model, not --checkpoint")
-    return load_model(args.checkpoint, args.model, kwargs, seed=args.seed)
+def check_paths(cfg: EvalConfig) -> None:
+    """Every path a run reads exists: checkpoints and datasets (before anything is loaded)."""
+    check_checkpoint(cfg.checkpoint)
+    if cfg.reference is not None:
+        check_checkpoint(cfg.reference.checkpoint)
+    needed = {name for p in cfg.protocols for name in REQUIRED_DATA[p]} | (
+        {"val"} if cfg.datasets.val and "linear" in cfg.protocols else set())
+    for name in sorted(needed):
+        check_dataset_spec(getattr(cfg.datasets, name))
 
 
-def add_data_args(parser: argparse.ArgumentParser, names: Sequence[str] = ("train", "val", "test"),
-                  required: Sequence[str] = ("train", "test")) -> None:
-    g = parser.add_argument_group("data (SPEC[@SPLIT], e.g. digits@train, imagefolder:/data/val)")
-    helps = {"train": "training set (k-NN bank / probe training data)",
-             "val": "validation set for choosing hyper-parameters (default: held out of --train)",
-             "test": "test set the metrics are reported on"}
-    for name in names:
-        g.add_argument(f"--{name}", required=name in required, help=helps.get(name, name))
+def classification_features(model: torch.nn.Module, widths: list[Width], cfg: EvalConfig, resolution: int,
+                            why: str, device: torch.device, progress: bool, n_last_blocks: int = 1,
+                            patch_mean: bool = False) -> dict[str, dict]:
+    """Build the classification datasets, check their labels, extract features at every width once.
 
-
-def add_run_args(parser: argparse.ArgumentParser, resolution: int = 224) -> None:
-    g = parser.add_argument_group("run")
-    g.add_argument("--widths", default="all", help="core widths, e.g. 8,16,64 (default: all budgets)")
-    g.add_argument("--resolution", type=int, default=resolution, help="eval image side in pixels")
-    g.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
-    g.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
-    g.add_argument("--output-dir", default="eval_output", help="where results and the report go")
-    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    g.add_argument("--no-progress", action="store_true", help="disable progress bars")
-    g.add_argument("--no-speed", action="store_true", help="skip latency/throughput in the report")
-    g.add_argument("--speed-warmup", type=int, default=3, help="untimed warm-up calls per width")
-    g.add_argument("--speed-repeats", type=int, default=5, help="timed calls per width (median)")
-
-
-def is_main_process() -> bool:
-    import torch.distributed as dist
-
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
-# --------------------------------------------------------------------------------------------- running
-@dataclass
-class EvalContext:
-    """What every protocol command needs after argument parsing: the model and where to run/write."""
-
-    model: torch.nn.Module
-    model_name: str
-    widths: list[Width]
-    device: torch.device
-    output_dir: Path
-    progress: bool
-
-
-def setup(args: argparse.Namespace) -> EvalContext:
-    """Validate options and load the model (missing checkpoint → FileNotFoundError before any work)."""
-    check_checkpoint(getattr(args, "checkpoint", None))
-    widths = parse_widths(args.widths)
-    device = resolve_device(args.device)
-    model = model_from_args(args).to(device)
-    return EvalContext(
-        model=model,
-        model_name=model_description(args.checkpoint, args.model, model),
-        widths=resolve_widths(model, widths),
-        device=device,
-        output_dir=Path(args.output_dir),
-        progress=progress_enabled(not args.no_progress),
-    )
-
-
-def classification_features(ctx: EvalContext, args: argparse.Namespace, n_last_blocks: int = 1,
-                            patch_mean: bool = False) -> tuple[dict, dict, dict | None]:
-    """Build ``--train``/``--test`` (and ``--val`` when given), check labels, extract features.
-
-    Returns ``({width: FeatureSet} train, test, val-or-None)``.
+    Shared by k-NN, the linear probe and logistic regression. Returns
+    ``{"train"|"test"|"val": {width: FeatureSet}}`` ("val" only when ``datasets.val`` is set).
     """
     from veca_ssl.features import extract_features
 
-    specs = {"train": args.train, "test": args.test, "val": getattr(args, "val", None)}
-    datasets = {name: build_eval_dataset(spec, args.resolution) for name, spec in specs.items() if spec}
-    for name, ds in datasets.items():
-        check_first_label(ds, specs[name])
-    n_blocks = max(1, min(n_last_blocks, int(getattr(ctx.model, "depth", n_last_blocks))))
+    specs = {k: getattr(cfg.datasets, k) for k in ("train", "test", "val") if getattr(cfg.datasets, k)}
+    datasets = {k: build_eval_dataset(s, resolution) for k, s in specs.items()}
+    for k, ds in datasets.items():
+        check_first_label(ds, specs[k])
+    warn_if_upsampling(datasets["train"], specs["train"], resolution, why)
+    n_blocks = max(1, min(n_last_blocks, int(getattr(model, "depth", n_last_blocks))))
     out: dict[str, dict] = {}
-    for name, ds in datasets.items():
-        out[name] = extract_features(
-            ctx.model, ds, ctx.widths, args.resolution, args.batch_size, ctx.device,
-            n_last_blocks=n_blocks, with_patch_mean=patch_mean, num_workers=args.num_workers,
-            progress=ctx.progress)
-        first = next(iter(out[name].values()))
-        require_labels(first.labels, specs[name])
-    return out["train"], out["test"], out.get("val")
+    for k, ds in datasets.items():
+        log.info("extracting %s features of %s at %d px, widths %s", k, specs[k], resolution, widths)
+        out[k] = extract_features(model, ds, widths, resolution, cfg.batch_size, device, n_last_blocks=n_blocks,
+                                  with_patch_mean=patch_mean, num_workers=cfg.num_workers, progress=progress,
+                                  max_skip_fraction=cfg.max_skip_fraction)
+        require_labels(next(iter(out[k].values())).labels, specs[k])
+    return out
 
 
+# --------------------------------------------------------------------------------------------- output
+def guard_output(run_dir: Path, overwrite: bool) -> None:
+    """Refuse to replace an earlier run's report unless ``overwrite`` (a message naming the file)."""
+    existing = [run_dir / f for f in REPORT_FILES if (run_dir / f).exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{existing[0]} already holds an earlier run's results; pass --overwrite to replace "
+                              "it, or choose another --output-dir or --name")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise NotADirectoryError(f"output path {str(run_dir)!r} exists and is not a directory")
+
+
+@contextlib.contextmanager
+def run_logging(run_dir: Path | None, terminal: bool) -> Iterator[Path | None]:
+    """Log INFO lines of ``eval``/``veca_ssl`` to ``run_dir/eval.log`` and to stderr for the run's duration.
+
+    In a terminal (``terminal``) progress lines go to the log file only — the bars show progress —
+    while batch jobs (no terminal) also get them on stderr.
+    """
+    import sys
+
+    loggers = [logging.getLogger("eval"), logging.getLogger("veca_ssl")]
+    handlers: list[logging.Handler] = []
+    stream = logging.StreamHandler(sys.stderr)
+    stream.setLevel(logging.INFO)
+    stream.setFormatter(logging.Formatter("%(message)s"))
+    if terminal:
+        stream.addFilter(lambda record: not record.name.startswith("veca_ssl.progress"))
+    handlers.append(stream)
+    path = None
+    if run_dir is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        path = run_dir / "eval.log"
+        file_handler = logging.FileHandler(path)
+        file_handler.setLevel(logging.DEBUG)  # failures' tracebacks (DEBUG) go to the file only
+        file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handlers.append(file_handler)
+    saved = [(lg, lg.level, lg.propagate) for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.DEBUG if path is not None else logging.INFO)
+        lg.propagate = False  # not twice through a root handler (pytest's, the user's)
+        for h in handlers:
+            lg.addHandler(h)
+    try:
+        yield path
+    finally:
+        for lg, level, propagate in saved:
+            for h in handlers:
+                lg.removeHandler(h)
+            lg.setLevel(level)
+            lg.propagate = propagate
+        for h in handlers:
+            h.close()
+
+
+# --------------------------------------------------------------------------------------------- threads
 @contextlib.contextmanager
 def few_threads_if_small(flops_per_step: float, threshold: float = 1e9) -> Iterator[None]:
     """Run a loop of small steps (probe training) with one intra-op thread, then restore.

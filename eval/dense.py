@@ -4,22 +4,24 @@ Following the DINOv2 "linear" dense evaluations (arXiv:2304.07193, §7.4): a Bat
 head on the frozen patch tokens of the last block, logits bilinearly upsampled to the mask size and
 trained with cross-entropy (255 = ignore); a depth head of the same form regresses depth on valid
 pixels (depth > 0). Simplifications, stated: images and targets are resized to a square eval
-resolution (no sliding window), and depth is regressed directly (MSE on standardised depth) instead
-of DINOv2's 256-bin classification.
+resolution (no sliding window) by ``veca_ssl.data.transforms.DenseEvalTransform`` (image bicubic,
+mask nearest, depth bilinear — the training data path's own resize), and depth is regressed directly
+(MSE on standardised depth) instead of DINOv2's 256-bin classification. mIoU and RMSE get bootstrap
+intervals over the test images.
 
 Data: ``folder:/root[@split]`` (``images/`` + ``annotations/`` [+ ``depth/``] with the same file
 stems, ADE20K/VOC style; loader here) and every dense spec of ``veca_ssl.data.build_dataset``
 (``npz:`` with ``masks``/``depth``, ``synthetic:``) yielding ``(image, target, dense)``.
 
-``python -m eval.dense --checkpoint CKPT --train SPEC --test SPEC`` / ``veca eval dense``.
+``veca eval dense --checkpoint CKPT --train SPEC --test SPEC`` (also ``python -m eval.dense``).
 """
 
 from __future__ import annotations
 
-import argparse
+import logging
 import math
 import sys
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -30,8 +32,16 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from eval.common import few_threads_if_small, parse_dataset_spec
-from veca_ssl.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from eval.config import DenseProbeConfig
+from eval.stats import bootstrap_ci, mean_ci, with_ci
+from veca_ssl.data.transforms import DenseEvalTransform
+from veca_ssl.progress import track
+from veca_ssl.widths import width_label
 
+__all__ = ["DenseProbeConfig", "DenseEvalDataset", "SegFolderDataset", "build_dense_dataset", "confusion_matrix",
+           "confusion_matrices", "depth_metrics", "run_dense", "segmentation_metrics"]
+
+log = logging.getLogger("eval")
 IGNORE_INDEX = 255
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -62,11 +72,29 @@ def segmentation_metrics(conf: torch.Tensor) -> dict[str, float]:
     return {"seg_miou": miou, "seg_pixel_acc": acc}
 
 
-def depth_metrics(pred: torch.Tensor, gt: torch.Tensor) -> dict[str, float]:
-    """RMSE and AbsRel on valid pixels (gt > 0), per image then averaged over images (NYUv2 convention).
+def confusion_matrices(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
+                       ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Per-image confusion matrices (N, K, K); their sum over images is :func:`confusion_matrix`."""
+    n = pred.shape[0]
+    pred, target = pred.reshape(n, -1).long(), target.reshape(n, -1).long()
+    keep = target != ignore_index
+    if (target[keep] >= num_classes).any() or (target[keep] < 0).any():
+        return confusion_matrix(pred, target, num_classes, ignore_index)[None]  # raises, naming the label
+    image = torch.arange(n)[:, None].expand_as(target)
+    flat = (image[keep] * num_classes + target[keep]) * num_classes + pred[keep].clamp(0, num_classes - 1)
+    return torch.bincount(flat, minlength=n * num_classes * num_classes).reshape(n, num_classes, num_classes)
 
-    ``pred``/``gt``: (N, H, W) or (H, W). Images without a valid pixel are skipped.
-    """
+
+def miou_of_sums(conf: torch.Tensor) -> torch.Tensor:
+    """mIoU (%) of a batch of summed confusion matrices (B, K, K), the convention of :func:`segmentation_metrics`."""
+    tp = conf.diagonal(dim1=1, dim2=2)
+    union = conf.sum(1) + conf.sum(2) - tp
+    iou = torch.where(union > 0, tp / union.clamp_min(1e-12), torch.full_like(tp, float("nan")))
+    return iou.nanmean(dim=1) * 100
+
+
+def _per_image_depth(pred: torch.Tensor, gt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image RMSE and AbsRel on valid pixels (gt > 0) of the images that have any."""
     pred, gt = pred.double().reshape(-1, *gt.shape[-2:]), gt.double().reshape(-1, *gt.shape[-2:])
     rmse, absrel = [], []
     for p, g in zip(pred, gt):
@@ -76,9 +104,18 @@ def depth_metrics(pred: torch.Tensor, gt: torch.Tensor) -> dict[str, float]:
         d = p[valid] - g[valid]
         rmse.append(float(d.pow(2).mean().sqrt()))
         absrel.append(float((d.abs() / g[valid]).mean()))
-    if not rmse:
+    return torch.tensor(rmse, dtype=torch.float64), torch.tensor(absrel, dtype=torch.float64)
+
+
+def depth_metrics(pred: torch.Tensor, gt: torch.Tensor) -> dict[str, float]:
+    """RMSE and AbsRel on valid pixels (gt > 0), per image then averaged over images (NYUv2 convention).
+
+    ``pred``/``gt``: (N, H, W) or (H, W). Images without a valid pixel are skipped.
+    """
+    rmse, absrel = _per_image_depth(pred, gt)
+    if rmse.numel() == 0:
         return {"depth_rmse": float("nan"), "depth_absrel": float("nan")}
-    return {"depth_rmse": float(np.mean(rmse)), "depth_absrel": float(np.mean(absrel))}
+    return {"depth_rmse": float(rmse.mean()), "depth_absrel": float(absrel.mean())}
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -156,20 +193,23 @@ def build_dense_dataset(text: str, reduce_zero_label: bool = False) -> Dataset:
         return SegFolderDataset(spec.removeprefix("folder:"), split, reduce_zero_label)
     from veca_ssl.data import build_dataset  # npz: (masks/depth keys), synthetic:, …
 
+    if spec.startswith("wds:"):  # shards carry images and class labels, not masks or depth maps
+        raise ValueError(f"dense evaluation needs masks or depth maps, which {spec!r} (WebDataset shards of images "
+                         "and labels) does not hold; use folder:/root (images/ + masks/ or depth/), npz: or synthetic:")
     return build_dataset(spec, split=split)
 
 
 class DenseEvalDataset(Dataset):
-    """Resizes image (bicubic) and targets (nearest) of a dense dataset to the square eval resolution.
+    """A dense dataset at the square eval resolution, through ``DenseEvalTransform`` (the data path's
+    joint resize: image bicubic, mask nearest, depth bilinear).
 
     Items for the feature engine: ``(normalised image tensor, target)``; :meth:`targets` stacks the
-    masks/depth maps once.
+    masks/depth maps of chosen items, reading them without decoding images when the base dataset can.
     """
 
     def __init__(self, base: Dataset, resolution: int, spec: str = "dataset"):
         self.base, self.resolution, self.spec = base, resolution, spec
-        self.mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-        self.std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+        self.transform = DenseEvalTransform(resolution)
 
     def __len__(self) -> int:
         return len(self.base)  # type: ignore[arg-type]
@@ -177,29 +217,33 @@ class DenseEvalDataset(Dataset):
     def _item(self, i: int) -> tuple[Image.Image, int, dict]:
         item = self.base[i]
         if not isinstance(item, tuple | list) or len(item) < 3 or not isinstance(item[2], dict):
-            raise ValueError(f"dataset {self.spec!r} has no masks/depth (items are not (image, target, dense))")
+            raise ValueError(f"dataset {self.spec!r} has no masks/depth (items are not (image, target, dense)); "
+                             "dense eval needs segmentation masks or depth maps")
         return item[0], int(item[1]), item[2]
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         image, target, _ = self._item(i)
         if isinstance(image, torch.Tensor):
             raise ValueError(f"dense dataset {self.spec!r} must yield PIL images (build it without transform)")
-        r = self.resolution
-        arr = np.asarray(image.convert("RGB").resize((r, r), Image.BICUBIC), dtype=np.float32) / 255.0
-        x = (torch.from_numpy(arr).permute(2, 0, 1) - self.mean) / self.std
+        x, _ = self.transform(image, {})
         return x, target
 
-    def targets(self) -> dict[str, torch.Tensor]:
-        """``{"mask": (N,r,r) uint8, "depth": (N,r,r) float32}`` with the keys every item has."""
-        r, out = self.resolution, {"mask": [], "depth": []}
-        # Datasets that can read targets without decoding the image (folder/npz here) skip the decode.
-        read = getattr(self.base, "dense_targets", None)
-        for i in range(len(self)):
-            dense = read(i) if read is not None else self._item(i)[2]
+    def _dense(self, i: int) -> dict:
+        read = getattr(self.base, "dense_targets", None)  # folder datasets: no image decode
+        return read(i) if read is not None else self._item(i)[2]
+
+    def targets(self, indices: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
+        """``{"mask": (N,r,r) uint8, "depth": (N,r,r) float32}`` of items ``indices`` (default: all), with
+        the keys every item has; ValueError when none has masks or depth."""
+        indices = range(len(self)) if indices is None else [int(i) for i in indices]
+        out: dict[str, list[torch.Tensor] | None] = {"mask": [], "depth": []}
+        for i in indices:
+            dense = {k: v for k, v in self._dense(i).items() if v is not None}
+            resized = self.transform.targets(dense)
             for key in ("mask", "depth"):
-                if key in dense and dense[key] is not None and out[key] is not None:
-                    img = Image.fromarray(np.asarray(dense[key]))
-                    out[key].append(torch.from_numpy(np.array(img.resize((r, r), Image.NEAREST))))
+                if key in resized and out[key] is not None:
+                    value = resized[key]
+                    out[key].append(value.to(torch.uint8) if key == "mask" else value)  # masks are 0..255
                 else:
                     out[key] = None  # a key missing from any item is unusable
         found = {k: torch.stack(v) for k, v in out.items() if v}
@@ -209,15 +253,6 @@ class DenseEvalDataset(Dataset):
 
 
 # ------------------------------------------------------------------------------------------- probes
-@dataclass
-class DenseProbeConfig:
-    epochs: int = 20
-    batch_size: int = 16
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    seed: int = 0
-
-
 def _head(dim: int, out: int) -> nn.Module:
     # BatchNorm then 1×1 conv = a linear layer on normalised patch features (DINOv2 linear head).
     return nn.Sequential(nn.BatchNorm2d(dim), nn.Conv2d(dim, out, kernel_size=1))
@@ -230,22 +265,20 @@ def _as_maps(patches: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
 
 
 def _train(head: nn.Module, maps: torch.Tensor, target: torch.Tensor, loss_fn, cfg: DenseProbeConfig,
-           device: torch.device) -> nn.Module:
-    torch.manual_seed(cfg.seed)
+           device: torch.device, seed: int, progress: bool, desc: str) -> nn.Module:
+    torch.manual_seed(seed)
     head = head.to(device).train()
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     n = maps.shape[0]
     total, step = max(1, cfg.epochs * math.ceil(n / cfg.batch_size)), 0
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(seed)
     out_ch = head[-1].out_channels
     step_flops = 6 * cfg.batch_size * maps[0].numel() * out_ch + 6 * cfg.batch_size * target[0].numel() * out_ch
     with few_threads_if_small(step_flops):
-        for _ in range(cfg.epochs):
+        for _ in track(range(cfg.epochs), desc=desc, unit="epoch", bar=progress):
             perm = torch.randperm(n, generator=gen)
             step = _epoch(head, opt, maps, target, perm, loss_fn, cfg, device, step, total)
     return head.eval()
-
-
 def _epoch(head: nn.Module, opt: torch.optim.Optimizer, maps: torch.Tensor, target: torch.Tensor,
            perm: torch.Tensor, loss_fn, cfg: DenseProbeConfig, device: torch.device, step: int,
            total: int) -> int:
@@ -274,17 +307,23 @@ def _predict(head: nn.Module, maps: torch.Tensor, size: tuple[int, int], device:
 
 def segmentation_probe(train_maps: torch.Tensor, train_masks: torch.Tensor, test_maps: torch.Tensor,
                        test_masks: torch.Tensor, num_classes: int, cfg: DenseProbeConfig,
-                       device: torch.device) -> dict[str, float]:
+                       device: torch.device, seed: int = 0, bootstrap: int = 0, progress: bool = False,
+                       desc: str = "segmentation probe") -> dict[str, float]:
     """Train the linear segmentation head; ``{"seg_miou", "seg_pixel_acc"}`` on the test set."""
     loss = nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)
     head = _train(_head(train_maps.shape[1], num_classes), train_maps, train_masks.long(),
-                  lambda lg, y: loss(lg, y), cfg, device)
+                  lambda lg, y: loss(lg, y), cfg, device, seed, progress, desc)
     pred = _predict(head, test_maps, tuple(test_masks.shape[-2:]), device).argmax(1)
-    return segmentation_metrics(confusion_matrix(pred, test_masks, num_classes))
+    per_image = confusion_matrices(pred, test_masks, num_classes)
+    out = segmentation_metrics(per_image.sum(0))
+    if bootstrap:
+        with_ci(out, "seg_miou", bootstrap_ci(per_image, miou_of_sums, bootstrap, seed=seed))
+    return out
 
 
 def depth_probe(train_maps: torch.Tensor, train_depth: torch.Tensor, test_maps: torch.Tensor,
-                test_depth: torch.Tensor, cfg: DenseProbeConfig, device: torch.device) -> dict[str, float]:
+                test_depth: torch.Tensor, cfg: DenseProbeConfig, device: torch.device, seed: int = 0,
+                bootstrap: int = 0, progress: bool = False, desc: str = "depth probe") -> dict[str, float]:
     """Train the linear depth head (MSE on standardised valid depth); ``{"depth_rmse", "depth_absrel"}``."""
     valid = train_depth[train_depth > 0]
     if valid.numel() == 0:
@@ -295,17 +334,33 @@ def depth_probe(train_maps: torch.Tensor, train_depth: torch.Tensor, test_maps: 
         m = gt > 0
         return F.mse_loss(pred[:, 0][m], (gt[m] - mu) / sigma)
 
-    head = _train(_head(train_maps.shape[1], 1), train_maps, train_depth.float(), loss_fn, cfg, device)
+    head = _train(_head(train_maps.shape[1], 1), train_maps, train_depth.float(), loss_fn, cfg, device, seed,
+                  progress, desc)
     pred = _predict(head, test_maps, tuple(test_depth.shape[-2:]), device)[:, 0] * sigma + mu
-    return depth_metrics(pred.clamp_min(1e-3), test_depth)
+    pred = pred.clamp_min(1e-3)
+    out = depth_metrics(pred, test_depth)
+    if bootstrap:
+        with_ci(out, "depth_rmse", mean_ci(_per_image_depth(pred, test_depth)[0], bootstrap, seed=seed))
+    return out
+
+
+def resolve_tasks(tasks: Sequence[str] | None, train_targets: dict, test_targets: dict) -> tuple[str, ...]:
+    """``tasks`` as given, or (None) every task whose targets both train and test data have."""
+    if tasks is None:
+        found = tuple(t for t, k in (("seg", "mask"), ("depth", "depth")) if k in train_targets and k in test_targets)
+        if not found:
+            raise ValueError("dense data has neither masks nor depth in both --train and --test")
+        return found
+    return tuple(tasks)
 
 
 def run_dense(train_sets: dict, test_sets: dict, train_targets: dict[str, torch.Tensor],
-              test_targets: dict[str, torch.Tensor], tasks: tuple[str, ...] = ("seg", "depth"),
+              test_targets: dict[str, torch.Tensor], tasks: Sequence[str] | None = ("seg", "depth"),
               num_classes: int | None = None, cfg: DenseProbeConfig | None = None,
-              device: torch.device | str = "cpu") -> dict:
-    """Dense probes at every width from ``{width: FeatureSet}`` with patch tokens."""
+              device: torch.device | str = "cpu", seed: int = 0, bootstrap: int = 0, progress: bool = False) -> dict:
+    """Dense probes at every width from ``{width: FeatureSet}`` with patch tokens (``tasks`` None: auto)."""
     cfg, device = cfg or DenseProbeConfig(), torch.device(device)
+    tasks = resolve_tasks(tasks, train_targets, test_targets)
     need = {"seg": "mask", "depth": "depth"}
     for task in tasks:
         if task not in need:
@@ -319,69 +374,44 @@ def run_dense(train_sets: dict, test_sets: dict, train_targets: dict[str, torch.
     for w, train in train_sets.items():
         test, row = test_sets[w], {}
         tr_maps, te_maps = _as_maps(train.patches, train.grid), _as_maps(test.patches, test.grid)
+        label = width_label(w)
         if "seg" in tasks:
             row.update(segmentation_probe(tr_maps, train_targets["mask"], te_maps, test_targets["mask"],
-                                          num_classes, cfg, device))
+                                          num_classes, cfg, device, seed, bootstrap, progress,
+                                          f"segmentation probe {label}"))
         if "depth" in tasks:
-            row.update(depth_probe(tr_maps, train_targets["depth"], te_maps, test_targets["depth"], cfg, device))
+            row.update(depth_probe(tr_maps, train_targets["depth"], te_maps, test_targets["depth"], cfg, device,
+                                   seed, bootstrap, progress, f"depth probe {label}"))
+        log.info("dense probes %s: %s", label, ", ".join(f"{k} {v:.4g}" for k, v in row.items() if "_ci_" not in k))
         out[w] = row
     return out
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from eval.common import add_data_args, add_model_args, add_run_args
+def dense_features(model: torch.nn.Module, widths: list, train_spec: str, test_spec: str, resolution: int,
+                   batch_size: int, device: torch.device, num_workers: int = 0, reduce_zero_label: bool = False,
+                   progress: bool = False, max_skip_fraction: float | None = 0.01) -> tuple:
+    """Build dense train/test sets, patch features at every width, and the targets of the extracted items.
 
-    p = argparse.ArgumentParser(prog="veca eval dense", description=__doc__.split("\n")[0])
-    add_model_args(p)
-    add_data_args(p, names=("train", "test"))
-    add_run_args(p)
-    g = p.add_argument_group("dense probes")
-    g.add_argument("--tasks", default="auto", help="seg,depth or auto (whatever the data has)")
-    g.add_argument("--num-classes", type=int, default=None, help="segmentation classes (default: from masks)")
-    g.add_argument("--reduce-zero-label", action="store_true", help="ADE20K: label 0 → ignore")
-    g.add_argument("--epochs", type=int, default=20)
-    g.add_argument("--probe-batch-size", type=int, default=16)
-    g.add_argument("--lr", type=float, default=1e-3)
-    return p
-
-
-def dense_features(ctx, train_spec: str, test_spec: str, resolution: int, batch_size: int,
-                   num_workers: int = 0, reduce_zero_label: bool = False) -> tuple:
-    """Build dense train/test sets, their resized targets, and patch features at every width."""
+    Targets are stacked for the dataset indices the features came from, so feature row ``i`` and target
+    ``i`` are always the same image.
+    """
     from veca_ssl.features import extract_features
 
     sets = {}
     for name, spec in (("train", train_spec), ("test", test_spec)):
         ds = DenseEvalDataset(build_dense_dataset(spec, reduce_zero_label), resolution, spec)
-        targets = ds.targets()  # fails early (before extraction) on data without masks/depth
-        feats = extract_features(ctx.model, ds, ctx.widths, resolution, batch_size, ctx.device,
-                                 with_patches=True, num_workers=num_workers, progress=ctx.progress)
-        sets[name] = (feats, targets)
+        ds.targets([0])  # fails early (before extraction) on data without masks/depth
+        log.info("extracting dense %s features of %s at %d px", name, spec, resolution)
+        feats = extract_features(model, ds, widths, resolution, batch_size, device, with_patches=True,
+                                 num_workers=num_workers, progress=progress, max_skip_fraction=max_skip_fraction)
+        sets[name] = (feats, ds.targets(next(iter(feats.values())).indices.tolist()))
     return sets["train"][0], sets["test"][0], sets["train"][1], sets["test"][1]
 
 
-def resolve_tasks(text: str, train_targets: dict, test_targets: dict) -> tuple[str, ...]:
-    if text == "auto":
-        tasks = tuple(t for t, k in (("seg", "mask"), ("depth", "depth")) if k in train_targets and k in test_targets)
-        if not tasks:
-            raise ValueError("dense data has neither masks nor depth in both --train and --test")
-        return tasks
-    return tuple(t.strip() for t in text.split(",") if t.strip())
-
-
 def main(argv: list[str] | None = None) -> int:
-    from eval.common import setup
-    from eval.report import finish_report
+    from eval.cli import protocol_main
 
-    args = build_parser().parse_args(argv)
-    ctx = setup(args)
-    train_sets, test_sets, train_t, test_t = dense_features(
-        ctx, args.train, args.test, args.resolution, args.batch_size, args.num_workers, args.reduce_zero_label)
-    cfg = DenseProbeConfig(epochs=args.epochs, batch_size=args.probe_batch_size, lr=args.lr, seed=args.seed)
-    metrics = run_dense(train_sets, test_sets, train_t, test_t, resolve_tasks(args.tasks, train_t, test_t),
-                        args.num_classes, cfg, ctx.device)
-    finish_report(ctx, args, metrics, title="Dense probes", protocol="dense")
-    return 0
+    return protocol_main("dense", argv)
 
 
 if __name__ == "__main__":

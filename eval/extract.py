@@ -2,7 +2,11 @@
 
 Each shard holds ``image`` (N, D), optionally ``patch_mean`` (N, D) and ``patches`` (N, Hp*Wp, D),
 plus ``labels`` and dataset ``indices`` — one ``.safetensors`` file per shard (default) or one
-``.npy`` file per array. ``manifest.json`` describes the run (model, checkpoint, width, resolution,
+``.npy`` file per array. Shard ``i`` covers dataset items ``[i × shard_size, (i+1) × shard_size)``;
+an unusable image is left out (never replaced by another item's row), and the manifest lists its
+index, name and reason under the shard and counts all of them under ``skipped``; extraction stops
+when they pass ``--max-skip-fraction``. ``wds:`` shards work like folders: the counts in their
+manifest give the length, and each extraction shard reads only its own range of samples. ``manifest.json`` describes the run (model, checkpoint, width, resolution,
 dataset, count, dtype, shard size) and lists the finished shards with their byte sizes and SHA-256.
 Shards and manifest are written atomically (temporary file + rename) and the manifest is updated
 after every shard, so an interrupted extraction resumes where it stopped: listed shards whose files
@@ -14,44 +18,27 @@ resumed shards are byte-identical to those of an uninterrupted run.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset, IterableDataset, Subset
 
-from eval.common import is_main_process
+from eval.extract_cli import FORMATS
+from veca_ssl.distributed import is_main_process
+from veca_ssl.fileio import atomic_write_bytes as _atomic_write_bytes
+from veca_ssl.fileio import sha256_file as _sha256
 from veca_ssl.widths import Width, resolve_widths
 
 MANIFEST = "manifest.json"
-FORMATS = ("safetensors", "npy")
 DTYPES = {"float32": (torch.float32, np.float32), "float16": (torch.float16, np.float16)}
 #: Manifest fields that must match for a resume to continue an existing extraction.
 IDENTITY = ("model", "checkpoint", "width", "resolution", "dataset", "count", "dtype", "format",
             "shard_size", "features")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _write_shard(out_dir: Path, index: int, arrays: dict[str, np.ndarray], fmt: str,
@@ -86,6 +73,24 @@ def _shard_ok(out_dir: Path, entry: dict) -> bool:
     return True
 
 
+def _part(dataset: Dataset, start: int, stop: int) -> tuple[Dataset, int]:
+    """Items ``[start, stop)`` and the offset to add to the part's row indices to get dataset indices."""
+    if isinstance(dataset, IterableDataset):
+        subset = getattr(dataset, "subset", None)
+        if subset is None:
+            raise ValueError(f"{type(dataset).__name__} streams without positions; extraction needs a map-style "
+                             "dataset or wds: shards")
+        return subset(start, stop), 0  # rows carry global sample indices already
+    return Subset(dataset, range(start, stop)), start
+
+
+def _skip_totals(manifest: dict) -> dict:
+    """Counts over the finished shards: attempted items, skipped items and their indices."""
+    listed = [r for e in manifest["shards"] for r in e.get("skipped", [])]
+    return {"seen": sum(e["count"] for e in manifest["shards"]), "count": len(listed),
+            "indices": [r["index"] for r in listed]}
+
+
 def _write_manifest(out_dir: Path, manifest: dict) -> None:
     _atomic_write_bytes(out_dir / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
 
@@ -108,6 +113,7 @@ def extract_to_shards(
     on_shard: Callable[[int], None] | None = None,
     num_workers: int = 0,
     progress: bool = True,
+    max_skip_fraction: float = 0.01,
 ) -> dict:
     """Extract ``dataset`` features at ``width`` into shards under ``output_dir``; resume if possible.
 
@@ -115,10 +121,13 @@ def extract_to_shards(
         info: identity of the run recorded in the manifest (``model``, ``checkpoint``, ``dataset``).
         max_shards: stop after writing this many new shards (the rest is done by a later call).
         on_shard: called with the shard index after each shard and its manifest entry are on disk.
+        max_skip_fraction: stop (``DataSkipError``) once more than this fraction of the items in the
+            finished shards is unusable; the shards written so far stay valid.
 
     Returns:
         The manifest (``manifest["complete"]`` tells whether every shard is written).
     """
+    from veca_ssl.data.errors import SkipCounter
     from veca_ssl.features import extract_features
 
     if fmt not in FORMATS:
@@ -139,8 +148,9 @@ def extract_to_shards(
     manifest = {"model": info.get("model"), "checkpoint": info.get("checkpoint"), "width": width,
                 "resolution": resolution, "dataset": info.get("dataset"), "count": len(dataset),
                 "dtype": dtype, "format": fmt, "shard_size": shard_size,
-                "features": features + ["labels", "indices"], "embed_dim": int(getattr(model, "embed_dim", 0)),
-                "shards": [], "complete": False}
+                "features": features + ["labels", "indices"],
+                "embed_dim": int(getattr(model, "num_features", getattr(model, "embed_dim", 0))),
+                "shards": [], "complete": False, "skipped": {"seen": 0, "count": 0, "indices": []}}
     path = out / MANIFEST
     if path.exists():
         old = json.loads(path.read_text())
@@ -162,24 +172,35 @@ def extract_to_shards(
         if max_shards is not None and written >= max_shards:
             break
         start, stop = index * shard_size, min(n, (index + 1) * shard_size)
-        fs = extract_features(model, Subset(dataset, range(start, stop)), [width], resolution, batch_size,
-                              device, with_patch_mean=with_patch_mean, with_patches=with_patches,
-                              num_workers=num_workers, progress=progress, dtype=torch_dtype)[width]
+        part, offset = _part(dataset, start, stop)
+        fs = extract_features(model, part, [width], resolution, batch_size, device,
+                              with_patch_mean=with_patch_mean, with_patches=with_patches, num_workers=num_workers,
+                              progress=progress, dtype=torch_dtype, max_skip_fraction=None)[width]
         arrays = {"image": fs.image.numpy().astype(np_dtype)}
         if with_patch_mean:
             arrays["patch_mean"] = fs.patch_mean.numpy().astype(np_dtype)
         if with_patches:
             arrays["patches"] = fs.patches.numpy().astype(np_dtype)
         arrays["labels"] = fs.labels.numpy().astype(np.int64)
-        arrays["indices"] = (fs.indices + start).numpy().astype(np.int64)
+        arrays["indices"] = (fs.indices + offset).numpy().astype(np.int64)
+        skipped = [{**r, "index": int(r["index"]) + offset} for r in fs.skipped]
         if is_main_process():
             # One metadata key only: safetensors serialises metadata from a hash map, so with several
             # keys their order (hence the file bytes) would differ between runs.
             meta = {"veca_extract": json.dumps({"shard": index, "start": start, "count": stop - start})}
             files = _write_shard(out, index, arrays, fmt, meta)
-            manifest["shards"].append({"index": index, "start": start, "count": stop - start, "files": files})
+            manifest["shards"].append({"index": index, "start": start, "count": stop - start, "files": files,
+                                       "rows": len(fs), "skipped": skipped})
             manifest["complete"] = len(manifest["shards"]) == n_shards
+            manifest["skipped"] = _skip_totals(manifest)
             _write_manifest(out, manifest)
+        else:
+            manifest["shards"].append({"index": index, "count": stop - start, "skipped": skipped})
+            manifest["skipped"] = _skip_totals(manifest)
+        totals = SkipCounter(max_skip_fraction, min_seen=1)  # over every finished shard
+        totals.load_state({"seen": manifest["skipped"]["seen"], "skipped": manifest["skipped"]["count"],
+                           "first": [r for e in manifest["shards"] for r in e.get("skipped", [])][:10]})
+        totals.check()  # same manifest on every rank: all stop together
         written += 1
         if on_shard is not None:
             on_shard(index)
@@ -214,54 +235,11 @@ def read_features(directory: str | Path) -> dict[str, np.ndarray]:
     return {k: np.concatenate(v) for k, v in parts.items()}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from eval.common import add_model_args
-
-    p = argparse.ArgumentParser(prog="veca extract", description=__doc__.split("\n")[0])
-    add_model_args(p)
-    p.add_argument("--data", required=True, help="dataset SPEC[@SPLIT], e.g. imagefolder:/data/train")
-    p.add_argument("--width", type=int, default=None, help="core width (default: the largest budget)")
-    p.add_argument("--resolution", type=int, default=224)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--num-workers", type=int, default=0)
-    p.add_argument("--output-dir", required=True)
-    p.add_argument("--format", choices=FORMATS, default="safetensors")
-    p.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
-    p.add_argument("--shard-size", type=int, default=10000, help="images per shard")
-    p.add_argument("--no-patch-mean", action="store_true", help="do not store the mean patch token")
-    p.add_argument("--patches", action="store_true", help="also store all patch tokens (large)")
-    p.add_argument("--max-shards", type=int, default=None, help="stop after N new shards (resume later)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--no-progress", action="store_true")
-    return p
-
-
 def main(argv: list[str] | None = None) -> int:
-    from eval.common import (
-        build_eval_dataset,
-        check_checkpoint,
-        model_description,
-        model_from_args,
-        progress_enabled,
-        resolve_device,
-    )
+    """``python -m eval.extract`` = ``veca extract`` (the command line lives in ``eval.extract_cli``)."""
+    from eval.extract_cli import main as cli_main
 
-    args = build_parser().parse_args(argv)
-    check_checkpoint(args.checkpoint)
-    device = resolve_device(args.device)
-    model = model_from_args(args)
-    dataset = build_eval_dataset(args.data, args.resolution)
-    info = {"model": model_description(None, args.model, model) if args.model else model_description(
-        args.checkpoint, None, model), "checkpoint": args.checkpoint, "dataset": args.data}
-    manifest = extract_to_shards(
-        model, dataset, args.output_dir, args.width, args.resolution, args.batch_size, device,
-        args.shard_size, args.format, args.dtype, with_patch_mean=not args.no_patch_mean,
-        with_patches=args.patches, info=info, max_shards=args.max_shards, num_workers=args.num_workers,
-        progress=progress_enabled(not args.no_progress))
-    state = "complete" if manifest["complete"] else "incomplete (run again to resume)"
-    print(f"{len(manifest['shards'])} shard(s), {manifest['count']} images, width {manifest['width']}: "
-          f"{state} → {args.output_dir}/{MANIFEST}")
-    return 0
+    return cli_main(argv)
 
 
 if __name__ == "__main__":

@@ -5,46 +5,49 @@ feature sets are the image feature of the last block or the concatenation over t
 with or without the mean patch token of the last block; learning rates span the DINOv2 grid scaled by
 ``batch / 256``. SGD with momentum 0.9 and a cosine schedule, heads initialised N(0, 0.01). The head
 with the best top-1 on a validation split (held out of train with a fixed seed when none is given) is
-then reported on the test set. Features are cached, so each epoch is a few matrix products.
+then reported on the test set, with a bootstrap interval over the test images. Features are cached,
+so each iteration is a few matrix products. Training length: ``epochs`` (10, DINOv2's) epochs of one
+pass over the training split each, at least 125 iterations (:func:`iterations_per_epoch`; DINOv2's
+1250 iterations are one pass over ImageNet-1k).
 
-``python -m eval.linear --checkpoint CKPT --train SPEC --test SPEC`` / ``veca eval linear``.
+``veca eval linear --checkpoint CKPT --train SPEC --test SPEC`` (also ``python -m eval.linear``).
 """
 
 from __future__ import annotations
 
-import argparse
+import logging
 import math
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from eval.common import few_threads_if_small
+from eval.config import DINOV2_LRS, MIN_EPOCH_LENGTH, LinearProbeConfig
+from eval.stats import mean_ci, with_ci
 from veca_ssl.features import FeatureSet
 from veca_ssl.knn import topk_accuracy
+from veca_ssl.progress import track
+from veca_ssl.widths import width_label
 
-#: DINOv2 learning-rate grid (``eval/linear.py``), scaled by batch size / 256.
-DINOV2_LRS: tuple[float, ...] = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2,
-                                 5e-2, 1e-1)
+__all__ = ["DINOV2_LRS", "LinearProbeConfig", "LinearHeads", "linear_inputs", "linear_probe", "run_linear",
+           "split_holdout", "train_heads", "evaluate_heads", "iterations_per_epoch"]
+
+log = logging.getLogger("eval")
 
 
-@dataclass
-class LinearProbeConfig:
-    """Hyper-parameters of the linear probe (defaults follow DINOv2 where it has one)."""
+def iterations_per_epoch(n_train: int, cfg: LinearProbeConfig) -> int:
+    """``cfg.epoch_length``, or by default one pass over the ``n_train`` training items, ceil(N / batch),
+    but at least ``MIN_EPOCH_LENGTH`` (125).
 
-    epochs: int = 10
-    epoch_length: int | None = 1250  # DINOv2: iterations per "epoch"; None = one pass over the data
-    batch_size: int = 128
-    lrs: Sequence[float] = DINOV2_LRS
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    val_fraction: float = 0.1  # held out of train when no validation set is given
-    seed: int = 0
-    n_last_blocks: Sequence[int] = field(default_factory=lambda: (1, 4))
-    avgpool: Sequence[bool] = (False, True)
+    DINOv2 fixes 1250 iterations per "epoch" at 128 images per GPU on 8 GPUs: 1.28M images, one pass over
+    ImageNet-1k's 1,281,167. The same 1250 on a few thousand images is hundreds of passes (and minutes of
+    training), so the default keeps DINOv2's meaning — an epoch is one pass — rather than its number;
+    the floor keeps enough SGD steps on small sets, where one pass is only a handful of iterations.
+    """
+    return cfg.epoch_length or max(MIN_EPOCH_LENGTH, math.ceil(n_train / cfg.batch_size))
 
 
 def linear_inputs(fs: FeatureSet, n_last_blocks: Sequence[int] = (1, 4),
@@ -114,39 +117,41 @@ def split_holdout(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, tor
 
 
 def train_heads(inputs: dict[str, torch.Tensor], labels: torch.Tensor, num_classes: int,
-                cfg: LinearProbeConfig, device: torch.device | str = "cpu") -> LinearHeads:
+                cfg: LinearProbeConfig, device: torch.device | str = "cpu", seed: int = 0,
+                progress: bool = False, desc: str = "linear probe") -> LinearHeads:
     """Train every head together: SGD with momentum, per-head learning rate, per-iteration cosine decay.
 
     The update is ``torch.optim.SGD``'s (``buf = momentum·buf + grad + wd·w; w -= lr·buf``), applied
     to the fused weights with a learning-rate vector over heads instead of one parameter group per head.
+    ``epochs × iterations_per_epoch(N)`` steps; ``seed`` fixes the initial weights and the batch order.
     """
     device = torch.device(device)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(seed)
     heads = LinearHeads({k: v.shape[1] for k, v in inputs.items()}, cfg.lrs, num_classes).to(device)
     # DINOv2 scales the grid by (batch × world) / 256.
     base_lr = torch.tensor(heads.lrs, device=device) * cfg.batch_size / 256
     n = labels.shape[0]
-    steps_per_epoch = cfg.epoch_length or math.ceil(n / cfg.batch_size)
-    total = max(1, cfg.epochs * steps_per_epoch)
+    total = cfg.epochs * iterations_per_epoch(n, cfg)
     x = {k: v.to(device).float() for k, v in inputs.items()}
     y = labels.to(device).long()
     n_heads = len(heads.lrs)
     heads.train()
     step_flops = 6 * cfg.batch_size * sum(v.shape[1] for v in x.values()) * n_heads * num_classes
     with few_threads_if_small(step_flops):
-        _sgd_loop(heads, x, y, base_lr, cfg, total, num_classes, n)
+        _sgd_loop(heads, x, y, base_lr, cfg, total, num_classes, n, seed, progress, desc)
     return heads.eval()
 
 
 def _sgd_loop(heads: LinearHeads, x: dict[str, torch.Tensor], y: torch.Tensor, base_lr: torch.Tensor,
-              cfg: LinearProbeConfig, total: int, num_classes: int, n: int) -> None:
+              cfg: LinearProbeConfig, total: int, num_classes: int, n: int, seed: int, progress: bool,
+              desc: str) -> None:
     params = list(heads.parameters())
     bufs = [torch.zeros_like(p) for p in params]
     n_heads = len(heads.lrs)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(seed)
     order, cursor = torch.randperm(n, generator=gen), 0
     device = y.device
-    for step in range(total):
+    for step in track(range(total), desc=desc, unit="step", bar=progress):
         if cursor + cfg.batch_size > n and cursor > 0:  # reshuffle once the data is used up
             order, cursor = torch.randperm(n, generator=gen), 0
         batch = order[cursor:cursor + cfg.batch_size].to(device)
@@ -167,26 +172,34 @@ def _sgd_loop(heads: LinearHeads, x: dict[str, torch.Tensor], y: torch.Tensor, b
 
 
 @torch.no_grad()
-def evaluate_heads(heads: LinearHeads, inputs: dict[str, torch.Tensor], labels: torch.Tensor,
-                   batch_size: int = 4096) -> dict[str, dict[str, float]]:
-    """``{head: {"top1": %, "top5": %}}`` of every head."""
+def head_logits(heads: LinearHeads, inputs: dict[str, torch.Tensor], batch_size: int = 4096) -> dict[str, torch.Tensor]:
+    """``{head: logits (N, C)}`` of every head, on the CPU."""
     device = next(heads.parameters()).device
+    n = next(iter(inputs.values())).shape[0]
     logits: dict[str, list[torch.Tensor]] = {}
-    for start in range(0, labels.shape[0], batch_size):
+    for start in range(0, n, batch_size):
         out = heads.logits_by_head({k: v[start:start + batch_size].to(device).float() for k, v in inputs.items()})
         for name, lg in out.items():
             logits.setdefault(name, []).append(lg.cpu())
+    return {name: torch.cat(lg) for name, lg in logits.items()}
+
+
+def evaluate_heads(heads: LinearHeads, inputs: dict[str, torch.Tensor], labels: torch.Tensor,
+                   batch_size: int = 4096) -> dict[str, dict[str, float]]:
+    """``{head: {"top1": %, "top5": %}}`` of every head."""
     y = labels.cpu().long()
-    return {name: {"top1": topk_accuracy(torch.cat(lg), y, 1), "top5": topk_accuracy(torch.cat(lg), y, 5)}
-            for name, lg in logits.items()}
+    return {name: {"top1": topk_accuracy(lg, y, 1), "top5": topk_accuracy(lg, y, 5)}
+            for name, lg in head_logits(heads, inputs, batch_size).items()}
 
 
 def linear_probe(train: FeatureSet, test: FeatureSet, val: FeatureSet | None = None,
                  cfg: LinearProbeConfig | None = None, num_classes: int | None = None,
-                 device: torch.device | str = "cpu") -> dict[str, float | str]:
+                 device: torch.device | str = "cpu", seed: int = 0, bootstrap: int = 0, progress: bool = False,
+                 desc: str = "linear probe") -> dict[str, float | str]:
     """Train all heads on ``train``, pick the best on ``val`` (or a held-out split), report on ``test``.
 
-    Returns ``{"linear_top1", "linear_top5", "linear_val_top1", "linear_head"}`` (accuracies in %).
+    Returns ``{"linear_top1", "linear_top5", "linear_val_top1", "linear_head", "linear_iterations"}``
+    (accuracies in %), and ``linear_top1_ci_lo``/``_ci_hi`` with ``bootstrap > 0`` resamples.
     """
     cfg = cfg or LinearProbeConfig()
     train_x = linear_inputs(train, cfg.n_last_blocks, cfg.avgpool)
@@ -195,63 +208,50 @@ def linear_probe(train: FeatureSet, test: FeatureSet, val: FeatureSet | None = N
     if val is not None:
         val_x, val_y = linear_inputs(val, cfg.n_last_blocks, cfg.avgpool), val.labels
     else:
-        tr_idx, va_idx = split_holdout(len(train), cfg.val_fraction, cfg.seed)
+        tr_idx, va_idx = split_holdout(len(train), cfg.val_fraction, seed)
         val_x, val_y = {k: v[va_idx] for k, v in train_x.items()}, train_y[va_idx]
         train_x, train_y = {k: v[tr_idx] for k, v in train_x.items()}, train_y[tr_idx]
     if num_classes is None:
         num_classes = int(max(train_y.max(), val_y.max(), test_y.max())) + 1
-    heads = train_heads(train_x, train_y, num_classes, cfg, device)
+    iterations = cfg.epochs * iterations_per_epoch(len(train_y), cfg)
+    heads = train_heads(train_x, train_y, num_classes, cfg, device, seed=seed, progress=progress, desc=desc)
     val_scores = evaluate_heads(heads, val_x, val_y)
     # Best val top-1; ties go to the earlier head (smaller feature set, smaller lr) deterministically.
     best = max(val_scores, key=lambda name: val_scores[name]["top1"])
-    test_scores = evaluate_heads(heads, {k: v for k, v in test_x.items()}, test_y)[best]
-    return {"linear_top1": test_scores["top1"], "linear_top5": test_scores["top5"],
-            "linear_val_top1": val_scores[best]["top1"], "linear_head": best}
+    logits = head_logits(heads, test_x)[best]
+    y = test_y.cpu().long()
+    out: dict[str, float | str] = {"linear_top1": topk_accuracy(logits, y, 1), "linear_top5": topk_accuracy(logits, y, 5),
+                                   "linear_val_top1": val_scores[best]["top1"], "linear_head": best,
+                                   "linear_iterations": iterations}
+    if bootstrap and y.numel():
+        hits = (logits.argmax(1) == y).float()
+        with_ci(out, "linear_top1", mean_ci(hits, bootstrap, seed=seed, scale=100.0))
+    return out
 
 
 def run_linear(train_sets: dict, test_sets: dict, val_sets: dict | None = None,
-               cfg: LinearProbeConfig | None = None, device: torch.device | str = "cpu") -> dict:
+               cfg: LinearProbeConfig | None = None, device: torch.device | str = "cpu", seed: int = 0,
+               bootstrap: int = 0, progress: bool = False) -> dict:
     """Linear probe at every width: ``{width: metrics}``."""
-    return {w: linear_probe(train_sets[w], test_sets[w], val_sets[w] if val_sets else None, cfg,
-                            device=device) for w in train_sets}
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from eval.common import add_data_args, add_model_args, add_run_args
-
-    p = argparse.ArgumentParser(prog="veca eval linear", description=__doc__.split("\n")[0])
-    add_model_args(p)
-    add_data_args(p)
-    add_run_args(p)
-    g = p.add_argument_group("linear probe")
-    g.add_argument("--epochs", type=int, default=10)
-    g.add_argument("--epoch-length", type=int, default=1250,
-                   help="iterations per epoch (DINOv2: 1250); 0 = one pass over the training data")
-    g.add_argument("--probe-batch-size", type=int, default=128, help="batch size of head training")
-    g.add_argument("--lrs", default=",".join(f"{lr:g}" for lr in DINOV2_LRS), help="base lr grid")
-    g.add_argument("--val-fraction", type=float, default=0.1, help="held out of train without --val")
-    return p
-
-
-def config_from_args(args: argparse.Namespace) -> LinearProbeConfig:
-    return LinearProbeConfig(epochs=args.epochs, epoch_length=args.epoch_length or None,
-                             batch_size=args.probe_batch_size,
-                             lrs=tuple(float(x) for x in args.lrs.split(",") if x.strip()),
-                             val_fraction=args.val_fraction, seed=args.seed)
+    cfg = cfg or LinearProbeConfig()
+    out = {}
+    for w in train_sets:
+        n = len(train_sets[w]) if val_sets else len(split_holdout(len(train_sets[w]), cfg.val_fraction, seed)[0])
+        per_epoch = iterations_per_epoch(n, cfg)
+        log.info("linear probe %s: %d epochs x %d iterations at batch %d (%d training items), %d learning rates",
+                 width_label(w), cfg.epochs, per_epoch, cfg.batch_size, n, len(cfg.lrs))
+        out[w] = linear_probe(train_sets[w], test_sets[w], val_sets[w] if val_sets else None, cfg, device=device,
+                              seed=seed, bootstrap=bootstrap, progress=progress,
+                              desc=f"linear probe {width_label(w)}")
+        log.info("linear probe %s: top-1 %.2f%% (head %s)", width_label(w), out[w]["linear_top1"],
+                 out[w]["linear_head"])
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    from eval.common import classification_features, setup
-    from eval.report import finish_report
+    from eval.cli import protocol_main
 
-    args = build_parser().parse_args(argv)
-    cfg = config_from_args(args)
-    ctx = setup(args)
-    train_sets, test_sets, val_sets = classification_features(
-        ctx, args, n_last_blocks=max(cfg.n_last_blocks), patch_mean=True)
-    metrics = run_linear(train_sets, test_sets, val_sets, cfg, ctx.device)
-    finish_report(ctx, args, metrics, title="Linear probe", protocol="linear")
-    return 0
+    return protocol_main("linear", argv)
 
 
 if __name__ == "__main__":

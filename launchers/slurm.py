@@ -232,7 +232,7 @@ def smoke_train(argv: Sequence[str] | None = None) -> dict[str, Any]:
     import torch
 
     from veca_ssl import distributed as vd
-    from veca_ssl import signals
+    from veca_ssl import fileio, signals
     from veca_ssl.parallelize import wrap_ddp
 
     p = argparse.ArgumentParser(prog="smoke_train", allow_abbrev=False)
@@ -264,9 +264,8 @@ def smoke_train(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     def save(step: int) -> None:
         if info.is_main:
-            tmp = ckpt.with_suffix(".tmp")
-            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step}, tmp)
-            os.replace(tmp, ckpt)  # atomic: a kill mid-write leaves the previous checkpoint intact
+            with fileio.atomic_path(ckpt) as tmp:  # a kill mid-write leaves the previous checkpoint intact
+                torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step}, tmp)
         vd.barrier()
 
     for step in range(start, args.steps):

@@ -2,7 +2,7 @@
 
   veca submit train --config configs/x.yaml [key=value …] --nodes 2 --gpus-per-node 8 \\
       --partition gpu --timeout 2-00:00:00 --output-dir runs/x
-  veca submit eval knn --checkpoint runs/x --train imagefolder:/d/train --val imagefolder:/d/val \\
+  veca submit eval knn --checkpoint runs/x --train imagefolder:/d/train --test imagefolder:/d/val \\
       --output-dir runs/x/eval [--array-over-widths --widths 8,16,32,64]
 
 Options this command does not know are handed to ``veca train`` / ``veca eval <protocol>``.
@@ -80,7 +80,8 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
     elif kind == "eval":
         p = argparse.ArgumentParser(
             prog="veca submit eval", allow_abbrev=False,
-            description="Submit `veca eval <protocol>` (SPEC §5): one job for all widths, or a job array.")
+            description="Submit `veca eval <protocol>`: one job for all widths, or a job array. The protocol's "
+                        "options (see `veca eval <protocol> --help`) are checked here, before anything is queued.")
         p.add_argument("protocol", choices=EVAL_PROTOCOLS)
         p.add_argument("--widths", default=None, help="core widths, e.g. 8,16,64 (passed to the eval)")
         p.add_argument("--array-over-widths", action="store_true",
@@ -137,22 +138,34 @@ def _eval_budgets(rest: list[str]) -> tuple[int, ...]:
 
 
 def prepare_eval(args: argparse.Namespace, rest: list[str]) -> tuple[Path, list[list[str]]]:
+    """The eval jobs' argv, each checked now as the job will parse it (options, values, paths, and no
+    earlier report in its output directory): (output_dir, [job argv])."""
     output_dir = Path(args.output_dir or "eval_output").resolve()
     base = [args.protocol, *rest]
+
+    def place(widths: str | None, out: Path) -> list[str]:
+        if args.protocol == "all":  # `veca eval all` takes key=value overrides, not options
+            return ([f"widths=[{widths}]"] if widths and widths != "all" else []) + [f"output_dir={out}"]
+        return (["--widths", widths] if widths else []) + ["--output-dir", str(out)]
+
     if not args.array_over_widths:
-        widths = ["--widths", args.widths] if args.widths else []
-        return output_dir, [base + widths + ["--output-dir", str(output_dir)]]
-    if args.widths in (None, "all"):
-        widths = list(_eval_budgets(rest))
-        if not widths:
-            raise ValueError("--array-over-widths: this backbone has no elastic widths (dense ViT); drop the flag")
+        argvs = [base + place(args.widths, output_dir)]
     else:
-        try:
-            widths = [int(w) for w in args.widths.split(",") if w.strip()]
-        except ValueError:
-            raise ValueError(f"--widths {args.widths!r}: expected integers like 8,16,64") from None
-    return output_dir, [base + ["--widths", str(w), "--output-dir", str(output_dir / f"width_{w}")]
-                        for w in widths]
+        if args.widths in (None, "all"):
+            widths = list(_eval_budgets(rest))
+            if not widths:
+                raise ValueError("--array-over-widths: this backbone has no elastic widths (dense ViT); drop the flag")
+        else:
+            try:
+                widths = [int(w) for w in args.widths.split(",") if w.strip()]
+            except ValueError:
+                raise ValueError(f"--widths {args.widths!r}: expected integers like 8,16,64") from None
+        argvs = [base + place(str(w), output_dir / f"width_{w}") for w in widths]
+    from eval.cli import check_argv
+
+    for argv in argvs:
+        check_argv(argv)
+    return output_dir, argvs
 
 
 def _print_dry_run(kind: str, cluster: str | None, folder: Path, params: dict[str, Any],
@@ -200,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
             job_cls, default_entry = EvalJob, EVAL_ENTRY
         args.job_name = args.job_name or (f"veca-{kind}" if kind == "train" else f"veca-eval-{args.protocol}")
         params = executor_parameters(args)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, OSError) as exc:  # OSError: missing paths, an earlier eval report
         print(f"veca submit {kind}: {exc}", file=sys.stderr)
         return 2
     jobs = [job_cls(a, entry=args.entry or default_entry) for a in argvs]

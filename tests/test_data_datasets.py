@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 from veca_ssl.data import (
     DenseEvalTransform,
     SkipCounter,
+    UnreadableItem,
     build_dataset,
     make_eval_transform,
     parse_spec,
@@ -88,7 +89,11 @@ def test_filelist_relative_paths_labels_and_bad_label(tmp_path):
     missing = tmp_path / "missing.txt"
     missing.write_text("imgs/c/gone.png\t0\nimgs/c/img001.png\t1\n")
     listed = build_dataset(f"filelist:{missing}")
-    assert listed[0][1] == 1 and listed.skip_counter.skipped == 1  # absent file: skipped, next one used
+    with pytest.raises(UnreadableItem, match="gone.png") as err:  # evaluation: never another item's row
+        listed[0]
+    assert err.value.kind == "missing"
+    assert listed.load(0, substitute=True)[1:] == (1, 1)  # training: the next readable item is used
+    assert listed.skip_counter.skipped == 2 and listed.skip_counter.by_kind == {"missing": 2}
     bad = tmp_path / "bad.txt"
     bad.write_text("imgs/c/img000.png\tcat\n")
     with pytest.raises(ValueError, match=r"bad.txt:1.*'cat'"):
@@ -189,14 +194,19 @@ def test_corrupt_and_truncated_images_are_skipped_counted_and_replaced(tmp_path,
     names = [Path(p).name for p in ds.paths]
     assert names == ["img000.jpg", "img000.png", "img001.png", "img002.png", "img003.png"]
     with caplog.at_level(logging.WARNING, logger="veca_ssl.data"):
-        items = [ds[i] for i in range(len(ds))] + [ds[2]]
-    # unreadable items are replaced by the next readable one (wrapping), never by a blank image
+        items = [ds.load(i, substitute=True)[0] for i in range(len(ds))] + [ds.load(2, substitute=True)[0]]
+    # training: unreadable items are replaced by the next readable one (wrapping), never by a blank image
     expected = [_colour(0), _colour(0), _colour(3), _colour(3), _colour(3), _colour(3)]
-    assert all(np.array_equal(np.asarray(img), e) for (img, _), e in zip(items, expected))
+    assert all(np.array_equal(np.asarray(img), e) for img, e in zip(items, expected))
     assert ds.skip_counter.skipped == 6 and ds.skip_counter.seen == 12
     logged = [r.getMessage() for r in caplog.records if "skipping unreadable" in r.getMessage()]
     assert len(logged) == 3  # each bad file logged once although it was hit twice
     assert any("img002.png" in m for m in logged) and any("img000.jpg" in m for m in logged)
+    # evaluation (plain indexing): the bad item itself is reported, never its neighbour's pixels/label
+    for i, name in ((0, "img000.jpg"), (2, "img001.png"), (3, "img002.png")):
+        with pytest.raises(UnreadableItem, match=name):
+            ds[i]
+    assert np.array_equal(np.asarray(ds[4][0]), _colour(3))
 
 
 def test_ssl_samples_skip_corrupt_files_deterministically(tmp_path):
@@ -214,7 +224,7 @@ def test_skip_threshold_raises_with_config_key(tmp_path):
     ds = build_dataset(f"imagefolder:{_corrupt_folder(tmp_path)}", skip_counter=counter)
     with pytest.raises(RuntimeError, match=r"data\.max_skip_fraction") as err:
         for i in range(len(ds)):
-            ds[i]
+            ds.load(i, substitute=True)
     assert "unreadable" in str(err.value) and "0.2" in str(err.value)
     fail_all = SkipCounter(fail_fast=3)
     with pytest.raises(RuntimeError, match="all of the first 3"):
@@ -235,3 +245,45 @@ def test_eval_loader_batches_transformed_items():
     plain = build_dataset("digits", split="val", transform=make_eval_transform(32))
     x, y = next(iter(DataLoader(plain, batch_size=5)))
     assert x.shape == (5, 3, 32, 32) and y.dtype == torch.int64
+
+
+def test_specs_naming_one_set_of_files_train_whole_and_explicit_splits_stay_strict(tmp_path):
+    from veca_ssl.data import check_spec, make_shards
+
+    _folder(tmp_path / "d" / "train", {"a": 2, "b": 2})
+    _folder(tmp_path / "d" / "val", {"a": 1, "b": 1}, start=50)
+    # training's data.split=train: a class folder and the printed shard spec are used whole
+    assert len(build_dataset(f"imagefolder:{tmp_path}/d/train", split="train", split_if_present=True)) == 4
+    spec = make_shards(str(tmp_path / "d" / "train"), tmp_path / "s", shard_size=2, progress=False)["spec"]
+    assert len(build_dataset(spec, split="train", split_if_present=True)) == 4
+    assert check_spec(spec, "train", split_if_present=True).endswith("shard-{000000..000001}.tar")
+    # a folder of splits still applies the split, and refuses to be read as classes "train"/"val"
+    assert len(build_dataset(f"imagefolder:{tmp_path}/d", split="train", split_if_present=True)) == 4
+    with pytest.raises(ValueError, match=r"folder of splits \(train, val\)"):
+        build_dataset(f"imagefolder:{tmp_path}/d")
+    # an explicit split the spec does not have (evaluation's SPEC@SPLIT) is an error, not a leak
+    with pytest.raises(ValueError, match="has no split 'val'"):
+        build_dataset(spec, split="val")
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        check_spec(f"imagefolder:{tmp_path}/nowhere")
+
+
+def test_train_and_submit_accept_the_guessable_specs_and_name_bad_ones(tmp_path, capsys):
+    from launchers.submit import main as submit_main
+    from veca_ssl.config import ConfigError, load_config
+
+    _folder(tmp_path / "d" / "train", {"a": 2})
+    exp = "configs/experiments/veca_s16_imagenet.yaml"
+    cfg = load_config(exp, [f"data.train=imagefolder:{tmp_path}/d/train"])
+    assert cfg.data.split == "train"
+    with pytest.raises(ConfigError, match=r"data\.train=imagefolder:/d/train: imagefolder: directory"):
+        load_config(exp, ["data.train=imagefolder:/d/train"])
+    assert submit_main(["train", "--config", exp, f"data.train=imagefolder:{tmp_path}/d/train", "--dry-run",
+                        f"output_dir={tmp_path}/o"]) == 0
+    assert submit_main(["train", "--config", exp, "data.train=wds:/nowhere/shard-{0..3}.tar", "--dry-run"]) == 2
+    assert "data.train=wds:/nowhere/shard-{0..3}.tar" in capsys.readouterr().err
+    from veca_ssl.data import make_shards
+
+    printed = make_shards(str(tmp_path / "d" / "train"), tmp_path / "s", shard_size=1, progress=False)["spec"]
+    assert submit_main(["train", "--config", exp, f"data.train={printed}", "--dry-run", f"output_dir={tmp_path}/o"]) == 0
+    assert load_config(exp, [f"data.train={printed}"]).data.samples_per_epoch is None  # the manifest counts 2

@@ -87,7 +87,7 @@ def test_ssl_dataset_sample_format_determinism_and_mask_statistics():
     t = MultiCropTransform(global_size=32, local_size=16, num_local_crops=2)
     ds = SSLDataset(base, t, MaskingGenerator((4, 4)), patch_size=8, mask_probability=0.5, mask_ratio=(0.1, 0.5))
     s = ds[(3, 12345)]
-    assert set(s) == {"global", "local", "masks", "label"}
+    assert set(s) == {"global", "local", "masks", "label", "skips"} and s["skips"] == []
     assert s["masks"].shape == (2, 16) and s["masks"].dtype == torch.bool
     assert s["label"] == int(base.targets[3])
     again = ds[(3, 12345)]

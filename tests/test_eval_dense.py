@@ -134,3 +134,24 @@ def test_requested_task_without_targets_is_rejected() -> None:
     tr, tr_t = _dense_problem(4, seed=0)
     with pytest.raises(ValueError, match="'depth' targets"):
         run_dense({8: tr}, {8: tr}, {"mask": tr_t["mask"]}, {"mask": tr_t["mask"]}, ("seg", "depth"))
+
+
+def test_eval_targets_are_the_data_paths_dense_transform() -> None:
+    """Dense eval resizes exactly like veca_ssl.data's DenseEvalTransform (mask nearest, depth bilinear),
+    and targets follow the feature rows' dataset indices."""
+    from veca_ssl.data import build_dataset
+    from veca_ssl.data.transforms import DenseEvalTransform
+
+    spec = "synthetic:n=6,size=20,classes=3"
+    joint = build_dataset(spec, transform=DenseEvalTransform(16))
+    ev = DenseEvalDataset(build_dense_dataset(spec), 16, spec)
+    order = [4, 0, 5, 2]
+    t = ev.targets(order)
+    for row, i in enumerate(order):
+        image, _, dense = joint[i]
+        torch.testing.assert_close(t["mask"][row].long(), dense["mask"])
+        torch.testing.assert_close(t["depth"][row], dense["depth"])  # bilinear, not nearest
+        torch.testing.assert_close(ev[i][0], image)
+    nearest = torch.from_numpy(np.array(Image.fromarray(build_dense_dataset(spec)[0][2]["depth"]).resize(
+        (16, 16), Image.NEAREST)))
+    assert not torch.allclose(ev.targets([0])["depth"][0], nearest)  # the old nearest resize differs

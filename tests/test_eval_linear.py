@@ -34,7 +34,7 @@ def _features(n: int, seed: int, shuffle_labels: bool = False, blocks: int = 4) 
     return FeatureSet(width=8, cls=cls, labels=labels, indices=torch.arange(n), patch_mean=patch_mean)
 
 
-FAST = LinearProbeConfig(epochs=6, epoch_length=None, batch_size=64, lrs=(1e-3, 1e-2, 1e-1, 1.0))
+FAST = LinearProbeConfig(epochs=6, epoch_length=8, batch_size=64, lrs=(1e-3, 1e-2, 1e-1, 1.0))
 
 
 def test_linear_inputs_follow_dinov2_create_linear_input() -> None:
@@ -63,11 +63,11 @@ def test_fused_training_equals_torch_sgd_per_head() -> None:
     """Each fused head follows exactly torch.optim.SGD(momentum=0.9) + cosine on its own lr."""
     fs = _features(40, seed=12)
     x = {"blocks1": fs.cls[:, -1]}
-    cfg = LinearProbeConfig(epochs=3, epoch_length=None, batch_size=16, lrs=(0.01, 0.5), seed=4)
-    trained = train_heads(x, fs.labels, CLASSES, cfg)
-    torch.manual_seed(cfg.seed)
+    cfg, seed = LinearProbeConfig(epochs=3, epoch_length=3, batch_size=16, lrs=(0.01, 0.5)), 4
+    trained = train_heads(x, fs.labels, CLASSES, cfg, seed=seed)
+    torch.manual_seed(seed)
     init = LinearHeads({"blocks1": DIM}, cfg.lrs, CLASSES)  # same seed → same initial weights
-    total = cfg.epochs * 3  # ceil(40 / 16) steps per epoch
+    total = cfg.epochs * 3  # epoch_length: one pass, ceil(40 / 16) steps
     for h, lr in enumerate(cfg.lrs):
         head = torch.nn.Linear(DIM, CLASSES)
         with torch.no_grad():
@@ -75,7 +75,7 @@ def test_fused_training_equals_torch_sgd_per_head() -> None:
             head.bias.copy_(init.bias[0][h])
         opt = torch.optim.SGD(head.parameters(), lr=lr * cfg.batch_size / 256, momentum=0.9)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 * (1 + math.cos(math.pi * t / total)))
-        gen = torch.Generator().manual_seed(cfg.seed)
+        gen = torch.Generator().manual_seed(seed)
         order, cursor = torch.randperm(40, generator=gen), 0
         for _ in range(total):
             if cursor + cfg.batch_size > 40 and cursor > 0:
@@ -136,3 +136,13 @@ def test_logistic_regression_needs_two_classes() -> None:
     x = torch.randn(10, 3)
     with pytest.raises(ValueError, match="at least 2 classes"):
         logistic_regression(x, torch.zeros(10, dtype=torch.long), x, torch.zeros(10, dtype=torch.long))
+
+
+def test_default_epoch_length_is_one_pass_with_a_floor() -> None:
+    from eval.config import MIN_EPOCH_LENGTH
+    from eval.linear import iterations_per_epoch
+
+    cfg = LinearProbeConfig(batch_size=128)
+    assert iterations_per_epoch(1_281_167, cfg) == 10_010  # ImageNet-1k: one pass at batch 128
+    assert iterations_per_epoch(1_293, cfg) == MIN_EPOCH_LENGTH == 125  # digits: 11 steps, raised to the floor
+    assert iterations_per_epoch(1_293, LinearProbeConfig(epoch_length=1250)) == 1250  # DINOv2's, when asked

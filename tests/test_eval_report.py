@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from eval.config import KnnConfig
 from eval.knn import run_knn
 from eval.report import build_rows, merge_metrics, write_report
 from veca_ssl.features import extract_features
@@ -41,7 +42,7 @@ def test_width_loop_covers_every_budget_and_matches_direct_forward() -> None:
     with torch.no_grad():
         for w, fs in feats.items():
             direct = model.forward_features(images, num_cores=w)
-            blocks = model.get_intermediate_layers(images, n=2, num_cores=w)
+            blocks = model.get_intermediate_features(images, n=2, num_cores=w)
             assert fs.cls.shape == (10, 2, 64) and fs.width == w
             torch.testing.assert_close(fs.image, direct["cls"], rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(fs.cls[:, 0], blocks[0]["cls"], rtol=1e-5, atol=1e-5)
@@ -73,13 +74,13 @@ def test_report_has_one_row_per_width_with_compute_and_a_reference_point(tmp_pat
     model, vit = _veca(), _vit()
     train = extract_features(model, _data(10), None, 32, 5, "cpu", progress=False)
     test = extract_features(model, _data(6), None, 32, 5, "cpu", progress=False)
-    knn = run_knn(train, test, ks=(1, 3))
+    knn = run_knn(train, test, KnnConfig(ks=(1, 3)))
     fake_linear = {8: {"linear_top1": 50.0}, 16: {"linear_top1": 75.0}}
     metrics = merge_metrics(knn, fake_linear)
     rows = build_rows(model, metrics, 32, batch_size=2, device="cpu", warmup=1, repeats=2)
     ref_train = extract_features(vit, _data(10), None, 32, 5, "cpu", progress=False)
     ref_test = extract_features(vit, _data(6), None, 32, 5, "cpu", progress=False)
-    rows += build_rows(vit, run_knn(ref_train, ref_test, ks=(1, 3)), 32, 2, "cpu", warmup=1, repeats=2,
+    rows += build_rows(vit, run_knn(ref_train, ref_test, KnnConfig(ks=(1, 3))), 32, 2, "cpu", warmup=1, repeats=2,
                        reference=True)
     assert [r["width"] for r in rows] == ["C=8", "C=16", "dense"]
     for r, (m, w) in zip(rows, [(model, 8), (model, 16), (vit, None)]):
@@ -100,12 +101,81 @@ def test_report_has_one_row_per_width_with_compute_and_a_reference_point(tmp_pat
     assert md.count("| C=8 |") == 1 and "| dense |" in md and "gflops" in md
 
 
-def test_missing_checkpoint_is_named_before_any_work(tmp_path) -> None:
+def test_missing_checkpoint_is_named_before_any_work(tmp_path, capsys) -> None:
     from eval.cli import main
 
     missing = tmp_path / "nope" / "teacher.safetensors"
-    with pytest.raises(FileNotFoundError, match="nope/teacher.safetensors"):
-        main(["knn", "--checkpoint", str(missing), "--train", "does-not-matter", "--test", "x",
-              "--output-dir", str(tmp_path / "o")])
+    assert main(["knn", "--checkpoint", str(missing), "--train", "digits@train", "--test", "digits@val",
+                 "--output-dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("veca eval knn: error: checkpoint not found") and "nope/teacher.safetensors" in err
+    assert err.count("\n") == 1 and "Traceback" not in err
     assert not (tmp_path / "o").exists()
     assert main(["frobnicate"]) == 2
+
+
+def _rows_with_noise() -> list[dict]:
+    """Four widths whose accuracies differ by less than their intervals (noise, not a trend)."""
+    rows = []
+    for i, (w, acc) in enumerate([(8, 91.2), (16, 91.6), (24, 91.4), (32, 91.7)]):
+        rows.append({"width": f"C={w}", "num_cores": w, "reference": False, "linear_top1": acc,
+                     "linear_top1_ci_lo": acc - 1.2, "linear_top1_ci_hi": acc + 1.1, "gflops": 0.5 + 0.25 * i,
+                     "latency_ms": 1.0 + i, "latency_min_ms": 0.9 + i, "latency_max_ms": 1.2 + i})
+    return rows
+
+
+def test_plot_has_error_bars_a_honest_range_two_compute_axes_and_a_whole_title() -> None:
+    from matplotlib.container import ErrorbarContainer
+
+    from eval.report import MIN_PERCENT_SPAN, figure
+
+    title = "Linear probe — VECA [embed_dim 384, depth 12, patch_size 16] (" + "/very/long/path" * 8 + ")"
+    fig = figure(_rows_with_noise(), title, selected="C=16")
+    fig.canvas.draw()
+    axes = fig.axes
+    assert [ax.get_xlabel() for ax in axes] == ["GFLOPs / image", "latency (ms / image)"]
+    for ax in axes:
+        bars = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+        assert bars and bars[0].has_yerr  # the 95% intervals are drawn
+        lo, hi = ax.get_ylim()
+        assert hi - lo >= MIN_PERCENT_SPAN  # 0.5 points of noise are not stretched over the axis
+        assert lo <= 91.2 - 1.2 and hi >= 91.7 + 1.1  # every interval visible
+    assert "selected: C=16" in [t.get_text() for t in axes[0].get_legend().get_texts()]
+    box, frame = fig._suptitle.get_window_extent(), fig.bbox
+    assert frame.x0 <= box.x0 and box.x1 <= frame.x1 and box.y1 <= frame.y1  # not cut off
+    assert "\n" in fig._suptitle.get_text()  # wrapped instead
+
+
+def test_y_limits_rule() -> None:
+    from eval.report import y_limits
+
+    lo, hi = y_limits([99.5, 99.9], "knn_k20_top1")
+    assert hi <= 100 and hi - lo >= 10  # shifted down, not past 100 %
+    lo, hi = y_limits([20.0, 80.0], "linear_top1")
+    assert lo < 20 and hi > 80 and hi - lo < 70  # a real spread keeps its own range
+    lo, hi = y_limits([0.400, 0.401], "depth_rmse")
+    assert hi - lo >= 0.2 * 0.4  # errors: at least 20% of their size
+
+
+def test_bootstrap_interval_matches_an_independent_resampling() -> None:
+    import numpy as np
+
+    from eval.dense import confusion_matrices, miou_of_sums, segmentation_metrics
+    from eval.stats import bootstrap_ci, mean_ci
+
+    hits = (torch.arange(400) % 5 != 0).float()  # 80 % accuracy on 400 items
+    lo, hi = mean_ci(hits, samples=2000, scale=100.0)
+    rng = np.random.default_rng(0)
+    ref = np.percentile([hits.numpy()[rng.integers(0, 400, 400)].mean() * 100 for _ in range(2000)], [2.5, 97.5])
+    assert lo == pytest.approx(ref[0], abs=0.8) and hi == pytest.approx(ref[1], abs=0.8)
+    assert lo < 80 < hi and hi - lo == pytest.approx(2 * 1.96 * (0.8 * 0.2 / 400) ** 0.5 * 100, rel=0.15)
+    assert mean_ci(torch.ones(50), 500, scale=100.0) == (100.0, 100.0)
+    assert all(np.isnan(mean_ci(torch.ones(1), 500)))  # one item: no interval
+    # mIoU intervals resample images: the statistic of the plain sum is the reported mIoU
+    g = torch.Generator().manual_seed(0)
+    pred, target = torch.randint(0, 3, (6, 4, 4), generator=g), torch.randint(0, 3, (6, 4, 4), generator=g)
+    per_image = confusion_matrices(pred, target, 3)
+    assert float(miou_of_sums(per_image.sum(0, keepdim=True).double())[0]) == pytest.approx(
+        segmentation_metrics(per_image.sum(0))["seg_miou"])
+    lo, hi = bootstrap_ci(per_image, miou_of_sums, samples=500)
+    assert lo <= segmentation_metrics(per_image.sum(0))["seg_miou"] <= hi

@@ -188,7 +188,7 @@ def test_intermediate_layers_and_train_mode_augmentation():
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         final = model.forward_features(images, num_cores=16)
-        layers = model.get_intermediate_layers(images, n=2, num_cores=16)
+        layers = model.get_intermediate_features(images, n=2, num_cores=16)
         assert len(layers) == 2
         assert torch.allclose(layers[-1]["cls"], final["cls"], atol=1e-6)
         assert not torch.allclose(layers[0]["cls"], final["cls"])

@@ -295,25 +295,41 @@ def test_sharded_checkpoint_loads_as_backbone_and_converts(ssl_runs, tmp_path, c
     assert "no sharded checkpoint at" in err and "Traceback" not in err
 
 
-def test_damaged_sharded_checkpoints_are_named_and_skipped(ssl_runs, tmp_path, capsys):
+def test_damaged_sharded_checkpoints_are_named_and_skipped(ssl_runs, tmp_path):
     from veca_ssl.train import sharded_checkpoint as sc
 
     tmp, _ = ssl_runs
     directory = tmp_path / "checkpoints"
     shutil.copytree(tmp / "ssl-veca-fsdp2" / "checkpoints", directory)
     newest, older = directory / "checkpoint-00000004", directory / "checkpoint-00000002"
-    assert sc.newest_good(directory) == newest
+    assert sc.newest_good(directory) == (newest, [])
     shard = newest / "__1_0.distcp"
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF  # one flipped byte inside a tensor record
     shard.write_bytes(bytes(data))
     assert "does not match its SHA-256" in sc.verify(newest)
-    assert sc.newest_good(directory) == older
-    assert "skipping checkpoint" in capsys.readouterr().err
+    good, rejected = sc.newest_good(directory)
+    assert good == older and [p for p, _ in rejected] == [newest] and "SHA-256" in rejected[0][1]
     (older / "__0_0.distcp").write_bytes(b"")
     assert "truncated" in sc.verify(older)
     (older / ".metadata").unlink()
-    assert "no .metadata index" in sc.verify(older) and sc.newest_good(directory) is None
+    assert "no .metadata index" in sc.verify(older) and sc.newest_good(directory)[0] is None
+
+
+def test_run_resumes_from_the_newest_good_sharded_checkpoint(ssl_runs, tmp_path):
+    """A flipped byte in the newest sharded checkpoint: the run names it, sets it aside and resumes from
+    the one before (here on 1 process, so the rerun also crosses world sizes)."""
+    tmp, _ = ssl_runs
+    dst = tmp_path / "run"
+    _copy_until(tmp / "ssl-veca-fsdp2", dst, 4)
+    shard = dst / "checkpoints" / "checkpoint-00000004" / "__0_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 3] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    _train(_overrides("ssl", "veca", None, dst, "ddp", 8))
+    assert (dst / "checkpoints" / "checkpoint-00000004.rejected").is_dir()
+    assert (dst / "checkpoints" / "checkpoint-00000004.pt").is_file()  # steps 3-4 trained again
+    assert_close(final_weights(dst), final_weights(tmp / "ssl-veca-fsdp2"), TOL, "resumed from step 2")
 
 
 class _Boom:
@@ -374,9 +390,9 @@ def test_bench_train_parallel_reports_sharded_state(tmp_path):
 def test_parallel_and_compile_values_are_checked_before_any_work():
     from veca_ssl.config import ConfigError, load_config
 
-    with pytest.raises(ConfigError, match="train.parallel='fsdp'; valid: 'none', 'ddp', 'fsdp2'"):
+    with pytest.raises(ConfigError, match="train.parallel=fsdp is not valid; choose one of: none, ddp, fsdp2"):
         load_config(None, COMMON + VECA + ["train.parallel=fsdp"])
-    with pytest.raises(ConfigError, match="train.compile='max_autotune'; valid: 'none', 'default', 'max-autotune'"):
+    with pytest.raises(ConfigError, match="train.compile=max_autotune is not valid; choose one of: none, default, "):
         load_config(None, COMMON + VECA + ["train.compile=max_autotune"])
     with pytest.raises(ConfigError, match="train.compile.*must be of type str"):
         load_config(None, COMMON + VECA + ["train.compile=true"])  # the old boolean key

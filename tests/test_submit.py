@@ -53,19 +53,24 @@ def test_dry_run_train_prints_sbatch_with_requested_resources(tmp_path, capsys):
 
 def test_dry_run_eval_array_over_widths(tmp_path, capsys):
     out = tmp_path / "ev"
-    rc = submit.main(["eval", "knn", "--checkpoint", "ckpt_dir", "--train", "digits@train", "--widths", "8,16,32",
-                      "--array-over-widths", "--timeout", "60", "--output-dir", str(out), "--dry-run"])
+    ckpt = tmp_path / "ckpt_dir"  # the eval options are checked before queueing: the checkpoint must exist
+    ckpt.mkdir()
+    rc = submit.main(["eval", "knn", "--checkpoint", str(ckpt), "--train", "digits@train", "--test", "digits@val",
+                      "--widths", "8,16,32", "--array-over-widths", "--timeout", "60", "--output-dir", str(out),
+                      "--dry-run"])
     text = capsys.readouterr().out
     assert rc == 0
     assert "#SBATCH --array=0-2%3" in text and "#SBATCH --time=60" in text
     assert "#SBATCH --job-name=veca-eval-knn" in text and f"{out}/submitit/%A_%a/%A_%a_0_log.out" in text
     for w in (8, 16, 32):
-        assert (f"veca eval knn --checkpoint ckpt_dir --train digits@train --widths {w} "
+        assert (f"veca eval knn --checkpoint {ckpt} --train digits@train --test digits@val --widths {w} "
                 f"--output-dir {out / f'width_{w}'}") in text
     # one job for all widths: the width list goes to the eval untouched
-    submit.main(["eval", "linear", "--model", "veca_tiny", "--widths", "8,16", "--output-dir", str(out), "--dry-run"])
+    submit.main(["eval", "linear", "--model", "veca_tiny", "--train", "digits@train", "--test", "digits@val",
+                 "--widths", "8,16", "--output-dir", str(out), "--dry-run"])
     text = capsys.readouterr().out
-    assert "--array" not in text and f"veca eval linear --model veca_tiny --widths 8,16 --output-dir {out}" in text
+    assert "--array" not in text and (f"veca eval linear --model veca_tiny --train digits@train --test digits@val "
+                                      f"--widths 8,16 --output-dir {out}") in text
 
 
 def test_parsing_helpers_and_errors(tmp_path, capsys):

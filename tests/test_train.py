@@ -137,14 +137,14 @@ def test_nan_loss_stops_with_step_and_terms_and_keeps_checkpoint(tmp_path, monke
     def poisoned(self, batch, budgets, teacher_temp):
         losses = original(self, batch, budgets, teacher_temp)
         calls["n"] += 1
-        if calls["n"] == 6:  # step index 5
+        if calls["n"] == 6:  # the 6th step (index 5), after checkpoint-4
             losses["ibot"] = losses["ibot"] * float("nan")
             losses["loss"] = losses["loss"] + losses["ibot"]
         return losses
 
     monkeypatch.setattr(ssl.ElasticDINO, "forward", poisoned)
     cfg = tiny_cfg(tmp_path, "train.checkpoint_every=4")
-    with pytest.raises(NonFiniteLossError, match=r"step 5: ibot, loss .*checkpoint-00000004\.pt"):
+    with pytest.raises(NonFiniteLossError, match=r"step 6: ibot, loss .*Resume point: \S*checkpoint-00000004\.pt"):
         train(cfg)
     ckpts = CheckpointManager(tmp_path / "run" / "checkpoints")
     assert ckpts.latest().name == "checkpoint-00000004.pt"
@@ -160,6 +160,6 @@ def test_nan_loss_stops_with_step_and_terms_and_keeps_checkpoint(tmp_path, monke
     ("model.num_cores=20", "num_cores=20 must be a positive multiple of core_chunk=8"),
 ])
 def test_config_errors_before_any_work(tmp_path, override, match):
-    with pytest.raises((ConfigError, ValueError, FileNotFoundError), match=match):
+    with pytest.raises(ConfigError, match=match):
         train(tiny_cfg(tmp_path, override))
-    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert not (tmp_path / "run").exists()

@@ -13,7 +13,10 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("veca_ssl.train.main", "pretrain (self-supervised or distillation) from a YAML config"),
     "eval": ("eval.cli", "evaluate a backbone at every core width: knn | linear | logreg | dense | all"),
-    "extract": ("eval.extract", "extract frozen image/patch features of a dataset to shards"),
+    "extract": ("eval.extract_cli", "extract frozen image/patch features of a dataset to shards"),
+    "select": ("eval.selection", "pick the core width to deploy from an eval report and a latency budget"),
+    "export": ("veca_ssl.export", "export a backbone at one core width: safetensors | torchscript | onnx | "
+                                  "veca-reference"),
     "bench": ("veca_ssl.bench", "benchmarks: backbone | data | train | knn"),
     "submit": ("launchers.submit", "submit train/eval jobs to SLURM (or locally) through submitit"),
     "data": ("veca_ssl.data.cli", "dataset tools: make-shards | inspect"),

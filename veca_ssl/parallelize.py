@@ -37,12 +37,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from veca_ssl.config import COMPILE_MODES, PARALLEL_MODES
 from veca_ssl.distributed import DistInfo
 
 log = logging.getLogger(__name__)
 
-PARALLEL_MODES = ("none", "ddp", "fsdp2")
-COMPILE_MODES = ("none", "default", "max-autotune")
 # methods FSDP2 must treat like ``forward`` (unshard before, reshard after): training and evaluation
 # call the backbone through these, never through ``forward`` alone
 _BACKBONE_FORWARD_METHODS = ("forward_features", "get_intermediate_layers")

@@ -1,10 +1,18 @@
 """``veca bench data``: multi-crop samples/s per CPU core, from a JPEG folder and from its shards.
 
 Generates a temporary ImageNet-like JPEG folder (random smooth textures plus grain, ~500×375 by
-default, both orientations), converts it into WebDataset shards, and times on one core
-(``torch.set_num_threads(1)``, single process) the full DINOv2 sample — decode, 2 global crops at 224
-and 8 local crops at 96 with all augmentations, iBOT masks — from the folder and from the shards, next
-to its parts (decode only, augment only) and with reduced-scale JPEG decoding switched off.
+default, both orientations), converts it into WebDataset shards, and measures three things:
+
+1. per sample, on one core (``torch.set_num_threads(1)``, single process): the full DINOv2 sample —
+   decode, 2 global crops at 224 and 8 local crops at 96 with all augmentations, iBOT masks — from the
+   folder and from the shards, next to its parts (decode only, augment only) and with reduced-scale
+   JPEG decoding switched off;
+2. the training DataLoaders (folder: infinite sampler; shards: the endless stream) with 1 and 2 worker
+   processes: samples/s on the wall clock and samples/s per core from the workers' CPU time;
+3. the cost of resuming: seconds from building the shard loader to its first batch at sample 0 and at
+   sample 10⁶ of a synthetic shard set (whole shards skipped by their manifest counts, nothing skipped
+   is decoded), next to what reading through the skipped samples would cost.
+
 SPEC §7 hygiene: ≥ 3 warm-up calls, median of ≥ 5 timed calls, spread (min–max) reported.
 """
 
@@ -13,6 +21,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
+import os
 import pstats
 import statistics
 import sys
@@ -25,6 +34,14 @@ import numpy as np
 import torch
 from PIL import Image
 
+from veca_ssl.bench.data_stream import (
+    folder_loader,
+    loader_throughput,
+    replay_seconds_per_sample,
+    resume_rows,
+    shard_loader,
+    write_synthetic_shards,
+)
 from veca_ssl.data import (
     ImageFolderDataset,
     MaskingGenerator,
@@ -82,7 +99,7 @@ class _Cycle:
         self.cpu.append(time.process_time() - t0)
 
 
-def run(args: argparse.Namespace, workdir: Path) -> list[dict]:
+def run(args: argparse.Namespace, workdir: Path) -> dict[str, list[dict]]:
     torch.set_num_threads(1)
     size = tuple(int(v) for v in args.size.lower().split("x"))
     folder = generate_jpeg_folder(workdir / "jpeg", args.images, (size[0], size[1]))
@@ -105,7 +122,7 @@ def run(args: argparse.Namespace, workdir: Path) -> list[dict]:
     plain = transform(False)
     stream = SSLIterableDataset(
         WdsDataset(manifest["spec"][4:], endless=True, shuffle_buffer=100, seed=0), transform(True), masks, args.patch_size
-    )
+    )  # single process: the whole stream is one reader
     stream_it = iter(stream)
 
     cases: list[tuple[str, Callable[[int], object]]] = [
@@ -138,7 +155,28 @@ def run(args: argparse.Namespace, workdir: Path) -> list[dict]:
         prof = cProfile.Profile()
         prof.runcall(_Cycle(len(folder_ds), args.chunk * 2, lambda i: ssl_draft[(i, i)]))
         pstats.Stats(prof, stream=sys.stderr).sort_stats("tottime").print_stats(15)
-    return rows
+    out = {"samples": rows}
+    workers = [int(w) for w in args.workers.split(",") if w.strip()]
+    t = transform(True)
+    if workers:
+        makers = {"folder": folder_loader(folder_ds, t, masks, args.patch_size, args.batch_size),
+                  "shards": shard_loader(manifest["spec"], t, masks, args.patch_size, args.batch_size,
+                                         window=max(1, args.images // 4))}
+        out["loaders"] = []
+        for k in workers:
+            for name, make in makers.items():
+                out["loaders"].append(loader_throughput(name, make, k, args.loader_batches, args.batch_size,
+                                                        args.warmup, args.repeats))
+                print(f"#   {name}, {k} worker(s): {out['loaders'][-1]['samples/s/core']:.1f} samples/s per core",
+                      file=sys.stderr)
+    if args.resume_at > 0:
+        spec = write_synthetic_shards(workdir / "synthetic", args.resume_shards, args.resume_shard_size)
+        out["resume"] = resume_rows(spec, args.resume_at, sorted({0, *workers}), t, masks, args.patch_size,
+                                    args.batch_size, args.warmup, args.repeats)
+        per_sample = replay_seconds_per_sample(spec)
+        for row in out["resume"]:
+            row["read-through estimate s"] = per_sample * row["start sample"]
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -154,6 +192,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--workdir", default=None, help="keep generated images/shards here (default: temp dir)")
     parser.add_argument("--profile", action="store_true", help="print a cProfile of the folder pipeline")
+    parser.add_argument("--workers", default="1,2", help="DataLoader worker counts to time ('' = skip; default 1,2)")
+    parser.add_argument("--batch-size", type=int, default=16, help="loader batch size (default 16)")
+    parser.add_argument("--loader-batches", type=int, default=2, help="batches per timed loader call (default 2)")
+    parser.add_argument("--resume-at", type=int, default=1_000_000,
+                        help="global sample of the resume benchmark (default 10^6; 0 = skip it)")
+    parser.add_argument("--resume-shards", type=int, default=20, help="shards of the synthetic resume set")
+    parser.add_argument("--resume-shard-size", type=int, default=1000, help="samples per synthetic shard")
     parser.add_argument("--out", default=None, help="also write the rows to this .json (and .csv)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if args.images < 1 or args.chunk < 1 or args.warmup < 3 or args.repeats < 5:
@@ -161,21 +206,34 @@ def main(argv: list[str] | None = None) -> int:
     threads = torch.get_num_threads()
     try:
         if args.workdir:
-            rows = run(args, Path(args.workdir))
+            tables = run(args, Path(args.workdir))
         else:
             with tempfile.TemporaryDirectory(prefix="veca-bench-data-") as tmp:
-                rows = run(args, Path(tmp))
+                tables = run(args, Path(tmp))
     finally:
         torch.set_num_threads(threads)  # run() pins one thread; callers (tests) get theirs back
-    print(markdown_table(rows))
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"## per sample (one process, one core)\n\n{markdown_table(tables['samples'])}")
     print(
-        f"\n(single process, torch threads = 1; {args.chunk} samples per timed call, median of {args.repeats} "
-        f"after {args.warmup} warm-up calls. samples/s/core from process CPU time, min/max = its spread; "
-        "wall-clock columns include time spent waiting for a core on a busy machine)"
+        f"\n(torch threads = 1; {args.chunk} samples per timed call, median of {args.repeats} after {args.warmup} "
+        "warm-up calls. samples/s/core from process CPU time, min/max = its spread; wall-clock columns include "
+        f"time spent waiting for a core on a busy machine: load average {load:.1f} on {os.cpu_count()} cores)"
     )
+    if "loaders" in tables:
+        print(f"\n## training DataLoaders, batch {args.batch_size}\n\n{markdown_table(tables['loaders'])}")
+        print(f"\n({args.loader_batches} batches per timed call; samples/s/core from the worker processes' CPU time)")
+    if "resume" in tables:
+        print(f"\n## resume cost ({args.resume_shards} shards x {args.resume_shard_size} samples, batch "
+              f"{args.batch_size})\n\n{markdown_table(tables['resume'])}")
+        print("\n(seconds from building the loader to its first batch; 'images decoded' counts the decodes for "
+              "that batch without workers; the read-through estimate is what reading every skipped sample "
+              "without decoding would add)")
     if args.out:
-        for path in write_rows(rows, args.out):
-            print(f"wrote {path}")
+        out = Path(args.out)
+        for name, rows in tables.items():
+            target = out if name == "samples" else out.with_name(f"{out.stem}_{name}{out.suffix}")
+            for path in write_rows(rows, target):
+                print(f"wrote {path}")
     return 0
 
 

@@ -1,6 +1,6 @@
 """Data pipeline (SPEC §4, §3.1): datasets from spec strings, WebDataset streaming, multi-crop
 augmentation without torchvision, iBOT block masking, batching, an exact-resume distributed sampler,
-and skipping of unreadable images.
+and skipping of unusable images (counted over workers and ranks).
 
 Typical self-supervised training input::
 
@@ -13,15 +13,15 @@ Typical self-supervised training input::
 from .augment import IMAGENET_MEAN, IMAGENET_STD, Normalize
 from .base import ArrayImageDataset, MapImageDataset
 from .collate import collate_multicrop
-from .decode import IMAGE_EXTENSIONS
+from .decode import DECODE_ERRORS, DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, Decoder
 from .digits import DigitsDataset
-from .errors import DECODE_ERRORS, SKIP_CONFIG_KEY, SkipCounter
+from .errors import SKIP_CONFIG_KEY, DataError, DataSkipError, SkipCounter, UnreadableItem
 from .folder import FileImageDataset, FileListDataset, ImageFolderDataset
 from .masking import MaskingGenerator
 from .npz import NpzDataset
 from .sampler import InfiniteSampler, derive_seed, sample_seed
 from .shards import make_shards
-from .specs import SPEC_KINDS, build_dataset, parse_spec
+from .specs import SPEC_KINDS, build_dataset, check_spec, parse_spec, stream_length
 from .ssl import SSLDataset, SSLIterableDataset
 from .synthetic import SyntheticDataset
 from .transforms import (
@@ -32,17 +32,21 @@ from .transforms import (
     make_dense_eval_transform,
     make_eval_transform,
 )
-from .wds import WdsDataset
+from .wds import Skipped, WdsDataset
 
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "IMAGE_EXTENSIONS",
     "DECODE_ERRORS",
+    "DEFAULT_MAX_PIXELS",
     "SKIP_CONFIG_KEY",
     "SPEC_KINDS",
     "ArrayImageDataset",
     "CropPlan",
+    "DataError",
+    "DataSkipError",
+    "Decoder",
     "DenseEvalTransform",
     "DigitsDataset",
     "EvalTransform",
@@ -58,9 +62,12 @@ __all__ = [
     "SSLDataset",
     "SSLIterableDataset",
     "SkipCounter",
+    "Skipped",
     "SyntheticDataset",
+    "UnreadableItem",
     "WdsDataset",
     "build_dataset",
+    "check_spec",
     "collate_multicrop",
     "derive_seed",
     "make_dense_eval_transform",
@@ -68,4 +75,5 @@ __all__ = [
     "make_shards",
     "parse_spec",
     "sample_seed",
+    "stream_length",
 ]

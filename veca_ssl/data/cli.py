@@ -7,6 +7,8 @@ import json
 import logging
 import sys
 
+from .decode import DEFAULT_MAX_PIXELS
+from .errors import DataError
 from .inspection import format_summary, inspect_dataset
 from .shards import make_shards
 
@@ -22,9 +24,13 @@ def _parser() -> argparse.ArgumentParser:
     mk.add_argument("--split", default=None, help="split of the source spec (e.g. train)")
     mk.add_argument("--no-shuffle", action="store_true", help="keep source order instead of mixing samples")
     mk.add_argument("--seed", type=int, default=0, help="seed of the sample order (default 0)")
-    mk.add_argument("--verify", action="store_true", help="fully decode every image before copying it")
-    mk.add_argument("--overwrite", action="store_true", help="replace existing shards in DST")
+    mk.add_argument("--verify", action="store_true",
+                    help="fully decode every source image, and re-read every written sample before committing")
+    mk.add_argument("--overwrite", action="store_true",
+                    help="replace the shard set in DST (the old set stays until the new one is complete)")
     mk.add_argument("--max-skip-fraction", type=float, default=0.01, help="tolerated unreadable fraction")
+    mk.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                    help=f"skip images with more pixels, without decoding them (default {DEFAULT_MAX_PIXELS}; 0 = no limit)")
 
     ins = sub.add_parser("inspect", help="counts, classes, image sizes and a PNG grid of samples")
     ins.add_argument("spec", help="dataset spec, e.g. imagefolder:/data/x, wds:/s/shard-{000000..000009}.tar, digits")
@@ -33,6 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     ins.add_argument("--num-samples", type=int, default=16, help="images in the grid (default 16)")
     ins.add_argument("--max-images", type=int, default=1000, help="images whose size is measured (default 1000)")
     ins.add_argument("--json", action="store_true", help="print the summary as JSON")
+    ins.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                     help="report images with more pixels as too large, without decoding them")
     return parser
 
 
@@ -51,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
                 verify=args.verify,
                 overwrite=args.overwrite,
                 max_skip_fraction=args.max_skip_fraction,
+                max_pixels=args.max_pixels,
             )
             print(
                 f"wrote {manifest['num_samples']} samples in {manifest['num_shards']} shard(s) "
@@ -58,10 +67,11 @@ def main(argv: list[str] | None = None) -> int:
             )
             print(f"use: {manifest['spec']}")
             return 0
-        summary = inspect_dataset(args.spec, split=args.split, out=args.out, max_images=args.max_images, num_samples=args.num_samples)
+        summary = inspect_dataset(args.spec, split=args.split, out=args.out, max_images=args.max_images,
+                                  num_samples=args.num_samples, max_pixels=args.max_pixels)
         print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
         return 0
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as err:
+    except (ValueError, OSError, DataError, RuntimeError) as err:
         print(f"veca data {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -28,6 +28,9 @@ def collate_multicrop(samples: Sequence[dict[str, Any]], local_size: int | None 
         ``mask_weights`` (2B,N) float: ``1 / (masked tokens of that image)`` at masked tokens, else 0,
         so summing a per-token loss times the weights averages within each image first (iBOT/DINOv2).
         ``labels`` (B,) long.
+        ``data_seen`` (int) and ``data_skips`` (list of skip records): what the batch cost — attempts
+        and the unusable items replaced to make it — so the main process can count skips over all
+        DataLoader workers (``veca_ssl.train.data`` removes them before the batch reaches the model).
     """
     if not samples:
         raise ValueError("collate_multicrop got an empty batch")
@@ -43,10 +46,13 @@ def collate_multicrop(samples: Sequence[dict[str, Any]], local_size: int | None 
     counts = masks.sum(dim=1, keepdim=True).clamp(min=1).to(torch.float32)
     mask_weights = masks.to(torch.float32) / counts
     labels = torch.tensor([int(s["label"]) for s in samples], dtype=torch.long)
+    skips = [rec for s in samples for rec in s.get("skips", ())]
     return {
         "global_crops": global_crops,
         "local_crops": local_crops,
         "masks": masks,
         "mask_weights": mask_weights,
         "labels": labels,
+        "data_seen": len(samples) + len(skips),
+        "data_skips": skips,
     }

@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 
 from .base import MapImageDataset
-from .decode import IMAGE_EXTENSIONS, Prepare, decode_rgb, has_image_extension, read_bytes
+from .decode import IMAGE_EXTENSIONS, Prepare, has_image_extension, read_bytes
 
 logger = logging.getLogger("veca_ssl.data")
 
@@ -68,7 +68,7 @@ class FileImageDataset(MapImageDataset):
         return self._paths[index]
 
     def _load_rgb(self, index: int, prepare: Prepare | None) -> Image.Image:
-        return decode_rgb(read_bytes(self._paths[index]), prepare)
+        return self.decoder.read(self._paths[index], prepare)
 
     def read_encoded(self, index: int) -> bytes:
         """The file's bytes as stored (the shard writer keeps JPEG/PNG bytes unchanged)."""

@@ -10,9 +10,11 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageOps
 
 from .base import MapImageDataset
-from .decode import open_lazy, try_decode
+from .decode import DEFAULT_MAX_PIXELS, oriented_size, read_bytes
+from .errors import UnreadableItem
 from .folder import FileImageDataset
 from .specs import build_dataset
+from .tario import lost_sample, read_sample
 from .wds import WdsDataset
 
 
@@ -56,6 +58,17 @@ def _caption(label: int, classes: list[str] | None) -> str:
     return str(label)
 
 
+def _header_size(ds: MapImageDataset, i: int) -> tuple[int, int]:
+    """Upright size of item ``i`` from its header only (raises UnreadableItem)."""
+    if isinstance(ds, FileImageDataset):
+        try:
+            data = read_bytes(ds.path(i))
+        except OSError as err:
+            raise UnreadableItem(ds._name(i), f"{type(err).__name__}: {err}", "missing") from None
+        return oriented_size(ds.decoder.open(data, ds._name(i)))
+    return ds.load(i)[0].size
+
+
 def _inspect_map(ds: MapImageDataset, max_images: int, num_samples: int) -> tuple[dict[str, Any], list, list]:
     n = len(ds)
     probe = np.unique(np.linspace(0, n - 1, min(n, max_images)).astype(int))
@@ -63,13 +76,11 @@ def _inspect_map(ds: MapImageDataset, max_images: int, num_samples: int) -> tupl
     mask_values: set[int] = set()
     depth_range = [np.inf, -np.inf]
     for i in probe.tolist():
-        if isinstance(ds, FileImageDataset):  # header only: cheap even for large folders
-            try:
-                sizes.append(open_lazy(ds.read_encoded(i)).size)
-            except (OSError, SyntaxError, ValueError):
-                ds.skip_counter.skip(ds._name(i), "unreadable header")
-        else:
-            sizes.append(ds.load(i)[0].size)
+        try:  # header only for files: cheap even for large folders, and nothing oversized is decoded
+            sizes.append(_header_size(ds, i))
+            ds.skip_counter.ok()
+        except UnreadableItem as err:
+            ds.skip_counter.skip(err)
         if ds.has_dense:
             dense = ds._dense(i)
             if "mask" in dense:
@@ -82,30 +93,46 @@ def _inspect_map(ds: MapImageDataset, max_images: int, num_samples: int) -> tupl
     if ds.has_dense:
         summary["mask_values"] = sorted(mask_values)
         summary["depth_range"] = depth_range if np.isfinite(depth_range[0]) else None
-    picks = np.unique(np.linspace(0, n - 1, min(n, num_samples)).astype(int)).tolist()
-    loaded = [ds.load(i) for i in picks]
-    return summary, [img for img, _, _ in loaded], [_caption(t, ds.classes) for _, t, _ in loaded]
+    images, captions = [], []
+    for i in np.unique(np.linspace(0, n - 1, min(n, num_samples)).astype(int)).tolist():
+        try:
+            img, target, _ = ds.load(i)  # counted in ds.skip_counter when unusable
+        except UnreadableItem:
+            continue
+        images.append(img)
+        captions.append(_caption(target, ds.classes))
+    return summary, images, captions
 
 
 def _inspect_wds(ds: WdsDataset, max_images: int, num_samples: int) -> tuple[dict[str, Any], list, list]:
+    """Every sample's label (no decoding); header sizes of the first ``max_images``; a few decoded."""
     labels: Counter[int] = Counter()
     sizes: list[tuple[int, int]] = []
     images: list[Image.Image] = []
     captions: list[str] = []
     n = 0
-    for raw in ds.iter_raw():
-        n += 1
-        labels[raw.label] += 1
-        if len(sizes) < max_images or len(images) < num_samples:
-            img = try_decode(raw.data, raw.name, ds.skip_counter)
-            if img is None:
-                continue
-            if len(sizes) < max_images:
-                sizes.append(img.size)
-            if len(images) < num_samples:
-                images.append(img)
-                captions.append(_caption(raw.label, ds.classes))
-    summary = {"type": "WdsDataset", "num_shards": len(ds.urls), "num_items": n, "label_counts": dict(sorted(labels.items()))}
+    for s in range(len(ds.shards)):
+        idx = ds.shards.index(s)
+        with open(idx.path, "rb") as f:
+            for o in range(ds.shards.count(s)):
+                n += 1
+                raw = read_sample(f, idx, o) if o < len(idx) else lost_sample(idx.path, o, ds.shards.count(s), idx.problem)
+                try:
+                    if raw.problem is not None:
+                        raise raw.problem
+                    if len(sizes) < max_images:
+                        assert raw.data is not None
+                        sizes.append(oriented_size(ds.decoder.open(raw.data, raw.name)))
+                    if len(images) < num_samples:
+                        images.append(ds.decoder.decode(raw.data, raw.name))
+                        captions.append(_caption(raw.label, ds.classes))
+                except UnreadableItem as err:
+                    ds.skip_counter.skip(err)
+                    continue
+                ds.skip_counter.ok()
+                labels[raw.label] += 1
+    summary = {"type": "WdsDataset", "num_shards": len(ds.shards), "num_items": n,
+               "label_counts": dict(sorted(labels.items()))}
     summary["sizes"] = _size_stats(sizes)
     return summary, images, captions
 
@@ -116,20 +143,24 @@ def inspect_dataset(
     out: str | Path | None = None,
     max_images: int = 1000,
     num_samples: int = 16,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> dict[str, Any]:
     """Summarise the dataset named by ``spec``; write a grid of ``num_samples`` images to ``out``.
 
     Image sizes are measured on up to ``max_images`` items spread over the dataset (headers only for
-    image files). Shards are read in stored order, one pass, with no shuffling.
+    image files; sizes are upright, EXIF orientation applied). Shards are read in stored order, one
+    pass. Unusable images (corrupt, above ``max_pixels``, bad labels) are counted and listed, never
+    decoded in full.
     """
     if max_images < 1 or num_samples < 0:
         raise ValueError(f"max_images must be >= 1 and num_samples >= 0, got {max_images}, {num_samples}")
-    ds = build_dataset(spec, split=split, **({"shuffle_buffer": 0, "shard_shuffle": False} if spec.startswith("wds:") else {}))
+    ds = build_dataset(spec, split=split, max_pixels=max_pixels)
     if isinstance(ds, WdsDataset):
         summary, images, captions = _inspect_wds(ds, max_images, num_samples)
     else:
         summary, images, captions = _inspect_map(ds, max_images, num_samples)
-    summary = {"spec": spec, "split": split, **summary, "classes": ds.classes, "skipped": ds.skip_counter.skipped}
+    summary = {"spec": spec, "split": split, **summary, "classes": ds.classes, "skipped": ds.skip_counter.skipped,
+               "skipped_items": ds.skip_counter.state()["first"]}
     if out is not None and images:
         summary["grid"] = str(save_grid(images, captions, out))
     return summary
@@ -140,6 +171,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines = [f"dataset   {summary['spec']}" + (f"  (split {summary['split']})" if summary.get("split") else "")]
     lines.append(f"type      {summary['type']}" + (f", {summary['num_shards']} shards" if "num_shards" in summary else ""))
     lines.append(f"items     {summary['num_items']}  (skipped unreadable: {summary['skipped']})")
+    for rec in summary.get("skipped_items", [])[:5]:
+        lines.append(f"  skipped {rec['item']} ({rec['kind']}: {rec['reason']})")
     classes = summary.get("classes")
     counts = summary.get("label_counts", {})
     if classes:

@@ -5,16 +5,33 @@ a JPEG or PNG file, so nothing is re-compressed; other formats and in-memory arr
 lossless PNG), ``<key>.cls`` (the integer label, ASCII; −1 when unlabelled) and ``<key>.json``
 (source name and class name). ``<key>`` is the source index, zero-padded. Samples are shuffled
 across shards by default (a class-sorted folder would otherwise give single-class shards, which a
-streaming shuffle buffer cannot fully mix). A ``manifest.json`` records counts and class names.
+streaming shuffle window cannot fully mix): shard ``i`` holds the sources at positions
+``[i × shard_size, (i+1) × shard_size)`` of one seeded permutation, less the unreadable ones.
+
+``manifest.json`` lists every shard with its sample count and byte size; readers use it to skip
+whole shards by count (see ``shardset.py``).
+
+Crash safety — an interrupted run leaves either the old set or the new one, and a rerun finishes:
+
+1. New shards are written to ``DST/.make-shards-staging/`` (temporary ``.partial`` names, fsync, then
+   renamed); a progress file lists the finished shards, so a rerun of the same command continues
+   after the last finished shard instead of starting over. ``DST`` is untouched meanwhile.
+2. When every shard (and, with ``--verify``, every re-read sample) is good, the new manifest is
+   written into the staging folder and a commit journal into ``DST``; then the new shards are renamed
+   into ``DST``, old shards that the new set does not have are removed, the manifest is renamed last
+   and the journal removed. A crash in this short step leaves the journal: readers refuse the
+   half-swapped folder with a message, and a rerun rolls the swap forward.
 """
 
 from __future__ import annotations
 
-import glob
+import hashlib
 import io
 import json
 import os
+import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,24 +40,29 @@ import webdataset as wds
 from tqdm import tqdm
 
 from .base import MapImageDataset
-from .decode import open_lazy, to_rgb
-from .errors import DECODE_ERRORS, SkipCounter
+from .decode import DEFAULT_MAX_PIXELS, Decoder, read_bytes
+from .errors import DataError, SkipCounter, UnreadableItem
 from .folder import FileImageDataset, ImageFolderDataset
 from .npz import NpzDataset
+from .shardset import COMMIT_JOURNAL, MANIFEST_NAME
 from .specs import SPEC_KINDS, build_dataset
-from .wds import MANIFEST_NAME
+from .tario import read_sample, scan_shard
 
 SHARD_NAME = "shard-%06d.tar"
+STAGING = ".make-shards-staging"
+PROGRESS = "progress.json"
 
 
-def _source_dataset(src: str, split: str | None, counter: SkipCounter) -> MapImageDataset:
+def _source_dataset(src: str, split: str | None, counter: SkipCounter, max_pixels: int | None) -> MapImageDataset:
     kind = src.partition(":")[0].lower()
+    # the dataset keeps its own (recording) counter: make_shards counts each source once, in ``counter``
+    common: dict[str, Any] = {"dense": False, "max_pixels": max_pixels, "max_skip_fraction": counter.max_skip_fraction}
     if kind in SPEC_KINDS and ":" in src or src in SPEC_KINDS:
-        ds = build_dataset(src, split=split, skip_counter=counter, dense=False)
+        ds = build_dataset(src, split=split, **common)
     elif os.path.isdir(src):
-        ds = ImageFolderDataset(src, skip_counter=counter, dense=False)
+        ds = ImageFolderDataset(src, **common)
     elif src.endswith(".npz"):
-        ds = NpzDataset(src, skip_counter=counter, dense=False)
+        ds = NpzDataset(src, **common)
     elif not os.path.exists(src):
         raise FileNotFoundError(f"make-shards: source {src!r} does not exist")
     else:
@@ -51,17 +73,21 @@ def _source_dataset(src: str, split: str | None, counter: SkipCounter) -> MapIma
 
 
 def _encoded(ds: MapImageDataset, index: int, verify: bool) -> tuple[str, bytes]:
-    """(extension, bytes) for item ``index``; raises a ``DECODE_ERRORS`` member when unreadable."""
+    """(extension, bytes) for item ``index``; raises :class:`UnreadableItem` when it is unusable."""
+    name = ds._name(index)
     if isinstance(ds, FileImageDataset):
-        data = ds.read_encoded(index)
-        img = open_lazy(data)
+        try:
+            data = read_bytes(ds.path(index))
+        except OSError as err:
+            raise UnreadableItem(name, f"{type(err).__name__}: {err}", "missing") from None
+        img = ds.decoder.open(data, name)  # header: type and pixel limit
         if verify:
-            img.load()
+            ds.decoder.decode(data, name)  # every pixel, so a truncated source is not copied
         if img.format == "JPEG":
             return "jpg", data
         if img.format == "PNG":
             return "png", data
-        rgb = to_rgb(img)
+        rgb = ds.decoder.decode(data, name)
     else:
         rgb, _, _ = ds.load(index)
     buf = io.BytesIO()
@@ -75,6 +101,96 @@ def brace_pattern(dst: str | Path, num_shards: int) -> str:
     return "wds:" + os.path.join(os.path.abspath(str(dst)), name)
 
 
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(json.dumps(obj, indent=2) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def finish_commit(dst: Path) -> bool:
+    """Roll an interrupted swap forward (see the module docstring); True if there was one."""
+    journal = dst / COMMIT_JOURNAL
+    if not journal.exists():
+        return False
+    plan = json.loads(journal.read_text())
+    staging = dst / STAGING
+    for name in plan["new"]:
+        if (staging / name).exists():
+            os.replace(staging / name, dst / name)
+    for name in plan["remove"]:
+        if (dst / name).exists():
+            os.remove(dst / name)
+    if (staging / MANIFEST_NAME).exists():
+        os.replace(staging / MANIFEST_NAME, dst / MANIFEST_NAME)
+    _fsync_dir(dst)
+    shutil.rmtree(staging, ignore_errors=True)
+    journal.unlink()
+    _fsync_dir(dst)
+    return True
+
+
+def _identity(src: str, ds: MapImageDataset, split: str | None, shard_size: int, shuffle: bool, seed: int,
+              verify: bool, max_pixels: int | None) -> dict[str, Any]:
+    """What a finished shard of an interrupted run must share with this run to be reused."""
+    h = hashlib.sha256()
+    for i in range(len(ds)):
+        h.update(f"{ds._name(i)}\t{int(ds.targets[i])}\n".encode("utf-8", "surrogateescape"))
+    return {"source": src, "split": split, "items": len(ds), "names_sha256": h.hexdigest(), "shard_size": shard_size,
+            "shuffle": shuffle, "seed": seed, "verify": verify, "max_pixels": max_pixels}
+
+
+def _resume_progress(staging: Path, identity: dict[str, Any]) -> list[dict[str, Any]]:
+    """Finished shards of an interrupted run with the same identity (files checked), else a clean folder."""
+    progress = staging / PROGRESS
+    if progress.exists():
+        try:
+            state = json.loads(progress.read_text())
+        except ValueError:
+            state = {}
+        if state.get("identity") == identity:
+            done: list[dict[str, Any]] = []
+            for entry in state.get("shards", []):
+                path = staging / entry["name"]
+                if entry["name"] != SHARD_NAME % len(done) or not path.is_file() or path.stat().st_size != entry["bytes"]:
+                    break
+                done.append(entry)
+            return done
+    shutil.rmtree(staging, ignore_errors=True)
+    return []
+
+
+def _verify_shard(path: Path, expected: list[tuple[str, int, str]], decoder: Decoder) -> None:
+    """Re-read every sample of a written shard: same keys, labels and image bytes, and it decodes."""
+    index = scan_shard(str(path))
+    if index.problem is not None or len(index) != len(expected):
+        raise DataError(f"make-shards --verify: {path} reads back {len(index)} of {len(expected)} samples "
+                        f"({index.problem or 'count differs'})")
+    with open(path, "rb") as f:
+        for o, (key, label, digest) in enumerate(expected):
+            raw = read_sample(f, index, o)
+            if (index.keys[o] != key or raw.problem is not None or raw.label != label or raw.data is None
+                    or hashlib.sha256(raw.data).hexdigest() != digest):
+                raise DataError(f"make-shards --verify: sample {key} of {path} does not read back as written")
+            decoder.decode(raw.data, raw.name)
+
+
 def make_shards(
     src: str,
     dst: str | Path,
@@ -86,56 +202,95 @@ def make_shards(
     verify: bool = False,
     overwrite: bool = False,
     max_skip_fraction: float = 0.01,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
     progress: bool | None = None,
+    on_shard: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
-    """Write ``dst/shard-000000.tar …`` from ``src``; return the manifest (with ``"spec"``).
+    """Write ``dst/shard-000000.tar …`` from ``src`` crash-safely; return the manifest (with ``"spec"``).
 
     Args:
         src: image folder, ``.npz`` file or a map-style dataset spec (``digits``, ``filelist:…``).
-        shard_size: samples per shard (>= 1).
-        verify: fully decode JPEG/PNG sources before copying their bytes (slower; catches truncation).
-        overwrite: replace existing ``shard-*.tar`` files in ``dst`` instead of refusing.
+        shard_size: source items per shard (>= 1); shards hold fewer when sources are unreadable.
+        verify: fully decode every source image before copying it, and re-read every written sample
+            (bytes, label, decode) before the new set replaces the old one.
+        overwrite: replace an existing shard set in ``dst`` instead of refusing.
+        on_shard: called with the shard number after each staged shard (tests interrupt here).
     """
     if shard_size < 1:
         raise ValueError(f"--shard-size must be >= 1, got {shard_size}")
-    counter = SkipCounter(max_skip_fraction)
-    ds = _source_dataset(str(src), split, counter)
     dst = Path(dst).expanduser()
     dst.mkdir(parents=True, exist_ok=True)
-    old = sorted(glob.glob(str(dst / "shard-*.tar")))
+    finished_swap = finish_commit(dst)
+    counter = SkipCounter(max_skip_fraction)
+    ds = _source_dataset(str(src), split, counter, max_pixels)
+    old = sorted(p.name for p in dst.glob("shard-*.tar"))
+    identity = _identity(str(src), ds, split, shard_size, shuffle, seed, verify, max_pixels)
+    previous = json.loads((dst / MANIFEST_NAME).read_text()) if (dst / MANIFEST_NAME).exists() else {}
+    if finished_swap and previous.get("identity") == identity:
+        return previous  # the interrupted swap of this very command is now complete
     if old and not overwrite:
         raise FileExistsError(f"make-shards: {dst} already holds {len(old)} shard(s); pass --overwrite to replace them")
-    for path in old:
-        os.remove(path)
+    staging = dst / STAGING
+    done = _resume_progress(staging, identity)
+    staging.mkdir(exist_ok=True)
+    for entry in done:  # counts of the shards an interrupted run finished
+        counter.add(entry["count"] + len(entry["skipped"]), entry["skipped"])
     order = np.random.default_rng(seed).permutation(len(ds)) if shuffle else np.arange(len(ds))
+    num_shards = -(-len(ds) // shard_size)
     width = max(6, len(str(len(ds))))
     classes = ds.classes
-    written = 0
     show = sys.stderr.isatty() if progress is None else progress
-    with wds.ShardWriter(str(dst / SHARD_NAME), maxcount=shard_size, verbose=0, mtime=0.0) as sink:
-        for index in tqdm(order.tolist(), desc="make-shards", unit="img", disable=not show):
-            name = ds._name(index)
-            try:
-                ext, data = _encoded(ds, index, verify)
-            except DECODE_ERRORS as err:
-                counter.skip(name, err)
-                continue
-            counter.ok()
-            label = int(ds.targets[index])
-            meta = {"source": name, "label": label, "class": classes[label] if classes and label >= 0 else None}
-            sink.write({"__key__": f"{index:0{width}d}", ext: data, "cls": str(label), "json": json.dumps(meta)})
-            written += 1
-    if written == 0:
+    bar = tqdm(total=len(ds), initial=len(done) * shard_size, desc="make-shards", unit="img", disable=not show)
+    for i in range(len(done), num_shards):
+        name = SHARD_NAME % i
+        partial = staging / (name + ".partial")
+        written: list[tuple[str, int, str]] = []
+        skipped: list[dict[str, str]] = []
+        with open(partial, "wb") as f:
+            sink = wds.TarWriter(f, mtime=0.0)
+            for index in order[i * shard_size:(i + 1) * shard_size].tolist():
+                bar.update(1)
+                try:
+                    ext, data = _encoded(ds, index, verify)
+                except UnreadableItem as err:
+                    skipped.append(err.record())
+                    counter.skip(err)
+                    continue
+                counter.ok()
+                label = int(ds.targets[index])
+                key = f"{index:0{width}d}"
+                meta = {"source": ds._name(index), "label": label,
+                        "class": classes[label] if classes and label >= 0 else None}
+                sink.write({"__key__": key, ext: data, "cls": str(label), "json": json.dumps(meta)})
+                written.append((key, label, hashlib.sha256(data).hexdigest()))
+            sink.close()
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(partial, staging / name)
+        if verify:
+            _verify_shard(staging / name, written, ds.decoder)
+        done.append({"name": name, "count": len(written), "bytes": (staging / name).stat().st_size,
+                     "skipped": skipped})
+        _write_json(staging / PROGRESS, {"identity": identity, "shards": done})
+        if on_shard is not None:
+            on_shard(i)
+    bar.close()
+    if counter.seen - counter.skipped == 0:
         raise ValueError(f"make-shards: no readable image in {src!r}")
-    num_shards = len(glob.glob(str(dst / "shard-*.tar")))
     manifest = {
         "spec": brace_pattern(dst, num_shards),
-        "num_samples": written,
+        "num_samples": sum(e["count"] for e in done),
         "num_shards": num_shards,
         "shard_size": shard_size,
         "classes": classes,
         "source": str(src),
         "skipped": counter.skipped,
+        "skipped_items": counter.state()["first"],
+        "shards": [{"name": e["name"], "count": e["count"], "bytes": e["bytes"]} for e in done],
+        "identity": identity,
     }
-    (dst / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
+    _write_json(staging / MANIFEST_NAME, manifest)
+    new = [e["name"] for e in done]
+    _write_json(dst / COMMIT_JOURNAL, {"new": new, "remove": [n for n in old if n not in new]})
+    finish_commit(dst)
     return manifest

@@ -9,10 +9,13 @@ Spec strings::
     digits                         scikit-learn digits, fixed 80/20 train/val split
     synthetic:n=512,size=64,classes=4,seed=0   procedural shapes with masks and depth
 
-Splits: ``digits`` and ``synthetic`` have built-in ``"train"``/``"val"`` splits. For path specs a
-``{split}`` placeholder in the path is replaced by the split name (``npz:/d/{split}.npz``); an
-``imagefolder`` without the placeholder uses ``<path>/<split>`` (the ImageNet layout). Any other
-path spec asked for a split it cannot express is an error rather than a silent train/val leak.
+Splits. ``digits`` and ``synthetic`` have built-in ``"train"``/``"val"`` splits. A path with a
+``{split}`` placeholder has a split per name (``npz:/d/{split}.npz``). An ``imagefolder`` whose
+sub-folders are all split names (``train/``, ``val/``, … — the ImageNet root layout) has those splits.
+Any other spec names one set of files — a ``wds:`` brace range, a folder of class sub-folders, a file
+list, an npz file — and *is* that set: training (``split_if_present=True``, ``data.split``) uses it
+whole, and an explicit request for a split it does not have (``digits@val`` style, in evaluation) is
+an error rather than a silent train/val leak.
 
 Config blocks are accepted too: a mapping with ``spec`` (a string as above) or ``type`` + ``path``,
 plus constructor options (e.g. ``{"spec": "wds:/d/s-{0..9}.tar", "shuffle_buffer": 5000}``).
@@ -24,10 +27,12 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from .decode import DEFAULT_MAX_PIXELS
 from .digits import DigitsDataset
 from .errors import SkipCounter
 from .folder import FileListDataset, ImageFolderDataset
 from .npz import NpzDataset
+from .shardset import ShardSet, expand_shards
 from .synthetic import SyntheticDataset, parse_synthetic_options
 from .wds import WdsDataset
 
@@ -48,8 +53,12 @@ _OPTIONS: dict[str, set[str]] = {
     "npz": {"dense"},
     "digits": {"dense"},
     "synthetic": {"dense"},
-    "wds": {"shuffle_buffer", "shard_shuffle", "endless", "seed", "rank", "world_size", "start", "batch_size", "epoch"},
+    "wds": {"shuffle_buffer", "shard_shuffle", "resampled", "endless", "seed", "rank", "world_size", "start",
+            "batch_size", "workers"},
 }
+
+#: Sub-folder names that make an image folder a root of splits (ImageNet layout) rather than classes.
+SPLIT_NAMES: frozenset[str] = frozenset({"train", "val", "valid", "validation", "test", "trainval"})
 
 
 def _valid_forms() -> str:
@@ -71,26 +80,70 @@ def parse_spec(spec: str) -> tuple[str, str]:
     return kind, arg.strip()
 
 
-def _resolve_path(kind: str, path: str, split: str | None, spec: str) -> str:
+def _split_root(path: str) -> list[str]:
+    """Sub-folder names of ``path`` when they are all split names (else ``[]``)."""
+    try:
+        subdirs = sorted(e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith("."))
+    except OSError:
+        return []
+    return subdirs if subdirs and all(d.lower() in SPLIT_NAMES for d in subdirs) else []
+
+
+def _resolve_path(kind: str, path: str, split: str | None, spec: str, split_if_present: bool) -> str:
     path = os.path.expanduser(path)
     if "{split}" in path:
         if split is None:
             raise ValueError(f"dataset spec {spec!r} has a {{split}} placeholder but no split was given")
         return path.replace("{split}", split)
-    if split is None:
-        return path
     if kind == "imagefolder":
-        sub = os.path.join(path, split)
-        if os.path.isdir(sub):
-            return sub
-        raise FileNotFoundError(
-            f"dataset spec {spec!r} asked for split {split!r} but {sub!r} does not exist "
-            "(use a folder with <split>/ sub-folders, or put {split} in the path)"
-        )
+        splits = _split_root(path)
+        if splits:
+            if split is None:
+                raise ValueError(f"dataset spec {spec!r} is a folder of splits ({', '.join(splits)}); choose one "
+                                 f"(e.g. 'imagefolder:{os.path.join(path, splits[0])}' or a split name)")
+            if split not in splits:
+                raise FileNotFoundError(f"dataset spec {spec!r} has splits {', '.join(splits)}, not {split!r} "
+                                        f"({os.path.join(path, split)!r} does not exist)")
+            return os.path.join(path, split)
+    if split is None or split_if_present:
+        return path  # the spec names one set of files: that set, whatever the split
     raise ValueError(
-        f"dataset spec {spec!r} cannot select split {split!r}; put a {{split}} placeholder in the path "
-        f"(e.g. '{kind}:/data/{{split}}...') or pass split=None"
+        f"dataset spec {spec!r} names one set of files and has no split {split!r}; name the split's own "
+        f"files (e.g. '{kind}:/data/val…'), put a {{split}} placeholder in the path, or give no split"
     )
+
+
+def stream_length(spec: str, split: str | None = None, split_if_present: bool = False) -> int | None:
+    """Samples in the shards of a ``wds:`` spec when a manifest counts every one of them (no shard is
+    opened), else ``None``."""
+    kind, arg = parse_spec(spec)
+    if kind != "wds":
+        return None
+    shards = ShardSet(expand_shards(_resolve_path(kind, arg, split, spec, split_if_present)))
+    return int(sum(shards.counts())) if shards.fully_counted else None
+
+
+def check_spec(spec: str, split: str | None = None, split_if_present: bool = False) -> str:
+    """Validate ``spec`` cheaply (kind, options, paths, split) without reading any image; return the
+    resolved path (or argument). Raises ``ValueError``/``FileNotFoundError`` naming the problem."""
+    kind, arg = parse_spec(spec)
+    if kind == "digits":
+        if split not in (None, "train", "val", "test"):
+            raise ValueError(f"digits: unknown split {split!r}; use 'train', 'val' or none (all images)")
+        return arg
+    if kind == "synthetic":
+        parse_synthetic_options(spec, arg)
+        if split not in (None, "train", "val"):
+            raise ValueError(f"synthetic: unknown split {split!r}; use 'train', 'val' or none (= train)")
+        return arg
+    path = _resolve_path(kind, arg, split, spec, split_if_present)
+    if kind == "wds":
+        expand_shards(path)
+    elif kind == "imagefolder" and not os.path.isdir(path):
+        raise FileNotFoundError(f"imagefolder: directory {path!r} does not exist (dataset spec {spec!r})")
+    elif kind in ("filelist", "npz") and not os.path.isfile(path):
+        raise FileNotFoundError(f"{kind}: file {path!r} does not exist (dataset spec {spec!r})")
+    return path
 
 
 def build_dataset(
@@ -100,6 +153,8 @@ def build_dataset(
     *,
     max_skip_fraction: float = 0.01,
     skip_counter: SkipCounter | None = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    split_if_present: bool = False,
     **options: Any,
 ) -> Any:
     """Build the dataset named by ``spec`` (see the module docstring).
@@ -107,9 +162,12 @@ def build_dataset(
     Args:
         spec: spec string or config mapping.
         split: ``"train"``/``"val"`` (or another folder / placeholder name), or ``None``.
+        split_if_present: apply ``split`` only where the spec has splits (training's ``data.split``);
+            otherwise a spec without that split is an error.
         transform: applied to each PIL RGB image (map-style items become ``(transform(img), target)``).
         max_skip_fraction: tolerated fraction of unreadable images (config ``data.max_skip_fraction``).
         skip_counter: share one counter between datasets (overrides ``max_skip_fraction``).
+        max_pixels: images declaring more pixels are skipped before decoding (``data.max_pixels``).
         options: kind-specific options: ``dense`` (map-style: None/True/False, see ``MapImageDataset``),
             WebDataset streaming options (``shuffle_buffer``, ``endless``, ``seed``, ``rank``, …).
 
@@ -139,13 +197,14 @@ def build_dataset(
         raise ValueError(
             f"dataset spec {spec_str!r}: unknown option(s) {sorted(unknown)}; {kind} accepts {sorted(_OPTIONS[kind])}"
         )
-    common: dict[str, Any] = {"skip_counter": skip_counter, "max_skip_fraction": max_skip_fraction}
+    common: dict[str, Any] = {"skip_counter": skip_counter, "max_skip_fraction": max_skip_fraction,
+                              "max_pixels": max_pixels}
     if kind == "digits":
         return DigitsDataset(split=split, transform=transform, **common, **options)
     if kind == "synthetic":
         parsed = parse_synthetic_options(spec_str, arg)
         return SyntheticDataset(split=split, transform=transform, **parsed, **common, **options)
-    path = _resolve_path(kind, arg, split, spec_str)
+    path = _resolve_path(kind, arg, split, spec_str, split_if_present)
     if kind == "imagefolder":
         return ImageFolderDataset(path, transform=transform, **common, **options)
     if kind == "filelist":

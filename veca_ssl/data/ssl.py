@@ -1,6 +1,8 @@
 """Self-supervised training samples: multi-crop views plus iBOT masks, reproducible from one seed.
 
-A sample is ``{"global": [t0, t1], "local": [...], "masks": bool (2, Hp*Wp), "label": int}``. Every
+A sample is ``{"global": [t0, t1], "local": [...], "masks": bool (2, Hp*Wp), "label": int, "skips": [...]}``
+(``skips``: records of the unusable items replaced to make it, carried to the main process so skips
+are counted over all DataLoader workers). Every
 random choice — crop boxes, colour jitter, whether and how a global crop is masked — comes from
 ``numpy.random.default_rng(sample_seed)``, so the sample is the same in any process or worker.
 Masking follows iBOT (arXiv:2111.07832) / DINOv2: each global crop is masked with probability
@@ -19,9 +21,9 @@ from PIL import Image
 from torch.utils.data import Dataset, IterableDataset
 
 from .collate import collate_multicrop
-from .decode import try_decode
 from .masking import MaskingGenerator
 from .sampler import derive_seed
+from .tario import RawSample
 from .transforms import CropPlan, MultiCropTransform
 
 
@@ -112,17 +114,20 @@ class SSLDataset(Dataset):
         load = getattr(self.base, "load", None)
         if load is None:
             item = self.base[index]
-            return self.maker.make(item[0], None, item[1], rng)
+            return {**self.maker.make(item[0], None, item[1], rng), "skips": []}
         plans: list[CropPlan] = []
-        img, label, _ = load(index, lambda im: plans.append(self.transform.prepare(im, rng)))
-        return self.maker.make(img, plans[-1] if plans else None, label, rng)
+        skipped: list[dict[str, str]] = []
+        # training replaces an unusable image by the next readable index (deterministic; counted)
+        img, label, _ = load(index, lambda im: plans.append(self.transform.prepare(im, rng)), substitute=True,
+                             skipped=skipped)
+        return {**self.maker.make(img, plans[-1] if plans else None, label, rng), "skips": skipped}
 
 
 class SSLIterableDataset(IterableDataset):
-    """Streaming SSL samples from a :class:`~veca_ssl.data.wds.WdsDataset` (same sample format).
+    """Streaming SSL samples from the training stream of a :class:`~veca_ssl.data.wds.WdsDataset`.
 
-    Each shard sample carries a seed derived from ``(seed, rank, worker, position)``; unreadable
-    members are skipped and counted by the shard dataset's ``SkipCounter``.
+    Each position of the stream carries its own seed (``WdsDataset.iter_train``); an unusable sample
+    is replaced by the next usable one of its shuffle window and recorded in the sample's ``skips``.
     """
 
     def __init__(
@@ -140,11 +145,13 @@ class SSLIterableDataset(IterableDataset):
         self.transform = transform
         self.collate_fn = partial(collate_multicrop, local_size=transform.local_size)
 
+    def _make(self, raw: RawSample, seed: int) -> dict[str, Any]:
+        rng = np.random.default_rng(seed)
+        plans: list[CropPlan] = []
+        img = self.base.decoder.decode(raw.data, raw.name, lambda im: plans.append(self.transform.prepare(im, rng)))
+        return self.maker.make(img, plans[-1] if plans else None, raw.label, rng)
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        for raw in self.base.iter_raw():
-            rng = np.random.default_rng(raw.seed)
-            plans: list[CropPlan] = []
-            img = try_decode(raw.data, raw.name, self.base.skip_counter, lambda im: plans.append(self.transform.prepare(im, rng)))  # noqa: B023
-            if img is None:
-                continue
-            yield self.maker.make(img, plans[-1] if plans else None, raw.label, rng)
+        for sample, skipped in self.base.iter_train(self._make):
+            sample["skips"] = skipped
+            yield sample

@@ -275,6 +275,15 @@ class DenseEvalTransform:
         wh = img.size if self.size is None else (self.size[1], self.size[0])
         if img.size != wh:
             img = img.resize(wh, Image.BICUBIC)
+        return self.normalize(img), self.targets(dense, wh)
+
+    def targets(self, dense: dict[str, np.ndarray], wh: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
+        """The mask/depth half of ``__call__`` alone, resized to ``wh`` = (W, H) (default: ``size``), so
+        targets can be read without decoding their image."""
+        if wh is None:
+            if self.size is None:
+                raise ValueError("DenseEvalTransform(size=None) keeps the image's size: pass wh")
+            wh = (self.size[1], self.size[0])
         out: dict[str, torch.Tensor] = {}
         if "mask" in dense:
             mask = Image.fromarray(np.asarray(dense["mask"], dtype=np.uint8), "L")
@@ -286,7 +295,7 @@ class DenseEvalTransform:
             if depth.size != wh:
                 depth = depth.resize(wh, Image.BILINEAR)
             out["depth"] = torch.from_numpy(np.array(depth, dtype=np.float32))
-        return self.normalize(img), out
+        return out
 
     def __repr__(self) -> str:
         return f"DenseEvalTransform(size={self.size})"

@@ -1,10 +1,12 @@
 """Backbones: VECA (elastic core attention) and dense ViT baselines, with one uniform API (SPEC §6)."""
 
 from .base import Backbone
-from .io import load_backbone, save_backbone
+from .init import InitReport, init_from
+from .io import load_backbone, read_backbone, save_backbone
 from .registry import PRESETS, build_backbone, build_from_config, list_backbones
 from .veca import VECA, nested_budgets
 from .vit import VisionTransformer
 
 __all__ = ["Backbone", "VECA", "VisionTransformer", "PRESETS", "build_backbone", "build_from_config",
-           "list_backbones", "load_backbone", "save_backbone", "nested_budgets"]
+           "list_backbones", "load_backbone", "read_backbone", "save_backbone", "nested_budgets", "init_from",
+           "InitReport"]

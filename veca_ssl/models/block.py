@@ -9,7 +9,7 @@ from .layers import DropPath, LayerScale, build_ffn
 
 
 class Block(nn.Module):
-    def __init__(self, dim: int, num_heads: int, ffn_layer: str = "swiglu", ffn_ratio: float | None = None,
+    def __init__(self, dim: int, num_heads: int, ffn_layer: str = "swiglu", ffn_hidden: int = 1024,
                  qkv_bias: bool = True, proj_bias: bool = True, ffn_bias: bool = True, drop_path: float = 0.0,
                  layerscale_init: float | None = None, norm_eps: float = 1e-6,
                  attn_backend: str = "auto") -> None:
@@ -18,7 +18,7 @@ class Block(nn.Module):
         self.attn = Attention(dim, num_heads, qkv_bias, proj_bias, attn_backend)
         self.ls1 = LayerScale(dim, layerscale_init) if layerscale_init else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
-        self.mlp = build_ffn(dim, ffn_layer, ffn_ratio, ffn_bias)
+        self.mlp = build_ffn(dim, ffn_layer, ffn_hidden, ffn_bias)
         self.ls2 = LayerScale(dim, layerscale_init) if layerscale_init else nn.Identity()
         self.drop_path = DropPath(drop_path)
 

@@ -95,6 +95,9 @@ def backbone_from_state_dict(state_or_checkpoint: object, source: str = "<memory
         _check_rope_periods(state["rope_embed.periods"], config, source)
     model = VisionTransformer(**config)
     _load_exact(model, mapped, source, layout)
+    # where the weights came from, for init_from's report (timm files have no mask token: zeros)
+    model.source_layout = layout
+    model.synthesized_keys = () if "mask_token" in state else ("mask_token",)
     return model.eval()
 
 

@@ -9,41 +9,34 @@ with ``weights_only=True``, or sharded ``torch.distributed.checkpoint`` director
 from __future__ import annotations
 
 import json
-import os
-import tempfile
+import logging
+import pickle
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from veca_ssl import fileio
+
 from .base import Backbone
 from .registry import build_from_config
 
 EXPORT_FORMAT = "veca-ssl-backbone"
 CHECKPOINT_FORMAT = "veca-ssl-checkpoint"
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+EXPORT_FORMAT_NAME = "veca-ssl"  # the format name reported for our own exports and checkpoints
+log = logging.getLogger("veca_ssl.models")
 
 
 def save_backbone(model: Backbone, path: str | Path, extra: dict | None = None) -> Path:
     """Write ``path`` (.safetensors) and its .json sidecar, each atomically. Returns the weights path."""
     path = Path(path).with_suffix(".safetensors")
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    save_file(state, tmp, metadata={"format": EXPORT_FORMAT})
-    os.replace(tmp, path)
-    meta = {"format": EXPORT_FORMAT, "config": model.config, **(extra or {})}
-    _atomic_write_bytes(path.with_suffix(".json"), json.dumps(meta, indent=2).encode())
+    with fileio.atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata={"format": EXPORT_FORMAT})
+    fileio.atomic_write_json(path.with_suffix(".json"), {"format": EXPORT_FORMAT, "config": model.config, **(extra or {})})
     return path
 
 
@@ -93,16 +86,41 @@ def _safetensors_format(path: Path) -> str | None:
         return None
 
 
+@dataclass
+class LoadedBackbone:
+    """A backbone and where its weights came from.
+
+    ``fmt``: ``veca-ssl`` (our export or checkpoint), ``veca-reference`` (the VECA reference code) or
+    ``dinov2``/``dinov3``/``timm`` (external dense teachers). ``provenance`` maps each of our tensor
+    names to the source tensor(s) it was converted from (empty for our own files, where every name is
+    its own source); ``synthesized`` names tensors the source lacks, filled with neutral values.
+    """
+
+    model: Backbone
+    fmt: str
+    provenance: dict[str, str] = field(default_factory=dict)
+    synthesized: tuple[str, ...] = ()
+    notes: list[str] = field(default_factory=list)
+
+
 def load_backbone(path: str | Path, map_location: str | torch.device = "cpu", which: str = "teacher",
                   **kwargs) -> Backbone:
     """Load a backbone from an export (.safetensors + .json), a training checkpoint (the EMA teacher by
     default, ``which="student"`` for the student; single-file or a sharded ``checkpoint-<step>/``
     directory of an FSDP2 run) or a directory holding either.
 
-    External teachers (DINOv2/DINOv3/timm ``.pth`` state dicts, and ``.safetensors`` files that are not
-    our exports, e.g. timm's) go through ``veca_ssl.models.convert``; extra ``kwargs`` are passed there
-    (e.g. ``arch=``, ``num_heads=``).
+    Checkpoints of the VECA reference code (``{"student": …, "config": …}`` or a bare state dict) are
+    converted exactly by ``veca_ssl.models.reference`` (``num_heads=`` for bare state dicts of
+    non-reference widths). External teachers (DINOv2/DINOv3/timm ``.pth`` state dicts, and
+    ``.safetensors`` files that are not our exports, e.g. timm's) go through
+    ``veca_ssl.models.convert``; extra ``kwargs`` are passed there (e.g. ``arch=``, ``num_heads=``).
     """
+    return read_backbone(path, map_location, which, **kwargs).model
+
+
+def read_backbone(path: str | Path, map_location: str | torch.device = "cpu", which: str = "teacher",
+                  **kwargs) -> LoadedBackbone:
+    """:func:`load_backbone` with the source format and per-tensor provenance (for ``init_from``)."""
     path = _find_weights(Path(path))
     if path.is_dir():  # a sharded training checkpoint (FSDP2): read whole tensors in this process
         from veca_ssl.train.sharded_checkpoint import load_backbone_state
@@ -110,24 +128,18 @@ def load_backbone(path: str | Path, map_location: str | torch.device = "cpu", wh
         config, state = load_backbone_state(path, which)
         model = build_from_config(config)
         model.load_state_dict(state, strict=True)
-        return model
+        return LoadedBackbone(model, EXPORT_FORMAT_NAME)
     if path.suffix == ".safetensors":
         sidecar = path.with_suffix(".json")
         if not sidecar.exists():
-            if _safetensors_format(path) != EXPORT_FORMAT:  # e.g. timm/HF model.safetensors (issue 7)
-                from . import convert
-
-                return convert.backbone_from_state_dict(_read_safetensors(path, map_location), source=str(path),
-                                                        **kwargs)
+            if _safetensors_format(path) != EXPORT_FORMAT:  # e.g. timm/HF model.safetensors
+                return _foreign(_read_safetensors(path, map_location), str(path), kwargs)
             raise FileNotFoundError(f"{path} has no config sidecar {sidecar}; export with save_backbone()")
         meta = json.loads(sidecar.read_text())
         model = build_from_config(meta["config"])
         model.load_state_dict(_read_safetensors(path, map_location), strict=True)
-        return model
-    try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"cannot read checkpoint {path}: {exc} (truncated, corrupt, or not a torch file)") from exc
+        return LoadedBackbone(model, EXPORT_FORMAT_NAME)
+    obj = _torch_load(path, map_location)
     if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
         if which not in ("teacher", "student"):
             raise ValueError(f"which={which!r}; valid: 'teacher', 'student'")
@@ -135,7 +147,53 @@ def load_backbone(path: str | Path, map_location: str | torch.device = "cpu", wh
         prefix = "backbone."
         state = {k[len(prefix):]: v for k, v in obj[which].items() if k.startswith(prefix)}
         model.load_state_dict(state, strict=True)
-        return model
-    from . import convert  # external layouts (issue 7)
+        return LoadedBackbone(model, EXPORT_FORMAT_NAME)
+    return _foreign(obj, str(path), kwargs)
 
-    return convert.backbone_from_state_dict(obj, source=str(path), **kwargs)
+
+def _torch_load(path: Path, map_location) -> object:
+    try:
+        fileio.verify_file(path)  # torch.load does not notice flipped bytes inside a tensor
+    except fileio.CorruptFileError as exc:
+        raise ValueError(f"cannot read checkpoint {path}: {exc}") from None
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights_only" not in str(exc).lower() and "weights only" not in str(exc).lower():
+            raise ValueError(f"cannot read checkpoint {path}: {exc} (truncated, corrupt, or not a torch file)") \
+                from None
+        found = re.search(r"GLOBAL (\S+)", str(exc))
+        what = f" ({found.group(1)})" if found else ""
+        raise ValueError(
+            f"cannot read checkpoint {path}: it holds pickled Python objects{what} beyond tensors and plain "
+            f"containers, and veca-ssl never unpickles arbitrary objects. If you trust the file, save its "
+            f"weights once as plain data, e.g. python -c \"import torch; c = torch.load('{path.name}', "
+            f"weights_only=False); torch.save({{'student': c['student'], 'config': dict(c.get('config') or {{}})}}, "
+            f"'plain.pt')\" (reference VECA checkpoints), then load plain.pt") from None
+    except Exception as exc:
+        raise ValueError(f"cannot read checkpoint {path}: {exc} (truncated, corrupt, or not a torch file)") from None
+
+
+def _foreign(obj: object, source: str, kwargs: dict) -> LoadedBackbone:
+    """A reference VECA checkpoint, or an external dense teacher."""
+    from . import reference
+
+    if reference.is_reference_checkpoint(obj):
+        bad = sorted(set(kwargs) - {"num_heads"})
+        if bad:
+            raise ValueError(f"{source}: option(s) {bad} do not apply to a reference VECA checkpoint; valid: num_heads")
+        conv = reference.convert_reference(obj, source, **kwargs)
+        from .veca import VECA
+
+        model = VECA(**conv.config)
+        model.load_state_dict(conv.state, strict=True)
+        for note in conv.notes:
+            log.info("%s: %s", source, note)
+        return LoadedBackbone(model.eval(), reference.FORMAT, conv.provenance, conv.synthesized, conv.notes)
+    from . import convert
+
+    model = convert.backbone_from_state_dict(obj, source=source, **kwargs)
+    layout = getattr(model, "source_layout", "external")
+    synthesized = tuple(getattr(model, "synthesized_keys", ()))
+    provenance = {k: f"{k} ({layout} layout)" for k in model.state_dict() if k not in synthesized}
+    return LoadedBackbone(model, layout, provenance, synthesized)

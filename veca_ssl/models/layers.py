@@ -13,11 +13,15 @@ class PatchEmbed(nn.Module):
     what makes the one-block patch-isolation property exact.
     """
 
-    def __init__(self, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768) -> None:
+    def __init__(self, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768, norm: bool = False,
+                 norm_eps: float = 1e-5) -> None:
         super().__init__()
         self.patch_size = patch_size
         self.in_chans = in_chans
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        # optional LayerNorm on the patch embeddings (the VECA reference's ``patch_embed_use_ln``);
+        # registered only when used so that checkpoints without it keep their exact key set
+        self.norm = nn.LayerNorm(embed_dim, eps=norm_eps) if norm else None
 
     def check_input(self, images: Tensor) -> tuple[int, int]:
         if images.ndim != 4:
@@ -38,8 +42,8 @@ class PatchEmbed(nn.Module):
 
     def forward(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
         grid = self.check_input(images)
-        x = self.proj(images)
-        return x.flatten(2).transpose(1, 2), grid
+        x = self.proj(images).flatten(2).transpose(1, 2)
+        return (self.norm(x) if self.norm is not None else x), grid
 
 
 class SwiGLUFFN(nn.Module):
@@ -70,19 +74,34 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-def ffn_hidden_dim(dim: int, ffn_layer: str, ffn_ratio: float | None) -> int:
-    """Hidden width: SwiGLU uses 2/3 of ``ratio*dim`` rounded up to 8 (DINOv2), i.e. 8/3·dim at ratio 4."""
+def ffn_hidden_dim(dim: int, ffn_layer: str, ffn_ratio: float | None, ffn_align: int = 8,
+                   ffn_hidden: int | None = None) -> int:
+    """Hidden width of the feed-forward layer.
+
+    ``ffn_hidden`` (when given) is used as is. Otherwise SwiGLU uses 2/3 of ``ratio*dim`` (8/3·dim at
+    the default ratio 4), rounded up to a multiple of ``ffn_align``: 8 is DINOv2's rule (2736 for a
+    1024-d model), 1 is the VECA reference's ``int(dim * 2.66667)`` (2730; the two floor values agree
+    for every width below 10^5). The GELU MLP uses ``ratio*dim``.
+    """
+    if ffn_hidden is not None:
+        if int(ffn_hidden) < 1:
+            raise ValueError(f"ffn_hidden must be >= 1, got {ffn_hidden}")
+        if ffn_layer not in ("swiglu", "mlp"):
+            raise ValueError(f"unknown ffn_layer {ffn_layer!r}; valid: 'swiglu', 'mlp'")
+        return int(ffn_hidden)
+    if ffn_align < 1:
+        raise ValueError(f"ffn_align must be >= 1, got {ffn_align}")
     if ffn_layer == "swiglu":
         ratio = 4.0 if ffn_ratio is None else ffn_ratio
         hidden = int(dim * ratio * 2 / 3)
-        return (hidden + 7) // 8 * 8
+        return (hidden + ffn_align - 1) // ffn_align * ffn_align
     if ffn_layer == "mlp":
         return int(dim * (4.0 if ffn_ratio is None else ffn_ratio))
     raise ValueError(f"unknown ffn_layer {ffn_layer!r}; valid: 'swiglu', 'mlp'")
 
 
-def build_ffn(dim: int, ffn_layer: str, ffn_ratio: float | None, bias: bool = True) -> nn.Module:
-    hidden = ffn_hidden_dim(dim, ffn_layer, ffn_ratio)
+def build_ffn(dim: int, ffn_layer: str, hidden: int, bias: bool = True) -> nn.Module:
+    """The feed-forward layer of width ``hidden`` (see :func:`ffn_hidden_dim`)."""
     return SwiGLUFFN(dim, hidden, bias) if ffn_layer == "swiglu" else Mlp(dim, hidden, bias)
 
 

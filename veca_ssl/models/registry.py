@@ -1,8 +1,10 @@
 """Named backbone presets (timm-style registry; no ``__dict__`` look-ups).
 
-Reference VECA families (SPEC §2): M = 64 cores, budgets 8…64 in chunks of 8, SwiGLU (8/3·D).
-``tiny`` is ours, for CPU work. ``vit_*`` are dense baselines of identical width and depth (and,
-with overrides such as ``ffn_layer="mlp"``, the layouts of DINOv2/DINOv3/timm teachers).
+Reference VECA families (SPEC §2): M = 64 cores, budgets 8…64 in chunks of 8, SwiGLU hidden
+``int(D * 8/3)`` (1024, 2048, 2730 for small, base, large), LayerNorm eps 1e-5 — the numbers of the
+reference code, so its checkpoints load into these presets unchanged. ``tiny`` is ours, for CPU
+work. ``vit_*`` are dense baselines of identical width, depth, FFN and norms (and, with overrides
+such as ``ffn_layer="mlp"``, the layouts of DINOv2/DINOv3/timm teachers).
 """
 
 from __future__ import annotations
@@ -40,15 +42,23 @@ def register(preset: Preset) -> Preset:
     return preset
 
 
+# the VECA reference's numbers (its LayerNorm default eps and int(dim * 2.66667) SwiGLU width)
+_REFERENCE_NUMBERS = dict(norm_eps=1e-5, ffn_align=1)
+
 for _family, _dims in _FAMILIES.items():
-    register(Preset(f"veca_{_family}", VECA, dict(_dims, num_cores=64),
+    register(Preset(f"veca_{_family}", VECA, dict(_dims, num_cores=64, **_REFERENCE_NUMBERS),
                     f"VECA-{_family[0].upper()}: {_dims['embed_dim']}-d, {_dims['depth']} blocks, 64 cores"))
-    register(Preset(f"vit_{_family}", VisionTransformer, dict(_dims),
+    register(Preset(f"vit_{_family}", VisionTransformer, dict(_dims, **_REFERENCE_NUMBERS),
                     f"dense ViT-{_family[0].upper()} baseline of the same width and depth"))
 register(Preset("vit_giant2", VisionTransformer, dict(embed_dim=1536, depth=40, num_heads=24),
                 "dense ViT-g (DINOv2 giant2 layout with SwiGLU)"))
 
 ARCHS: dict[str, type[Backbone]] = {"veca": VECA, "vit": VisionTransformer}
+# Values for config keys that a saved config lacks because it was written before the key existed:
+# the value that reproduces what that version built. (VECA's SwiGLU width used to be rounded up to a
+# multiple of 8; its default is now the reference's plain int. Every other key added since defaults
+# to the old behaviour, and norm_eps was always stored.)
+_LEGACY_DEFAULTS: dict[str, dict] = {"veca": {"ffn_align": 8}, "vit": {}}
 
 
 def list_backbones() -> list[str]:
@@ -78,6 +88,8 @@ def build_from_config(config: dict) -> Backbone:
     arch = config.pop("arch", None)
     if arch not in ARCHS:
         raise ValueError(f"backbone config has arch {arch!r}; valid: {', '.join(ARCHS)}")
+    for key, value in _LEGACY_DEFAULTS[arch].items():
+        config.setdefault(key, value)
     return _construct(ARCHS[arch], config, arch)
 
 

@@ -15,17 +15,30 @@ import math
 import torch
 from torch import Tensor
 
+ZERO_FROM = ("low", "high")
 
-def rope_inv_periods(head_dim: int, base: float = 100.0, zero_fraction: float = 0.0) -> Tensor:
-    """``2π / period_k`` for ``k < head_dim/4``; the lowest ``zero_fraction`` of frequencies set to 0."""
+
+def rope_inv_periods(head_dim: int, base: float = 100.0, zero_fraction: float = 0.0,
+                     zero_from: str = "low") -> Tensor:
+    """``2π / period_k`` for ``k < head_dim/4`` with ``zero_fraction`` of the frequencies set to 0.
+
+    ``zero_from="low"`` zeroes the lowest frequencies (longest periods, the last entries; they carry
+    almost no position anyway), ``"high"`` the highest (the first entries) — the reference's
+    ``rope_zero_freqs_from`` options.
+    """
     if head_dim % 4:
         raise ValueError(f"2D RoPE needs a head dimension divisible by 4, got {head_dim}")
+    if zero_from not in ZERO_FROM:
+        raise ValueError(f"rope zero_from={zero_from!r}; valid: {', '.join(ZERO_FROM)}")
     n_freq = head_dim // 4
     periods = base ** (torch.arange(n_freq, dtype=torch.float64) / n_freq)
     inv = 2 * math.pi / periods
     n_zero = int(round(n_freq * zero_fraction))
     if n_zero:
-        inv[n_freq - n_zero :] = 0.0  # the longest periods carry almost no position anyway
+        if zero_from == "low":
+            inv[n_freq - n_zero :] = 0.0
+        else:
+            inv[:n_zero] = 0.0
     return inv.float()
 
 

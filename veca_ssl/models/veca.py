@@ -47,35 +47,56 @@ class VECA(Backbone):
     def __init__(self, patch_size: int = 16, embed_dim: int = 384, depth: int = 12, num_heads: int = 6,
                  num_cores: int = 64, core_chunk: int = 8, ffn_layer: str = "swiglu",
                  ffn_ratio: float | None = None, qkv_bias: bool = True, drop_path_rate: float = 0.0,
-                 layerscale_init: float | None = None, norm_eps: float = 1e-6, rope_base: float = 100.0,
+                 layerscale_init: float | None = None, norm_eps: float = 1e-5, rope_base: float = 100.0,
                  rope_zero_fraction: float = 0.125, coord_shift: float = 0.08,
                  coord_rescale: tuple[float, float] = (0.5, 2.0), coord_alpha_init: float = 0.01,
-                 attn_backend: str = "auto", in_chans: int = 3, grad_checkpointing: bool = False) -> None:
+                 attn_backend: str = "auto", in_chans: int = 3, grad_checkpointing: bool = False,
+                 ffn_align: int = 1, ffn_hidden: int | None = None, output_dim: int | None = None,
+                 patch_norm: bool = False, coord_jitter: float | None = None,
+                 rope_zero_from: str = "low") -> None:
+        """Reference numbers by default: LayerNorm eps 1e-5, SwiGLU hidden ``int(dim * 8/3)``
+        (``ffn_align=1``; 2730 for a 1024-d model). Configs saved before ``ffn_align`` existed used
+        multiples of 8 and eps 1e-6; they store their values (``build_from_config`` fills the
+        missing ``ffn_align``), so old checkpoints rebuild their exact shapes.
+
+        ``output_dim`` adds a linear projection of the final features to a teacher's width (the
+        reference's ``output_proj`` of distilled models); see ``forward_features(space=...)``.
+        ``patch_norm`` adds a LayerNorm after the patch embedding; ``coord_jitter`` (> 1) scales each
+        axis of the patch coordinates by a log-uniform factor in [1/j, j] during training;
+        ``rope_zero_from`` picks which end of the RoPE spectrum ``rope_zero_fraction`` zeroes.
+        """
         super().__init__({
             "patch_size": patch_size, "embed_dim": embed_dim, "depth": depth, "num_heads": num_heads,
             "num_cores": num_cores, "core_chunk": core_chunk, "ffn_layer": ffn_layer, "ffn_ratio": ffn_ratio,
+            "ffn_align": ffn_align, "ffn_hidden": ffn_hidden,
             "qkv_bias": qkv_bias, "drop_path_rate": drop_path_rate, "layerscale_init": layerscale_init,
             "norm_eps": norm_eps, "rope_base": rope_base, "rope_zero_fraction": rope_zero_fraction,
-            "coord_shift": coord_shift, "coord_rescale": list(coord_rescale),
+            "rope_zero_from": rope_zero_from,
+            "coord_shift": coord_shift, "coord_rescale": list(coord_rescale), "coord_jitter": coord_jitter,
             "coord_alpha_init": coord_alpha_init, "attn_backend": attn_backend, "in_chans": in_chans,
+            "output_dim": output_dim, "patch_norm": patch_norm,
         })
         self._budgets = nested_budgets(num_cores, core_chunk)
         if depth < 1:
             raise ValueError(f"depth must be >= 1, got {depth}")
         self.embed_dim, self.depth, self.num_heads, self.patch_size = embed_dim, depth, num_heads, patch_size
         self.num_cores = num_cores
-        self.ffn_layer, self.ffn_hidden = ffn_layer, ffn_hidden_dim(embed_dim, ffn_layer, ffn_ratio)
+        self.ffn_layer = ffn_layer
+        self.ffn_hidden = ffn_hidden_dim(embed_dim, ffn_layer, ffn_ratio, ffn_align, ffn_hidden)
         self.coord_shift, self.coord_rescale = coord_shift, tuple(coord_rescale)
+        if coord_jitter is not None and coord_jitter < 1.0:
+            raise ValueError(f"coord_jitter={coord_jitter} must be >= 1 (a scale range [1/j, j]) or None")
+        self.coord_jitter = coord_jitter
         self.grad_checkpointing = grad_checkpointing
 
-        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
+        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim, norm=patch_norm)
         self.cores = nn.Parameter(torch.empty(num_cores, embed_dim))
         # stored pre-tanh so the per-layer updates stay unconstrained
         self.core_coords = nn.Parameter(torch.atanh(farthest_point_coords(num_cores)))
         self.mask_token = nn.Parameter(torch.zeros(embed_dim))
         dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
         self.blocks = nn.ModuleList(
-            Block(embed_dim, num_heads, ffn_layer, ffn_ratio, qkv_bias, True, True, dpr[i], layerscale_init,
+            Block(embed_dim, num_heads, ffn_layer, self.ffn_hidden, qkv_bias, True, True, dpr[i], layerscale_init,
                   norm_eps, attn_backend)
             for i in range(depth)
         )
@@ -85,8 +106,10 @@ class VECA(Backbone):
         self.coord_alpha = (nn.Parameter(torch.full((depth - 1,), float(coord_alpha_init))) if depth > 1
                             else None)
         self.norm = nn.LayerNorm(embed_dim, eps=norm_eps)
+        self.output_proj = nn.Linear(embed_dim, output_dim) if output_dim is not None else None
         self.register_buffer("rope_inv_periods", rope_inv_periods(embed_dim // num_heads, rope_base,
-                                                                  rope_zero_fraction), persistent=False)
+                                                                  rope_zero_fraction, rope_zero_from),
+                             persistent=False)
         self.apply(init_weights)
         nn.init.trunc_normal_(self.cores, std=0.02)
 
@@ -105,10 +128,18 @@ class VECA(Backbone):
     def _patch_coords(self, batch: int, grid: tuple[int, int], device) -> Tensor:
         coords = patch_coords(grid, device)[None]  # (1, N, 2)
         lo, hi = self.coord_rescale
-        if self.training and (self.coord_shift > 0 or lo != 1.0 or hi != 1.0):
+        jitter = self.coord_jitter is not None and self.coord_jitter != 1.0
+        if self.training and (self.coord_shift > 0 or lo != 1.0 or hi != 1.0 or jitter):
+            # the reference's order: shift, then per-axis jitter, then one isotropic rescale. Drawn per
+            # image (the reference draws once per batch): the same augmentation in expectation, with
+            # more layouts seen per step.
             shift = (torch.rand(batch, 1, 2, device=device) * 2 - 1) * self.coord_shift
             log_scale = torch.empty(batch, 1, 1, device=device).uniform_(math.log(lo), math.log(hi))
-            coords = coords * log_scale.exp() + shift
+            coords = coords + shift
+            if jitter:
+                j = math.log(self.coord_jitter)
+                coords = coords * torch.empty(batch, 1, 2, device=device).uniform_(-j, j).exp()
+            coords = coords * log_scale.exp()
         return coords
 
     def _run(self, images: Tensor, num_cores: int | None, masks: Tensor | None, collect: set[int]):

@@ -30,7 +30,8 @@ class VisionTransformer(Backbone):
                  qkv_bias: bool = True, proj_bias: bool = True, ffn_bias: bool = True,
                  drop_path_rate: float = 0.0, layerscale_init: float | None = None, norm_eps: float = 1e-6,
                  rope_base: float = 100.0, rope_zero_fraction: float = 0.0, attn_backend: str = "auto",
-                 in_chans: int = 3, grad_checkpointing: bool = False, pos_interp_antialias: bool = False) -> None:
+                 in_chans: int = 3, grad_checkpointing: bool = False, pos_interp_antialias: bool = False,
+                 ffn_align: int = 8, ffn_hidden: int | None = None) -> None:
         if pos_embed not in POS_EMBEDS:
             raise ValueError(f"unknown pos_embed {pos_embed!r}; valid: {', '.join(POS_EMBEDS)}")
         pos_embed_grid = pos_embed_grid or 224 // patch_size
@@ -38,7 +39,7 @@ class VisionTransformer(Backbone):
             "patch_size": patch_size, "embed_dim": embed_dim, "depth": depth, "num_heads": num_heads,
             "num_registers": num_registers, "pos_embed": pos_embed, "pos_embed_grid": pos_embed_grid,
             "pos_interp_offset": pos_interp_offset, "pos_interp_antialias": pos_interp_antialias,
-            "ffn_layer": ffn_layer, "ffn_ratio": ffn_ratio,
+            "ffn_layer": ffn_layer, "ffn_ratio": ffn_ratio, "ffn_align": ffn_align, "ffn_hidden": ffn_hidden,
             "qkv_bias": qkv_bias, "proj_bias": proj_bias, "ffn_bias": ffn_bias,
             "drop_path_rate": drop_path_rate, "layerscale_init": layerscale_init, "norm_eps": norm_eps,
             "rope_base": rope_base, "rope_zero_fraction": rope_zero_fraction, "attn_backend": attn_backend,
@@ -47,7 +48,8 @@ class VisionTransformer(Backbone):
         self.embed_dim, self.depth, self.num_heads, self.patch_size = embed_dim, depth, num_heads, patch_size
         self.num_registers, self.pos_embed_type, self.pos_interp_offset = num_registers, pos_embed, pos_interp_offset
         self.pos_interp_antialias = pos_interp_antialias
-        self.ffn_layer, self.ffn_hidden = ffn_layer, ffn_hidden_dim(embed_dim, ffn_layer, ffn_ratio)
+        self.ffn_layer = ffn_layer
+        self.ffn_hidden = ffn_hidden_dim(embed_dim, ffn_layer, ffn_ratio, ffn_align, ffn_hidden)
         self.grad_checkpointing = grad_checkpointing
 
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
@@ -58,7 +60,7 @@ class VisionTransformer(Backbone):
         self.mask_token = nn.Parameter(torch.zeros(embed_dim))
         dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
         self.blocks = nn.ModuleList(
-            Block(embed_dim, num_heads, ffn_layer, ffn_ratio, qkv_bias, proj_bias, ffn_bias, dpr[i],
+            Block(embed_dim, num_heads, ffn_layer, self.ffn_hidden, qkv_bias, proj_bias, ffn_bias, dpr[i],
                   layerscale_init, norm_eps, attn_backend)
             for i in range(depth)
         )

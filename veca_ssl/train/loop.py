@@ -10,11 +10,9 @@ because samples are addressed by their global position (``InfiniteSampler``).
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,9 +21,8 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from veca_ssl import distributed as dist
-from veca_ssl import signals
-from veca_ssl.config import ConfigError, build_model, save_config
-from veca_ssl.data import build_dataset
+from veca_ssl import fileio, signals
+from veca_ssl.config import ConfigError, build_model
 from veca_ssl.method.base import Method
 from veca_ssl.method.budgets import BudgetPolicy, resolve_budgets
 from veca_ssl.method.distill import ElasticDistillation
@@ -35,11 +32,13 @@ from veca_ssl.models.base import Backbone
 from veca_ssl.parallelize import parallelize_method
 from veca_ssl.train import sharded_checkpoint
 from veca_ssl.train.checkpoint import CheckpointManager, rng_state, set_rng_state
-from veca_ssl.train.data import build_train_loader
-from veca_ssl.train.metrics import MetricLogger
+from veca_ssl.train.data import TrainData, build_train_dataset
+from veca_ssl.train.lock import RunLock
+from veca_ssl.train.metrics import MetricLogger, MetricsWriteError
 from veca_ssl.train.monitor import KnnMonitor
 from veca_ssl.train.multires import FixedSchedule, MultiResSchedule, parse_phases
 from veca_ssl.train.optim import build_optimizer, set_schedules
+from veca_ssl.train.rundir import on_main, open_run_dir, resume_point_after_divergence
 from veca_ssl.train.schedules import cosine_schedule, scaled_lr, teacher_temperature
 
 log = logging.getLogger("veca_ssl.train")
@@ -48,7 +47,7 @@ __all__ = ["NonFiniteLossError", "build_model", "build_method", "setup", "train_
 
 
 class NonFiniteLossError(FloatingPointError):
-    """Raised when a loss term is NaN/Inf; the last checkpoint on disk is the last good state."""
+    """A loss term was NaN/Inf; the message names the step, the terms and the checkpoint to resume from."""
 
 
 def build_method(cfg: DictConfig, backbone: Backbone) -> Method:
@@ -57,14 +56,32 @@ def build_method(cfg: DictConfig, backbone: Backbone) -> Method:
     return ElasticDINO(cfg, backbone)
 
 
-def check_finite(losses: dict, step: int, last_checkpoint: Path | None) -> None:
+def check_finite(run: Run, losses: dict, step: int) -> None:
+    """Stop every rank at the same step when any rank's loss is NaN/Inf (before backward, so no
+    rank waits forever in a gradient all-reduce), naming the checkpoint a rerun resumes from."""
     bad = [k for k, v in losses.items() if not math.isfinite(float(v.detach()))]
-    if bad:
-        terms = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in losses.items())
-        raise NonFiniteLossError(
-            f"non-finite loss at step {step}: {', '.join(bad)} (all terms: {terms}). The last good checkpoint "
-            f"is {last_checkpoint or '(none yet)'}; lower optim.base_lr or raise optim.warmup_epochs, then "
-            f"rerun to resume from it.")
+    flag = torch.tensor([float(bool(bad))])
+    if run.info.world_size > 1:
+        flag = dist.all_reduce_sum(flag)
+    if not flag.item():
+        return
+    terms = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in losses.items())
+
+    def report() -> str:
+        what = f"{', '.join(bad)} (all terms: {terms})" if bad else "on another rank"
+        good, moved = resume_point_after_divergence(run.checkpoints, step, run.logger.path)
+        lines = [f"non-finite loss at step {step + 1}: {what}."]
+        lines += [f"Set aside {old.name} as {new.name} ({reason})." for old, new, reason in moved]
+        if good is not None:
+            lines.append(f"Resume point: {good} (step {CheckpointManager.step_of(good)}; weights and optimiser "
+                         f"state finite). Lower optim.base_lr (or raise optim.warmup_epochs) and rerun with "
+                         f"train.allow_config_change=true: the run resumes from there.")
+        else:
+            lines.append("No earlier checkpoint can be resumed from: a rerun starts from step 0. Lower "
+                         "optim.base_lr (or raise optim.warmup_epochs) first; train.keep_every keeps milestones.")
+        return " ".join(lines)
+
+    raise NonFiniteLossError(on_main(run.info, report))
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
@@ -89,8 +106,9 @@ class Run:
     optimizer: torch.optim.Optimizer
     policy: BudgetPolicy
     schedule: FixedSchedule | MultiResSchedule
-    data: Iterator[dict]
+    data: TrainData  # batches, plus the data position and skip counts (veca_ssl.train.data)
     checkpoints: CheckpointManager
+    lock: RunLock | None
     logger: MetricLogger
     monitor: KnnMonitor | None
     start_step: int
@@ -119,17 +137,23 @@ def setup(cfg: DictConfig) -> Run:
     torch.manual_seed(cfg.seed)
     out = Path(cfg.output_dir)
     backbone = build_model(cfg)
+    if cfg.model.init_from:  # start from these weights; a resumed run then loads its checkpoint over them
+        from veca_ssl.models.init import init_from
+
+        try:
+            report = init_from(backbone, cfg.model.init_from)
+        except (ValueError, FileNotFoundError) as exc:
+            raise ConfigError(f"model.init_from: {exc}") from None
+        if info.rank == 0:
+            print(report.summary(), flush=True)
     widths = resolve_budgets(backbone.budgets, cfg.budgets.choices)
     policy = BudgetPolicy(widths, cfg.budgets.policy, cfg.budgets.weights, seed=cfg.seed)
     phases = parse_phases(cfg.multires, cfg.model.patch_size, cfg.optim.epochs)  # [] = one size
-    dataset = build_dataset(cfg.data.train, split=cfg.data.split, max_skip_fraction=cfg.data.max_skip_fraction)
+    dataset = build_train_dataset(cfg)
     method = build_method(cfg, backbone).to(info.device)
     dist.seed_everything(cfg.seed, info.rank)  # per-rank randomness (drop-path, coordinate jitter) from here
 
-    if info.rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
-    checkpoints = CheckpointManager(out / "checkpoints", cfg.train.keep_last)
+    checkpoints = CheckpointManager(out / "checkpoints", cfg.train.keep_last, cfg.train.keep_every)
     # activation checkpointing, compile, DDP/FSDP2 (train.parallel) -- before the optimiser, because
     # FSDP2 replaces every parameter by its shard
     try:
@@ -138,7 +162,12 @@ def setup(cfg: DictConfig) -> Run:
         raise ConfigError(str(exc)) from None
     optimizer = build_optimizer(method.student, backbone.depth, cfg.optim, backbone.no_weight_decay_keywords())
 
-    start_step, latest = _resume(checkpoints, method, optimizer)
+    # rank 0 locks the directory, cleans it and picks a verified resume point (``train`` releases the
+    # lock on any error); the other ranks load the checkpoint it picked
+    lock = RunLock(out) if info.rank == 0 else None
+    opened: dict = {}
+    latest = on_main(info, lambda: _open(opened, cfg, out, lock, checkpoints, method, optimizer))
+    start_step, data_state = _resume(latest, opened.get("state"), method, optimizer)
     if latest is not None and info.rank == 0:
         print(f"resumed from {latest} at step {start_step}", flush=True)
 
@@ -155,18 +184,26 @@ def setup(cfg: DictConfig) -> Run:
     # multires too: the lr is scaled by the reference batch optim.batch_size_per_gpu x world size
     peak_lr = scaled_lr(cfg.optim.base_lr, cfg.optim.batch_size_per_gpu * info.world_size, rule=cfg.optim.lr_scaling)
 
-    loader = build_train_loader(cfg, dataset, backbone.patch_size, info, schedule.samples_before(start_step),
-                                multires=schedule if phases else None, start_step=start_step)
+    data = TrainData(cfg, dataset, backbone.patch_size, info, schedule.samples_before(start_step),
+                     multires=schedule if phases else None, start_step=start_step, state=data_state)
     monitor = None
     if cfg.train.knn_monitor.enabled and cfg.train.knn_monitor.dataset:
         monitor = KnnMonitor(cfg, info.device, out)
         if start_step == 0:  # every rank: feature extraction splits the data over the ranks
             monitor.record_before(method.full_teacher().backbone, write=info.rank == 0)
     return Run(cfg=cfg, info=info, output_dir=out, method=method, optimizer=optimizer, policy=policy,
-               schedule=schedule, data=iter(loader), checkpoints=checkpoints,
-               logger=MetricLogger(out, enabled=info.rank == 0), monitor=monitor, start_step=start_step,
+               schedule=schedule, data=data, checkpoints=checkpoints, lock=lock,
+               logger=MetricLogger(out, enabled=info.rank == 0, resume_step=start_step), monitor=monitor,
+               start_step=start_step,
                stop_at=stop_at, peak_lr=peak_lr, warmup_steps=schedule.step_of_epoch(cfg.optim.warmup_epochs),
                last_checkpoint=latest)
+
+
+def _open(opened: dict, cfg: DictConfig, out: Path, lock: RunLock, checkpoints: CheckpointManager, method: Method,
+          optimizer: torch.optim.Optimizer) -> Path | None:
+    """Rank 0: ``open_run_dir``; keeps the loaded state in ``opened`` (only the path is broadcast)."""
+    path, opened["state"] = open_run_dir(cfg, out, lock, checkpoints, method, optimizer)
+    return path
 
 
 def train_step(run: Run, step: int) -> tuple[bool, dict | None]:
@@ -188,7 +225,7 @@ def train_step(run: Run, step: int) -> tuple[bool, dict | None]:
 
     with _autocast(cfg, run.info.device):
         losses = method(batch, widths, teacher_temp)
-    check_finite(losses, step, run.last_checkpoint)
+    check_finite(run, losses, step)
 
     run.optimizer.zero_grad(set_to_none=True)
     losses["loss"].backward()
@@ -208,6 +245,7 @@ def train_step(run: Run, step: int) -> tuple[bool, dict | None]:
                       budget=float(widths[0]) if widths[0] is not None else 0.0,
                       grad_norm=float(grad_norm), images_per_s=images_per_s,
                       resolution=float(batch["global_crops"].shape[-1]))
+        record.update(run.data.log_record())  # global skip counts (all ranks); stops on too many skips
         run.logger.log(done, record)
     if run.monitor is not None and done % cfg.train.knn_monitor.every == 0 and done != run.stop_at:
         # every rank: feature extraction splits the data over the ranks (whole EMA weights on each)
@@ -222,92 +260,114 @@ def train_step(run: Run, step: int) -> tuple[bool, dict | None]:
 # Two formats in one directory, same names and keep-last rule: single files (``train.checkpoint``,
 # whole tensors written by rank 0) for unsharded runs, DCP directories (``train.sharded_checkpoint``,
 # every rank its shards) for FSDP2. A run resumes from the newest of either kind, on any world size.
-def _resume(checkpoints: CheckpointManager, method: Method,
-            optimizer: torch.optim.Optimizer) -> tuple[int, Path | None]:
-    """Load the newest checkpoint of either format into ``method`` and ``optimizer``; ``(step, path)``,
-    ``(0, None)`` when there is none. Every rank calls it."""
-    single = checkpoints.latest()
-    sharded = sharded_checkpoint.newest_good(checkpoints.directory)
-    step_of = sharded_checkpoint.step_of
-    if sharded is not None and (single is None or step_of(sharded) >= step_of(single)):
-        return int(sharded_checkpoint.load(sharded, method, optimizer)["step"]), sharded
-    if single is None:
+def _resume(latest: Path | None, opened: dict | None, method: Method,
+            optimizer: torch.optim.Optimizer) -> tuple[int, dict | None]:
+    """Load the checkpoint rank 0 picked (``latest``, either format) into ``method`` and ``optimizer`` on
+    every rank; ``(step, data state)``, ``(0, None)`` for a fresh run. ``opened`` is rank 0's already
+    loaded single-file state (None elsewhere)."""
+    if latest is None:
         return 0, None
-    state = CheckpointManager.load(single)
+    if sharded_checkpoint.is_sharded_checkpoint(latest):  # every rank reads the pieces its layout needs
+        meta = sharded_checkpoint.load(latest, method, optimizer)
+        return int(meta["step"]), meta.get("data")
+    state = opened or CheckpointManager.load(latest, verify=False)
     if method.sharded:  # whole tensors from the file, each rank keeps its shards
         sharded_checkpoint.load_full_state(state, method, optimizer)
     else:
         method.load_state_dict(state)
         optimizer.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"])
-    return int(state["step"]), single
+    return int(state["step"]), state.get("data")  # stream layout and skip counts (veca_ssl.train.data)
 
 
 def _save_checkpoint(run: Run, step: int) -> Path | None:
-    """Write the checkpoint after ``step`` (every rank calls it); its path (None on ranks > 0 for
-    single files)."""
+    """Write the checkpoint after ``step``; every rank calls it and learns the outcome (a failed save
+    stops all of them, none hangs). Returns its path."""
     if run.method.sharded:
-        meta = {"config": OmegaConf.to_yaml(run.cfg, resolve=True), "backbone_config": run.method.backbone.config}
+        meta = {"config": OmegaConf.to_yaml(run.cfg, resolve=True), "backbone_config": run.method.backbone.config,
+                "data": run.data.state()}
         return sharded_checkpoint.save(run.checkpoints.directory, step, run.method, run.optimizer, meta,
-                                       run.cfg.train.keep_last)
-    path = run.checkpoints.save(_state(run, step), step) if run.main else run.last_checkpoint
-    dist.barrier()
-    return path
+                                       run.cfg.train.keep_last, run.cfg.train.keep_every)
+    return on_main(run.info, lambda: run.checkpoints.save(_state(run, step), step))
 
 
 def _state(run: Run, step: int) -> dict:
     """The checkpoint: the method's state, optimiser, step, RNG and the config it was trained with."""
     return {
         "step": step,
+        "world_size": run.info.world_size,  # with the config's per-process batch: the global batch
         "config": OmegaConf.to_yaml(run.cfg, resolve=True),
         "backbone_config": run.method.backbone.config,
         **run.method.state_dict(),
         "optimizer": run.optimizer.state_dict(),
         "rng": rng_state(),
+        "data": run.data.state(),  # stream layout and skip counts
     }
 
 
 def finish(run: Run, steps_done: int) -> dict:
-    """Export the EMA backbone, the final k-NN table (and distillation report) and ``summary.json``."""
+    """Export the EMA backbone, the final k-NN table (and distillation report) and ``summary.json``;
+    release the output directory. The export records the step its weights come from."""
     summary = {"steps": steps_done, "total_steps": run.schedule.total_steps, "output_dir": str(run.output_dir)}
+    summary["data"] = run.data.summary()  # unusable samples: counts and the first few items
     if steps_done >= run.stop_at:
         # every rank from here: gathering sharded weights and feature extraction are collectives
         teacher = run.method.full_teacher()
         ema = teacher.backbone
         if run.main:
             export = save_backbone(ema, run.output_dir / "export" / "teacher.safetensors",
-                                   extra={"steps": run.stop_at, "mode": run.cfg.mode})
+                                   extra={"steps": steps_done, "mode": run.cfg.mode})
             summary["export"] = str(export)
         if run.monitor is not None:
             summary["knn"] = run.monitor.final(ema)
-            run.logger.log(run.stop_at, run.monitor.flat(summary["knn"]))
+            flat = run.monitor.flat(summary["knn"])
+            if steps_done > run.start_step or not set(flat) <= run.logger.logged(steps_done):  # not twice
+                run.logger.log(steps_done, flat)
             if run.cfg.mode == "distill":
                 from veca_ssl.train.distill_report import distillation_report
 
                 summary["distill_report"] = distillation_report(run.method, run.cfg, run.info.device, teacher)
         if run.main:
-            (run.output_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+            fileio.atomic_write_json(run.output_dir / "summary.json", summary, default=str)
     run.logger.close()
+    if run.lock is not None:
+        run.lock.release()
     return summary
 
 
 def train(cfg: DictConfig) -> dict:
     """Train from ``cfg`` (validated by ``veca_ssl.config.load_config``); resume automatically from
     ``<output_dir>/checkpoints``. Returns a summary dict."""
-    run = setup(cfg)
-    bar = tqdm(total=run.stop_at, initial=run.start_step, disable=not (run.main and cfg.train.progress),
-               unit="step", dynamic_ncols=True, desc="train")
-    steps_done = run.start_step
-    for step in range(run.start_step, run.stop_at):
-        stop, record = train_step(run, step)
-        steps_done = step + 1
-        if record is not None:
-            bar.set_postfix(loss=f"{record['loss']:.3f}", C=int(record["budget"]) or None,
-                            img_s=f"{record['images_per_s']:.0f}")
-        bar.update(1)
-        if stop:
-            if run.main:
-                print(f"stop requested: checkpoint at step {steps_done} written, exiting", flush=True)
-            break
-    bar.close()
-    return finish(run, steps_done)
+    try:
+        run = setup(cfg)
+        bar = tqdm(total=run.stop_at, initial=run.start_step, disable=not (run.main and cfg.train.progress),
+                   unit="step", dynamic_ncols=True, desc="train")
+        steps_done = run.start_step
+        for step in range(run.start_step, run.stop_at):
+            try:
+                stop, record = train_step(run, step)
+            except MetricsWriteError as exc:
+                raise MetricsWriteError(f"{exc}. The run stopped; its newest checkpoint is "
+                                        f"{run.last_checkpoint or '(none yet)'}: free space and rerun the same "
+                                        f"command to resume.") from exc
+            steps_done = step + 1
+            if record is not None:
+                bar.set_postfix(loss=f"{record['loss']:.3f}", C=int(record["budget"]) or None,
+                                img_s=f"{record['images_per_s']:.0f}")
+            bar.update(1)
+            if stop:
+                _report_stop(run, steps_done)
+                break
+        bar.close()
+        return finish(run, steps_done)
+    finally:
+        RunLock.release_held(cfg.output_dir)  # after an error: the next run must find the directory free
+
+
+def _report_stop(run: Run, steps_done: int) -> None:
+    cause = signals.signal_name(signals.preemption_signal())
+    if run.main:
+        print(f"stop requested ({cause}): checkpoint at step {steps_done} written ({run.last_checkpoint}); "
+              f"rerun the same command to resume", flush=True)
+    else:
+        print(f"rank {run.info.rank}: stop requested ({cause}): stopped after step {steps_done}", flush=True)

@@ -43,7 +43,8 @@ from typing import Any
 import torch
 import torch.distributed as tdist
 
-from veca_ssl.train.checkpoint import rng_state, set_rng_state
+from veca_ssl import fileio
+from veca_ssl.train.checkpoint import CheckpointError, rng_state, set_rng_state
 
 FORMAT = "veca-ssl-sharded-checkpoint"
 META_FILE = "veca.json"
@@ -174,23 +175,27 @@ def verify(path: str | Path, checksums: bool = True) -> str | None:
     return None
 
 
-def newest_good(directory: str | Path) -> Path | None:
-    """The newest sharded checkpoint of ``directory`` that verifies; every rank gets the same answer
-    (rank 0 checks the checksums and tells the others). A bad one is reported and skipped."""
-    chosen: Path | None = None
-    rank = tdist.get_rank() if _dist() else 0
-    if rank == 0:
-        for cand in reversed(all_checkpoints(directory)):
-            problem = verify(cand)
-            if problem is None:
-                chosen = cand
-                break
-            print(f"skipping checkpoint {cand}: {problem}", file=sys.stderr, flush=True)
-    if _dist():
-        box = [None if chosen is None else str(chosen)]
-        tdist.broadcast_object_list(box, src=0)
-        chosen = None if box[0] is None else Path(box[0])
-    return chosen
+def newest_good(directory: str | Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest sharded checkpoint of ``directory`` that verifies (checksums included), and the newer
+    ones that did not, with the reason. Run by one process (``veca_ssl.train.rundir`` on rank 0)."""
+    rejected: list[tuple[Path, str]] = []
+    for cand in reversed(all_checkpoints(directory)):
+        problem = verify(cand)
+        if problem is None:
+            return cand, rejected
+        rejected.append((cand, problem.removeprefix(f"{cand}: ")))
+    return None, rejected
+
+
+def remove_orphans(directory: str | Path) -> list[Path]:
+    """Delete the temporary directories of interrupted sharded saves (under the run's lock)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    removed = [p for p in directory.glob(f"{_TMP_PREFIX}*") if p.is_dir()]
+    for p in removed:
+        shutil.rmtree(p, ignore_errors=True)
+    return removed
 
 
 # ------------------------------------------------------------------------------------------- saving
@@ -231,9 +236,11 @@ def _training_state(method: Any, optimizer: torch.optim.Optimizer) -> tuple[dict
 
 
 def save(directory: str | Path, step: int, method: Any, optimizer: torch.optim.Optimizer, meta: dict,
-         keep_last: int) -> Path:
+         keep_last: int, keep_every: int = 0) -> Path:
     """Write ``<directory>/checkpoint-<step:08d>/`` from every rank (a collective) and keep the newest
-    ``keep_last`` checkpoints of either kind. Returns the final path on every rank."""
+    ``keep_last`` checkpoints of either kind, plus every ``keep_every``-th step. Returns the final path on
+    every rank; raises ``CheckpointError`` on every rank when any part could not be written (the
+    previous checkpoints are untouched)."""
     import torch.distributed.checkpoint as dcp
 
     directory = Path(directory)
@@ -242,50 +249,76 @@ def save(directory: str | Path, step: int, method: Any, optimizer: torch.optim.O
     rank = tdist.get_rank() if _dist() else 0
     if rank == 0:
         directory.mkdir(parents=True, exist_ok=True)
-        for stale in directory.glob(f"{_TMP_PREFIX}*"):  # left by a kill during an earlier save
-            if stale.is_dir():
-                shutil.rmtree(stale, ignore_errors=True)
+        remove_orphans(directory)  # left by a kill during an earlier save
     _barrier()
     state, _ = _training_state(method, optimizer)
     state["rng"] = {f"rank{rank}": _rng_tensors()}
     writer = dcp.FileSystemWriter(str(tmp), sync_files=True)
-    # returns on every rank after rank 0 has written .metadata, i.e. after every rank's shards
-    dcp.save(state, storage_writer=writer, no_dist=not _dist())
-    mine = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.glob(f"__{rank}_*.distcp"))}
+    try:
+        # returns on every rank after rank 0 has written .metadata, i.e. after every rank's shards; a
+        # rank's write error is raised on every rank
+        dcp.save(state, storage_writer=writer, no_dist=not _dist())
+        mine = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+                for p in sorted(tmp.glob(f"__{rank}_*.distcp"))}
+    except Exception as exc:
+        raise CheckpointError(f"cannot write sharded checkpoint {final}: {_first_line(exc)}") from exc
     gathered: list[Any] = [None] * (tdist.get_world_size() if _dist() else 1)
     if _dist():
         tdist.all_gather_object(gathered, mine)
     else:
         gathered = [mine]
+    error = None
     if rank == 0:
-        files = {name: rec for part in gathered for name, rec in part.items()}
-        record = {"format": FORMAT, "step": int(step), "world_size": len(gathered), "files": files, **meta}
-        with open(tmp / META_FILE, "w") as f:
-            json.dump(record, f, indent=2, default=str)
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync_dir(tmp)
-        old = None
-        if final.exists():  # the same step written again (a resume from an older checkpoint)
-            old = directory / f"{_TMP_PREFIX}old-{step:08d}"
-            os.replace(final, old)
-        os.replace(tmp, final)
-        _fsync_dir(directory)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        _prune(directory, keep_last)
-    _barrier()
+        try:
+            _finalise(directory, tmp, final, step, gathered, meta, keep_last, keep_every)
+        except Exception as exc:
+            error = f"cannot write sharded checkpoint {final}: {_first_line(exc)}"
+    if _dist():  # every rank learns rank 0's outcome: all stop together, none waits in a collective
+        box = [error]
+        tdist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error is not None:
+        raise CheckpointError(error)
     return final
 
 
-def _prune(directory: Path, keep_last: int) -> None:
-    """Keep the newest ``keep_last`` checkpoints, counting single files and directories alike."""
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _finalise(directory: Path, tmp: Path, final: Path, step: int, gathered: list[dict], meta: dict,
+              keep_last: int, keep_every: int) -> None:
+    """Rank 0, after every rank wrote: the record, then the rename that makes the checkpoint visible."""
+    files = {name: rec for part in gathered for name, rec in part.items()}
+    record = {"format": FORMAT, "step": int(step), "world_size": len(gathered), "files": files, **meta}
+    with open(tmp / META_FILE, "w") as f:
+        json.dump(record, f, indent=2, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(tmp)
+    old = None
+    if final.exists():  # the same step written again (a resume from an older checkpoint)
+        old = directory / f"{_TMP_PREFIX}old-{step:08d}"
+        os.replace(final, old)
+    os.replace(tmp, final)
+    _fsync_dir(directory)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    _prune(directory, keep_last, keep_every)
+
+
+def _prune(directory: Path, keep_last: int, keep_every: int) -> None:
+    """Keep the newest ``keep_last`` checkpoints, counting single files and directories alike, and every
+    ``keep_every``-th step (milestones), as ``CheckpointManager`` does."""
     found = sorted((p for p in directory.iterdir() if _ANY_NAME.match(p.name)), key=lambda p: step_of(p) or -1)
-    for old in found[: -keep_last]:
+    for old in found[: max(len(found) - keep_last, 0)]:
+        if keep_every > 0 and (step_of(old) or 0) % keep_every == 0:
+            continue  # a milestone
         if old.is_dir():
             shutil.rmtree(old, ignore_errors=True)
         else:
             old.unlink(missing_ok=True)
+            fileio.checksum_path(old).unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------------------------------ loading
@@ -308,8 +341,8 @@ def load(path: str | Path, method: Any, optimizer: torch.optim.Optimizer) -> dic
         state["rng"] = {f"rank{rank}": rng}
     missing = sorted(k for k in _flat_keys(state) if k not in stored)
     if missing:
-        raise ValueError(f"{path} does not match this run: it lacks {', '.join(missing[:5])}"
-                         f"{' …' if len(missing) > 5 else ''} (another model or method?)")
+        raise CheckpointError(f"{path} does not match this run: it lacks {', '.join(missing[:5])}"
+                              f"{' …' if len(missing) > 5 else ''} (written for another model or method)")
     if _dist():
         dcp.load(state, storage_reader=reader)
     else:
