@@ -290,6 +290,13 @@ def test_sharded_checkpoint_loads_as_backbone_and_converts(ssl_runs, tmp_path, c
     for name, value in converted.state_dict().items():
         assert torch.equal(value, export.state_dict()[name]), name
 
+    # veca export reads the sharded checkpoint through load_backbone (here at width 8, 32 px)
+    from veca_ssl import export as export_cli
+
+    assert export_cli.main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "w8.safetensors"), "--width", "8",
+                            "--resolution", "32"]) == 0
+    narrow = load_backbone(tmp_path / "w8.safetensors")
+    assert narrow.budgets == (8,) and torch.equal(narrow.cores, export.cores[:8])
     assert sc.main([str(tmp_path)]) == 2  # nothing to convert: one message, no traceback
     err = capsys.readouterr().err
     assert "no sharded checkpoint at" in err and "Traceback" not in err
