@@ -25,6 +25,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("veca_ssl.bench", "benchmarks: backbone | data | train | knn | ddp"),
     "submit": ("launchers.submit", "submit train/eval jobs to SLURM (or locally) through submitit"),
     "data": ("veca_ssl.data.cli", "dataset tools: make-shards | inspect"),
+    "consolidate": ("veca_ssl.train.sharded_checkpoint",
+                    "convert a sharded (FSDP2) training checkpoint into the single-file backbone export"),
 }
 
 

@@ -288,6 +288,10 @@ RULES: list[tuple[str, _Rule]] = [
     ("train.knn_monitor.max_train", _number(0, integer=True, null=True)),
 ]
 
+#: data parallelism and per-block compilation of the training networks (``veca_ssl.parallelize``)
+PARALLEL_MODES = ("none", "ddp", "fsdp2")
+COMPILE_MODES = ("none", "default", "max-autotune")
+
 #: (key, allowed values)
 CHOICES: list[tuple[str, tuple]] = [
     ("mode", ("ssl", "distill")),
@@ -295,6 +299,8 @@ CHOICES: list[tuple[str, tuple]] = [
     ("dino.centering", ("centering", "sinkhorn_knopp")),
     ("optim.lr_scaling", ("sqrt", "linear", "none")),
     ("train.amp", ("auto", "bf16", "off")),
+    ("train.parallel", PARALLEL_MODES),
+    ("train.compile", COMPILE_MODES),
     ("augment.jitter_mode", ("exact", "fused")),
     ("distill.teacher_arch", (None, "dinov2", "dinov3", "timm")),
 ]

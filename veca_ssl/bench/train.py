@@ -4,6 +4,10 @@ and depth, side by side, at several resolutions.
 VECA rows: the full bank (C = M), the smallest budget, and "nested": the budget cycling through the
 reference weights (what elastic training actually runs, on average). Each model is warmed up, then
 the models are timed round-robin so background load affects every row alike.
+
+``--parallel ddp fsdp2 [--compile]``: the student's parallel forms instead, on ``--processes`` local CPU
+processes (gloo) or under torchrun (CUDA): per process, the step time, the model state it holds and
+the peak a step adds, for each parallel form, eager and (with ``--compile``) with every block compiled.
 """
 
 from __future__ import annotations
@@ -25,6 +29,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (cuda when available) | cpu | cuda")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA)")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute blocks in backward")
+    p.add_argument("--parallel", nargs="+", choices=["ddp", "fsdp2"], default=None,
+                   help="benchmark these parallel forms of VECA (full width) instead of VECA vs dense")
+    p.add_argument("--compile", action="store_true",
+                   help="with --parallel: also every form with torch.compile per block (mode default)")
+    p.add_argument("--processes", type=int, default=2,
+                   help="with --parallel: local CPU processes joined by gloo (ignored under torchrun)")
     add_common_options(p, "train")
     return p
 
@@ -49,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_common_options(parser, args)
+    if args.processes < 1:
+        parser.error(f"--processes must be >= 1, got {args.processes}")
     import torch
 
     from veca_ssl.method.budgets import BudgetPolicy
@@ -56,6 +68,15 @@ def main(argv: list[str] | None = None) -> int:
     from veca_ssl.tables import markdown_table, write_rows
     from veca_ssl.timing import time_round_robin
 
+    if args.parallel:
+        from veca_ssl.bench.train_parallel import parallel_benchmark
+
+        print(f"veca bench train --parallel: veca_{args.family}/{args.patch_size} C=full, batch {args.batch_size} "
+              f"per process, {args.processes} processes, warmup={args.warmup} repeats={args.repeats}", flush=True)
+        rows = parallel_benchmark(args)
+        print(markdown_table(rows))
+        print("results: " + ", ".join(str(p) for p in write_rows(rows, output_path(args, "train"))))
+        return 0
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else "cpu" if args.device == "auto" else args.device)
     print(f"veca bench train: family={args.family} batch={args.batch_size} device={device} "

@@ -12,6 +12,10 @@ A method owns three things and one forward:
 
 The loop calls ``update_teacher(momentum)`` after each optimiser step and ``state_dict`` /
 ``load_state_dict`` to checkpoint and resume; it never reaches further into a method.
+
+Parallel form (``veca_ssl.parallelize.parallelize_method`` calls ``parallelize``): DDP wraps the
+student from outside; FSDP2 shards student and teacher in place (their parameters become DTensor
+shards under the same names), so everything that needs whole weights asks ``full_teacher()``.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ class Method(ABC):
     def __init__(self, cfg) -> None:
         self.cfg = cfg
         self._engine: nn.Module | None = None
+        self._teacher_skeleton: nn.Module | None = None  # set when the teacher is sharded
 
     # -- what the loop may use --------------------------------------------------------------------------
     @property
@@ -64,10 +69,38 @@ class Method(ABC):
         self.student.train(mode)
         return self
 
-    def parallelize(self, wrap: Callable[[nn.Module], nn.Module]) -> None:
-        """Run the student through ``wrap(student)`` (e.g. a DDP wrapper). The wrapper is kept outside
-        ``student`` so parameter names, checkpoints and the EMA never see it."""
+    def parallelize(self, wrap: Callable[[nn.Module], nn.Module],
+                    shard_teacher: Callable[[nn.Module], nn.Module] | None = None) -> None:
+        """Put the method in its parallel form (``veca_ssl.parallelize.parallelize_method`` decides how).
+
+        ``wrap(student)`` returns what a student forward calls: a wrapper kept outside ``student``
+        (DDP), so parameter names, checkpoints and the EMA never see it, or ``student`` itself after
+        sharding it in place (FSDP2). ``shard_teacher(teacher)`` shards the EMA teacher in place the same
+        way (same units, same mesh), so the EMA update pairs local shards. Call before building the
+        optimiser: sharding replaces the parameters.
+        """
+        if shard_teacher is not None:
+            from veca_ssl.parallelize import meta_skeleton
+
+            # the architecture without the weights, to rebuild whole copies from gathered shards
+            self._teacher_skeleton = meta_skeleton(self.teacher)
+            shard_teacher(self.teacher)
         self._engine = wrap(self.student)
+
+    @property
+    def sharded(self) -> bool:
+        """True when student and teacher hold DTensor shards (FSDP2)."""
+        return self._teacher_skeleton is not None
+
+    def full_teacher(self) -> nn.Module:
+        """The EMA teacher with whole weights, for evaluation during and after training (k-NN monitor,
+        export, reports). Unsharded: the teacher itself. Sharded: a collective (every rank must call it)
+        that returns a plain copy on every rank's CPU (evaluation splits its data over the ranks)."""
+        if self._teacher_skeleton is None:
+            return self.teacher
+        from veca_ssl.parallelize import gather_full_module
+
+        return gather_full_module(self.teacher, self._teacher_skeleton)
 
     @property
     def engine(self) -> nn.Module:

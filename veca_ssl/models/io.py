@@ -2,7 +2,8 @@
 
 Exported weights are ``<stem>.safetensors`` with a ``<stem>.json`` sidecar holding the backbone
 config. Training checkpoints are ``torch.save`` dicts of tensors and plain containers, read back
-with ``weights_only=True``; ``load_backbone`` takes the EMA teacher's backbone from them.
+with ``weights_only=True``, or sharded ``torch.distributed.checkpoint`` directories (FSDP2 runs,
+``veca_ssl.train.sharded_checkpoint``); ``load_backbone`` takes the EMA teacher's backbone from either.
 """
 
 from __future__ import annotations
@@ -39,19 +40,31 @@ def save_backbone(model: Backbone, path: str | Path, extra: dict | None = None) 
     return path
 
 
+def _newest_checkpoint(directory: Path) -> Path | None:
+    """The newest ``checkpoint-<step>.pt`` or sharded ``checkpoint-<step>/`` (FSDP2 runs) in ``directory``."""
+    from veca_ssl.train.sharded_checkpoint import all_checkpoints, step_of
+
+    found = sorted(directory.glob("checkpoint-*.pt")) + all_checkpoints(directory)
+    return max(found, key=lambda p: step_of(p) or -1) if found else None
+
+
 def _find_weights(path: Path) -> Path:
     if path.is_dir():
+        from veca_ssl.train.sharded_checkpoint import is_sharded_checkpoint
+
+        if is_sharded_checkpoint(path):
+            return path
         for cand in (path / "export" / "teacher.safetensors", path / "teacher.safetensors"):
             if cand.exists():
                 return cand
-        ckpts = sorted((path / "checkpoints").glob("checkpoint-*.pt")) or sorted(path.glob("checkpoint-*.pt"))
-        if ckpts:
-            return ckpts[-1]
+        newest = _newest_checkpoint(path / "checkpoints") or _newest_checkpoint(path)
+        if newest is not None:
+            return newest
         found = sorted(path.glob("*.safetensors"))
         if len(found) == 1:
             return found[0]
         raise FileNotFoundError(f"no backbone weights in directory {path} (looked for export/teacher.safetensors, "
-                                f"checkpoints/checkpoint-*.pt, one *.safetensors)")
+                                f"checkpoints/checkpoint-*.pt or a sharded checkpoints/checkpoint-*/, one *.safetensors)")
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     return path
@@ -93,7 +106,8 @@ class LoadedBackbone:
 def load_backbone(path: str | Path, map_location: str | torch.device = "cpu", which: str = "teacher",
                   **kwargs) -> Backbone:
     """Load a backbone from an export (.safetensors + .json), a training checkpoint (the EMA teacher by
-    default, ``which="student"`` for the student) or a directory holding either.
+    default, ``which="student"`` for the student; single-file or a sharded ``checkpoint-<step>/``
+    directory of an FSDP2 run) or a directory holding either.
 
     Checkpoints of the VECA reference code (``{"student": …, "config": …}`` or a bare state dict) are
     converted exactly by ``veca_ssl.models.reference`` (``num_heads=`` for bare state dicts of
@@ -108,6 +122,13 @@ def read_backbone(path: str | Path, map_location: str | torch.device = "cpu", wh
                   **kwargs) -> LoadedBackbone:
     """:func:`load_backbone` with the source format and per-tensor provenance (for ``init_from``)."""
     path = _find_weights(Path(path))
+    if path.is_dir():  # a sharded training checkpoint (FSDP2): read whole tensors in this process
+        from veca_ssl.train.sharded_checkpoint import load_backbone_state
+
+        config, state = load_backbone_state(path, which)
+        model = build_from_config(config)
+        model.load_state_dict(state, strict=True)
+        return LoadedBackbone(model, EXPORT_FORMAT_NAME)
     if path.suffix == ".safetensors":
         sidecar = path.with_suffix(".json")
         if not sidecar.exists():

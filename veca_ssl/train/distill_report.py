@@ -11,9 +11,12 @@ from veca_ssl.loss.distill import resample_patch_grid
 
 
 @torch.no_grad()
-def feature_cosines(method, images: torch.Tensor, widths: list[int | None], batch_size: int = 64) -> dict:
-    """Mean student–teacher cosine per width: ``{width: {"cls_cos": …, "patch_cos": …}}``."""
-    ema = method.teacher  # the EMA student (backbone + projections): the weights that are exported
+def feature_cosines(method, images: torch.Tensor, widths: list[int | None], batch_size: int = 64,
+                    ema: torch.nn.Module | None = None) -> dict:
+    """Mean student–teacher cosine per width: ``{width: {"cls_cos": …, "patch_cos": …}}``. ``ema`` is the
+    EMA student (backbone + projections, the weights that are exported): ``method.teacher`` by default,
+    its whole-weight copy (``method.full_teacher()``) when training sharded it."""
+    ema = method.teacher if ema is None else ema
     student = ema.backbone
     was_training = student.training
     student.eval()
@@ -40,8 +43,10 @@ def _eval_images(dataset, resolution: int, limit: int) -> torch.Tensor:
     return torch.stack([transform(dataset[i][0]) for i in range(min(limit, len(dataset)))])
 
 
-def distillation_report(method, cfg, device: torch.device) -> dict:
-    """Cosine to the teacher per width and k-NN of student vs teacher (``train.knn_monitor`` data)."""
+def distillation_report(method, cfg, device: torch.device, ema: torch.nn.Module | None = None) -> dict:
+    """Cosine to the teacher per width and k-NN of student vs teacher (``train.knn_monitor`` data);
+    ``ema`` as in :func:`feature_cosines`."""
+    ema = method.teacher if ema is None else ema
     from veca_ssl.data import build_dataset
     from veca_ssl.features import extract_features
     from veca_ssl.knn import knn_classify
@@ -49,10 +54,10 @@ def distillation_report(method, cfg, device: torch.device) -> dict:
     m = cfg.train.knn_monitor
     train_set = build_dataset(m.dataset, split=m.train_split)
     val_set = build_dataset(m.dataset, split=m.val_split)
-    student = method.ema_backbone
+    student = ema.backbone
     widths = list(student.budgets) or [None]
     images = _eval_images(val_set, m.resolution, 512).to(device)
-    cosines = feature_cosines(method, images, widths)
+    cosines = feature_cosines(method, images, widths, ema=ema.to(device))
 
     kw = dict(resolution=m.resolution, batch_size=256, device=device, progress=False)
     student.eval()

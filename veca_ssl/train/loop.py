@@ -29,7 +29,8 @@ from veca_ssl.method.distill import ElasticDistillation
 from veca_ssl.method.ssl import ElasticDINO
 from veca_ssl.models import save_backbone
 from veca_ssl.models.base import Backbone
-from veca_ssl.parallelize import wrap_ddp
+from veca_ssl.parallelize import parallelize_method
+from veca_ssl.train import sharded_checkpoint
 from veca_ssl.train.checkpoint import CheckpointManager, rng_state, set_rng_state
 from veca_ssl.train.data import TrainData, build_train_dataset
 from veca_ssl.train.lock import RunLock
@@ -153,6 +154,12 @@ def setup(cfg: DictConfig) -> Run:
     dist.seed_everything(cfg.seed, info.rank)  # per-rank randomness (drop-path, coordinate jitter) from here
 
     checkpoints = CheckpointManager(out / "checkpoints", cfg.train.keep_last, cfg.train.keep_every)
+    # activation checkpointing, compile, DDP/FSDP2 (train.parallel) -- before the optimiser, because
+    # FSDP2 replaces every parameter by its shard
+    try:
+        parallelize_method(method, cfg, info)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     optimizer = build_optimizer(method.student, backbone.depth, cfg.optim, backbone.no_weight_decay_keywords())
 
     # rank 0 locks the directory, cleans it and picks a verified resume point (``train`` releases the
@@ -160,24 +167,9 @@ def setup(cfg: DictConfig) -> Run:
     lock = RunLock(out) if info.rank == 0 else None
     opened: dict = {}
     latest = on_main(info, lambda: _open(opened, cfg, out, lock, checkpoints, method, optimizer))
-    start_step, data_state = 0, None
-    if latest is not None:
-        state = opened.get("state") or CheckpointManager.load(latest, verify=False)
-        method.load_state_dict(state)
-        optimizer.load_state_dict(state["optimizer"])
-        start_step = int(state["step"])
-        data_state = state.get("data")  # stream layout and skip counts (veca_ssl.train.data)
-        set_rng_state(state["rng"])
-        if info.rank == 0:
-            print(f"resumed from {latest} at step {start_step}", flush=True)
-
-    if info.world_size > 1:
-        def wrap(student: torch.nn.Module) -> torch.nn.Module:
-            if cfg.dino.head_use_bn and info.device.type == "cuda":  # BN statistics over the global batch
-                student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(student)
-            return wrap_ddp(student, info)
-
-        method.parallelize(wrap)
+    start_step, data_state = _resume(latest, opened.get("state"), method, optimizer)
+    if latest is not None and info.rank == 0:
+        print(f"resumed from {latest} at step {start_step}", flush=True)
 
     # schedule lengths: epochs of data.samples_per_epoch (or the dataset length) samples
     samples_per_epoch = cfg.data.samples_per_epoch or len(dataset)
@@ -197,8 +189,8 @@ def setup(cfg: DictConfig) -> Run:
     monitor = None
     if cfg.train.knn_monitor.enabled and cfg.train.knn_monitor.dataset:
         monitor = KnnMonitor(cfg, info.device, out)
-        if info.rank == 0 and start_step == 0:
-            monitor.record_before(method.ema_backbone)
+        if start_step == 0:  # every rank: feature extraction splits the data over the ranks
+            monitor.record_before(method.full_teacher().backbone, write=info.rank == 0)
     return Run(cfg=cfg, info=info, output_dir=out, method=method, optimizer=optimizer, policy=policy,
                schedule=schedule, data=data, checkpoints=checkpoints, lock=lock,
                logger=MetricLogger.from_config(out, cfg, enabled=info.rank == 0, resume_step=start_step),
@@ -256,19 +248,55 @@ def train_step(run: Run, step: int) -> tuple[bool, dict | None]:
                       resolution=float(batch["global_crops"].shape[-1]))
         record.update(run.data.log_record())  # global skip counts (all ranks); stops on too many skips
         run.logger.log(done, record)
-    if run.monitor is not None and run.main and done % cfg.train.knn_monitor.every == 0 and done != run.stop_at:
-        run.logger.log(done, run.monitor.evaluate(method.ema_backbone))
+    if run.monitor is not None and done % cfg.train.knn_monitor.every == 0 and done != run.stop_at:
+        # every rank: feature extraction splits the data over the ranks (whole EMA weights on each)
+        run.logger.log(done, run.monitor.evaluate(method.full_teacher().backbone))
     stop = signals.checkpoint_requested()
     if done % cfg.train.checkpoint_every == 0 or done == run.stop_at or stop:
-        # rank 0 writes; every rank learns the outcome (a failed save stops all of them, none hangs)
-        run.last_checkpoint = on_main(run.info, lambda: run.checkpoints.save(_state(run, done), done))
+        run.last_checkpoint = _save_checkpoint(run, done)
     return stop, record
+
+
+# ------------------------------------------------------------------------------------- checkpoints
+# Two formats in one directory, same names and keep-last rule: single files (``train.checkpoint``,
+# whole tensors written by rank 0) for unsharded runs, DCP directories (``train.sharded_checkpoint``,
+# every rank its shards) for FSDP2. A run resumes from the newest of either kind, on any world size.
+def _resume(latest: Path | None, opened: dict | None, method: Method,
+            optimizer: torch.optim.Optimizer) -> tuple[int, dict | None]:
+    """Load the checkpoint rank 0 picked (``latest``, either format) into ``method`` and ``optimizer`` on
+    every rank; ``(step, data state)``, ``(0, None)`` for a fresh run. ``opened`` is rank 0's already
+    loaded single-file state (None elsewhere)."""
+    if latest is None:
+        return 0, None
+    if sharded_checkpoint.is_sharded_checkpoint(latest):  # every rank reads the pieces its layout needs
+        meta = sharded_checkpoint.load(latest, method, optimizer)
+        return int(meta["step"]), meta.get("data")
+    state = opened or CheckpointManager.load(latest, verify=False)
+    if method.sharded:  # whole tensors from the file, each rank keeps its shards
+        sharded_checkpoint.load_full_state(state, method, optimizer)
+    else:
+        method.load_state_dict(state)
+        optimizer.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"])
+    return int(state["step"]), state.get("data")  # stream layout and skip counts (veca_ssl.train.data)
+
+
+def _save_checkpoint(run: Run, step: int) -> Path | None:
+    """Write the checkpoint after ``step``; every rank calls it and learns the outcome (a failed save
+    stops all of them, none hangs). Returns its path."""
+    if run.method.sharded:
+        meta = {"config": OmegaConf.to_yaml(run.cfg, resolve=True), "backbone_config": run.method.backbone.config,
+                "data": run.data.state()}
+        return sharded_checkpoint.save(run.checkpoints.directory, step, run.method, run.optimizer, meta,
+                                       run.cfg.train.keep_last, run.cfg.train.keep_every)
+    return on_main(run.info, lambda: run.checkpoints.save(_state(run, step), step))
 
 
 def _state(run: Run, step: int) -> dict:
     """The checkpoint: the method's state, optimiser, step, RNG and the config it was trained with."""
     return {
         "step": step,
+        "world_size": run.info.world_size,  # with the config's per-process batch: the global batch
         "config": OmegaConf.to_yaml(run.cfg, resolve=True),
         "backbone_config": run.method.backbone.config,
         **run.method.state_dict(),
@@ -283,11 +311,14 @@ def finish(run: Run, steps_done: int) -> dict:
     release the output directory. The export records the step its weights come from."""
     summary = {"steps": steps_done, "total_steps": run.schedule.total_steps, "output_dir": str(run.output_dir)}
     summary["data"] = run.data.summary()  # unusable samples: counts and the first few items
-    if run.main and steps_done >= run.stop_at:
-        ema = run.method.ema_backbone
-        export = save_backbone(ema, run.output_dir / "export" / "teacher.safetensors",
-                               extra={"steps": steps_done, "mode": run.cfg.mode})
-        summary["export"] = str(export)
+    if steps_done >= run.stop_at:
+        # every rank from here: gathering sharded weights and feature extraction are collectives
+        teacher = run.method.full_teacher()
+        ema = teacher.backbone
+        if run.main:
+            export = save_backbone(ema, run.output_dir / "export" / "teacher.safetensors",
+                                   extra={"steps": steps_done, "mode": run.cfg.mode})
+            summary["export"] = str(export)
         if run.monitor is not None:
             summary["knn"] = run.monitor.final(ema)
             flat = run.monitor.flat(summary["knn"])
@@ -296,8 +327,9 @@ def finish(run: Run, steps_done: int) -> dict:
             if run.cfg.mode == "distill":
                 from veca_ssl.train.distill_report import distillation_report
 
-                summary["distill_report"] = distillation_report(run.method, run.cfg, run.info.device)
-        fileio.atomic_write_json(run.output_dir / "summary.json", summary, default=str)
+                summary["distill_report"] = distillation_report(run.method, run.cfg, run.info.device, teacher)
+        if run.main:
+            fileio.atomic_write_json(run.output_dir / "summary.json", summary, default=str)
     run.logger.close()
     if run.lock is not None:
         run.lock.release()

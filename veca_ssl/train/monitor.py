@@ -1,4 +1,8 @@
-"""A cheap in-training k-NN monitor at every core width (DINOv2 protocol, small labelled split)."""
+"""A cheap in-training k-NN monitor at every core width (DINOv2 protocol, small labelled split).
+
+Under torch.distributed every rank calls it with the whole EMA backbone: ``veca_ssl.features``
+extracts a shard of the data per rank and all-gathers the features.
+"""
 
 from __future__ import annotations
 
@@ -47,9 +51,13 @@ class KnnMonitor:
                 hits[key] = per_query[f"knn_k{self.k}_top1"]
         return out
 
-    def record_before(self, backbone: Backbone) -> None:
-        self.before_path.parent.mkdir(parents=True, exist_ok=True)
-        self.before_path.write_text(json.dumps(self.evaluate(backbone), indent=2))
+    def record_before(self, backbone: Backbone, write: bool = True) -> None:
+        """Evaluate the untrained network; ``write`` the result (one rank): under torch.distributed every
+        rank must evaluate, since feature extraction splits the data over the ranks."""
+        result = self.evaluate(backbone)
+        if write:
+            self.before_path.parent.mkdir(parents=True, exist_ok=True)
+            self.before_path.write_text(json.dumps(result, indent=2))
 
     def final(self, backbone: Backbone) -> dict:
         """Top-1 per width after training, before training, and each width minus the narrowest on the

@@ -35,6 +35,7 @@ from veca_ssl import distributed as dist
 from veca_ssl import fileio
 from veca_ssl.config import ConfigError, config_changes, format_changes, resume_changes, save_config
 from veca_ssl.method.base import Method
+from veca_ssl.train import sharded_checkpoint
 from veca_ssl.train.checkpoint import CheckpointError, CheckpointManager, state_mismatch
 from veca_ssl.train.lock import RunLock
 from veca_ssl.train.metrics import read_metrics
@@ -117,12 +118,20 @@ def open_run_dir(cfg: DictConfig, out: Path, lock: RunLock, checkpoints: Checkpo
     stale = lock.acquire()
     if stale is not None:
         log.warning("took over the lock of a run that ended without releasing it (%s)", stale.describe())
-    removed = [*fileio.remove_orphans(out), *checkpoints.remove_orphans(), *fileio.remove_orphans(out / "export")]
+    removed = [*fileio.remove_orphans(out), *checkpoints.remove_orphans(), *fileio.remove_orphans(out / "export"),
+               *sharded_checkpoint.remove_orphans(checkpoints.directory)]
     if removed:
         log.warning("removed %d file(s) left by interrupted writes: %s", len(removed),
                     ", ".join(p.name for p in removed[:5]) + (" ..." if len(removed) > 5 else ""))
 
     path, state, rejected = checkpoints.newest_usable(accept=lambda s: incompatibility(method, optimizer, s))
+    # FSDP2 runs write sharded checkpoint directories under the same names: the newest usable of either
+    # kind is the resume point (its state here is its record: step and config; every rank reads its shards)
+    sharded, sharded_rejected = sharded_checkpoint.newest_good(checkpoints.directory)
+    floor = CheckpointManager.step_of(path) if path is not None else -1
+    rejected += [(p, reason) for p, reason in sharded_rejected if sharded_checkpoint.step_of(p) > floor]
+    if sharded is not None and sharded_checkpoint.step_of(sharded) > floor:
+        path, state = sharded, sharded_checkpoint.read_meta(sharded)
     if rejected and path is None:
         listing = "\n".join(f"  {p.name}: {reason}" for p, reason in rejected)
         raise CheckpointError(f"no usable checkpoint in {checkpoints.directory}:\n{listing}\nNone was changed. Move "
@@ -135,7 +144,7 @@ def open_run_dir(cfg: DictConfig, out: Path, lock: RunLock, checkpoints: Checkpo
 
     start_step = int(state["step"]) if state is not None else 0
     if state is not None:
-        changes = resume_changes(state["config"], cfg)
+        changes = [c for c in resume_changes(state["config"], cfg) if not _same_global_batch(c, state)]
         if changes and not cfg.train.allow_config_change:
             raise ConfigError(
                 f"{out} holds a run at step {start_step} ({path.name}) trained with a different config; these "
@@ -148,6 +157,16 @@ def open_run_dir(cfg: DictConfig, out: Path, lock: RunLock, checkpoints: Checkpo
     _keep_previous_config(cfg, out, start_step)
     save_config(cfg, out / "config.yaml")
     return path, state
+
+
+def _same_global_batch(change: tuple[str, Any, Any], state: dict) -> bool:
+    """A per-process batch changed with the number of processes so that the global batch (what the
+    schedules, the lr and the data order depend on) is the same: a resume on another world size."""
+    key, old, new = change
+    saved_world = state.get("world_size")
+    if key != "optim.batch_size_per_gpu" or not isinstance(saved_world, int):
+        return False
+    return int(old) * saved_world == int(new) * dist.get_world_size()
 
 
 def _keep_previous_config(cfg: DictConfig, out: Path, start_step: int) -> None:
