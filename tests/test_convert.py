@@ -1,5 +1,5 @@
 """External teacher layouts (DINOv2 / DINOv3 / timm) load exactly: parity with hand-written reference
-forwards computed from the raw state dicts in the upstream key names (issue 7, item 1)."""
+forwards computed from the raw state dicts in the upstream key names."""
 
 from __future__ import annotations
 

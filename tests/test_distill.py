@@ -1,4 +1,4 @@
-"""Distillation from a frozen teacher (SPEC §3.2): learning signal, grid alignment, bad teachers."""
+"""Distillation from a frozen teacher: learning signal, grid alignment, bad teachers."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Analytic FLOP counts: parity with PyTorch's counter on explicit attention, and the SPEC §2 table."""
+"""Analytic FLOP counts: parity with PyTorch's counter on explicit attention, and the VECA paper's table."""
 
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def test_attention_term_grows_as_2NC_plus_C2():
     (384, 1024, 5.72, 30.67), (1024, 1024, 37.06, 103.29),
 ])
 def test_reference_attention_block_gflops(dim, px, veca, dense):
-    """SPEC §2 table: one attention block at C = 64 vs DINOv3 (class token + 4 storage tokens), /16."""
+    """The VECA paper's table: one attention block at C = 64 vs DINOv3 (class token + 4 storage tokens), /16."""
     n = (px // 16) ** 2
     ours = attention_block_flops(n + 64, dim, veca_attention_pairs(n, 64)) / 1e9
     theirs = attention_block_flops(n + 5, dim, dense_attention_pairs(n + 5)) / 1e9

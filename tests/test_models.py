@@ -1,4 +1,4 @@
-"""Exact properties of the VECA backbone (SPEC §2) and the dense ViT baselines."""
+"""Exact properties of the VECA backbone and the dense ViT baselines."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Multi-resolution training (SPEC §3.2): the schedule, the batch sampler and a resumable tiny run."""
+"""Multi-resolution training: the schedule, the batch sampler and a resumable tiny run."""
 
 from __future__ import annotations
 

@@ -11,7 +11,9 @@ covered as soon as it is written — or fails here until a rule below says how t
   the README's first command, whose k-NN table is checked); torchrun with 1 process.
 - ``veca eval``/``veca extract``: run with short probes (``EVAL_FAST``); on the stand-ins for released
   checkpoints at 64 px unless the example sets ``--resolution``.
-- ``veca export``, ``veca data``: run as written.
+- ``veca export``, ``veca data``, ``veca consolidate``: run as written (the README's checkpoint of step
+  10000 stands for the newest checkpoint the 2-step torchrun example wrote: a single-file one, as one
+  process here runs without FSDP2; the sharded path is tested in tests/test_parallel.py).
 - ``veca select``: run as written, except that a ``--max-latency-ms`` budget (a property of the
   machine, not of the example) is lifted so that it is met here.
 - ``veca submit``: run with ``--dry-run`` (no cluster): everything is validated, nothing queued.
@@ -77,6 +79,7 @@ PLACEHOLDERS = {
     "path/to/veca-ssl": str(ROOT),
     "--checkpoint outputs/run ": "--checkpoint veca_base.pt ",  # a checkpoint with width 32
     "--features teacher ...": "--features teacher --data imagefolder:{ws}/data/in1k/val --output-dir feats_t/",
+    "runs/vecaS16/checkpoints/checkpoint-00010000": "runs/vecaS16/checkpoints/checkpoint-00000002.pt",
 }
 # stand-ins for released VECA checkpoints (reference layout {"student", "config"}; depth cut to 2
 # where the example allows it: the torch.hub one is checked against the full veca_small preset)
@@ -306,7 +309,7 @@ class Runner:
             return args + EVAL_FAST[args[1]] + (small if args[1] != "all" else [])
         if cmd == "extract":
             return args + EVAL_FAST["extract"] + small
-        if cmd in ("export", "data"):
+        if cmd in ("export", "data", "consolidate"):
             return args
         if cmd == "select":
             if "--max-latency-ms" in args:

@@ -209,10 +209,10 @@ def test_local_executor_two_tasks_preempted_requeued_same_weights_as_one_process
 # ----------------------------------------------------------------------------------------------------
 # The real `veca train` under the local executor (one task; 2 ranks are covered by
 # tests/test_distributed.py::test_training_two_processes_match_one_process_with_double_batch). Needs veca_ssl/train/main.py from the
-# training loop (lead): if that module is missing this test FAILS on purpose (no skip) so it is noticed.
+# training loop: if that module is missing this test FAILS on purpose (no skip) so it is noticed.
 # ----------------------------------------------------------------------------------------------------
 def test_local_executor_runs_real_training_job_to_completion(tmp_path, capsys):
-    assert (REPO / "veca_ssl" / "train" / "main.py").is_file(), "veca_ssl/train/main.py (lead) is missing"
+    assert (REPO / "veca_ssl" / "train" / "main.py").is_file(), "veca_ssl/train/main.py is missing"
     out = tmp_path / "train"
     rc = submit.main(["train", "--config", "quickstart", "--cluster", "local", "--tasks-per-node", "1",
                       "--gpus-per-node", "0", "--timeout", "10", "--output-dir", str(out), "--wait",

@@ -1,6 +1,6 @@
 """Benchmark hygiene shared by every ``veca bench``: warm-up, medians, spread, peak memory, tables.
 
-SPEC §7: warm up each shape at least 3 times, take the median of at least 5 runs and report the
+Benchmark hygiene: warm up each shape at least 3 times, take the median of at least 5 runs and report the
 spread (min–max). Timings run under :func:`steady_allocator` (freed memory stays in glibc's heap, as
 with jemalloc/tcmalloc, so no call pays page faults for fresh mappings). Peak memory is measured, not
 estimated: on CUDA with the caching allocator's peak counter; on Linux CPUs with the kernel's

@@ -3,7 +3,7 @@ shards) and the cost of resuming a WebDataset stream deep into a run.
 
 Samples/s per core are counted from the CPU time the worker processes spend (``/proc/<pid>/stat``), so
 they stay meaningful on a machine shared with other jobs, where wall-clock throughput also measures the
-queue for a core. Each timed call is a fresh chunk of batches after warm-up calls (SPEC §7 hygiene).
+queue for a core. Each timed call is a fresh chunk of batches after warm-up calls (benchmark hygiene).
 """
 
 from __future__ import annotations

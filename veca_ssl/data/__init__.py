@@ -1,4 +1,4 @@
-"""Data pipeline (SPEC §4, §3.1): datasets from spec strings, WebDataset streaming, multi-crop
+"""Data pipeline: datasets from spec strings, WebDataset streaming, multi-crop
 augmentation without torchvision, iBOT block masking, batching, an exact-resume distributed sampler,
 and skipping of unusable images (counted over workers and ranks).
 

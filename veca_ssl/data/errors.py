@@ -1,6 +1,6 @@
 """Unusable inputs: what they are (:class:`UnreadableItem`), how they are counted (:class:`SkipCounter`).
 
-SPEC §4: a corrupt or unreadable image is skipped, counted and logged; the run goes on, and stops with
+A corrupt or unreadable image is skipped, counted and logged; the run goes on, and stops with
 a clear error only when skips pass a configured fraction (config key ``data.max_skip_fraction``,
 default 1%).
 

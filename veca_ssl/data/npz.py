@@ -1,6 +1,6 @@
 """``npz:/path/file.npz`` — images held in one NumPy archive, optionally with labels and dense targets.
 
-Keys (SPEC §4):
+Keys:
     ``images``  uint8, N×H×W (grayscale, made RGB), N×H×W×1 or N×H×W×3 — required
     ``labels``  integer, N — optional (targets are −1 without it)
     ``masks``   uint8, N×H×W, 255 = ignore — optional, for dense evaluation

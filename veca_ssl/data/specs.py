@@ -1,4 +1,4 @@
-"""Dataset specs (SPEC §4) → dataset objects: ``build_dataset(spec, split=None, transform=None)``.
+"""Dataset specs → dataset objects: ``build_dataset(spec, split=None, transform=None)``.
 
 Spec strings::
 

@@ -1,6 +1,6 @@
 """Training (multi-crop) and evaluation transforms, PIL → normalised float tensors, no torchvision.
 
-:class:`MultiCropTransform` implements the DINOv2 multi-crop recipe (arXiv:2304.07193, SPEC §3.1):
+:class:`MultiCropTransform` implements the DINOv2 multi-crop recipe (arXiv:2304.07193):
 2 global crops (scale 0.32–1) and ``n`` local crops (scale 0.05–0.32), each resized once with bicubic
 interpolation straight from the source box, flipped (p 0.5), colour-jittered (0.4, 0.4, 0.2, 0.1;
 p 0.8), grayscaled (p 0.2), blurred (global 1: p 1.0, global 2: p 0.1, locals: p 0.5) and, for the

@@ -1,4 +1,4 @@
-"""Feature distillation from a frozen teacher (VECA paper arXiv:2605.12491, SPEC §3.2).
+"""Feature distillation from a frozen teacher (VECA paper arXiv:2605.12491).
 
 The student (a VECA backbone at some core budget) regresses the frozen teacher's image feature
 (cosine) and patch features (cosine + MSE). When the two networks use different patch sizes or input

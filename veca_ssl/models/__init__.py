@@ -1,4 +1,4 @@
-"""Backbones: VECA (elastic core attention) and dense ViT baselines, with one uniform API (SPEC §6)."""
+"""Backbones: VECA (elastic core attention) and dense ViT baselines, with one uniform API."""
 
 from .base import Backbone
 from .init import InitReport, init_from

@@ -11,7 +11,7 @@ FEATURE_SPACES = ("native", "teacher")
 
 
 class Backbone(nn.Module):
-    """Uniform API (SPEC §6), timm/DINOv2-compatible. Subclasses implement ``_run`` and ``flops``.
+    """Uniform API, timm/DINOv2-compatible. Subclasses implement ``_run`` and ``flops``.
 
     ``_run(images, num_cores, masks, collect)`` returns the final (un-normalised) token sequence, the
     sequences after the blocks whose indices are in ``collect``, the prefix length (tokens before the

@@ -1,8 +1,8 @@
-"""Frozen dense-ViT teachers from external state dicts, offline (SPEC §3.2, issue 7).
+"""Frozen dense-ViT teachers from external state dicts, offline.
 
 ``backbone_from_state_dict`` turns a DINOv2 (arXiv:2304.07193) torch-hub ``.pth``, a DINOv3
 (arXiv:2508.10104) ``.pth`` or a timm ViT state dict into this project's ``VisionTransformer`` with
-the SPEC §6 API. The architecture is read from key names and tensor shapes (or named with ``arch=``);
+the uniform backbone API (``veca_ssl.models.base.Backbone``). The architecture is read from key names and tensor shapes (or named with ``arch=``);
 every key is consumed or explicitly ignored, and missing or unexpected keys are errors that list them.
 ``load_backbone(path)`` calls it for any ``.pth``/``.pt`` file that is not a veca-ssl checkpoint.
 

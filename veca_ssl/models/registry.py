@@ -1,6 +1,6 @@
 """Named backbone presets (timm-style registry; no ``__dict__`` look-ups).
 
-Reference VECA families (SPEC §2): M = 64 cores, budgets 8…64 in chunks of 8, SwiGLU hidden
+Reference VECA families (the paper's): M = 64 cores, budgets 8…64 in chunks of 8, SwiGLU hidden
 ``int(D * 8/3)`` (1024, 2048, 2730 for small, base, large), LayerNorm eps 1e-5 — the numbers of the
 reference code, so its checkpoints load into these presets unchanged. ``tiny`` is ours, for CPU
 work. ``vit_*`` are dense baselines of identical width, depth, FFN and norms (and, with overrides

@@ -1,4 +1,4 @@
-"""Multi-resolution training schedule (SPEC §3.2, VECA's multi-resolution fine-tuning stage).
+"""Multi-resolution training schedule (VECA's multi-resolution fine-tuning stage).
 
 A run is a sequence of *phases*; each phase lasts ``epochs`` epochs and, at every step, trains at one
 global-crop side drawn from ``sizes`` with probabilities ``probs``, with the per-process batch size

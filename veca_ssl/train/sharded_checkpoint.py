@@ -443,10 +443,11 @@ def load_backbone_state(path: str | Path, which: str = "teacher") -> tuple[dict,
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="veca consolidate",
-        description="Convert a sharded (FSDP2) training checkpoint into the single-file backbone export "
-                    "(<out>.safetensors + <out>.json) that every eval command and load_backbone read.")
-    p.add_argument("checkpoint", help="a checkpoint-<step>/ directory, or a run's output directory (its newest "
-                                      "sharded checkpoint)")
+        description="Convert a training checkpoint -- sharded (FSDP2) or single-file (DDP, one process) -- into "
+                    "the single-file backbone export (<out>.safetensors + <out>.json) of the whole core bank, "
+                    "which every eval command and load_backbone read.")
+    p.add_argument("checkpoint", help="a checkpoint-<step>/ directory or checkpoint-<step>.pt file, or a run's "
+                                      "output directory (its newest checkpoint, sharded ones first)")
     p.add_argument("--out", default=None, help="output .safetensors path (default: <run>/export/teacher.safetensors, "
                                                "or <checkpoint>.safetensors next to a lone checkpoint)")
     p.add_argument("--which", default="teacher", choices=["teacher", "student"],
@@ -466,17 +467,36 @@ def _resolve(path: Path) -> Path:
                             f"and {META_FILE}, or a run directory holding checkpoints/checkpoint-<step>/)")
 
 
+def _single_file(path: Path) -> Path | None:
+    """A single-file training checkpoint at ``path``, or the newest one of a run directory."""
+    if path.is_file():
+        return path
+    for directory in (path / "checkpoints", path):
+        found = sorted(directory.glob("checkpoint-*.pt")) if directory.is_dir() else []
+        if found:
+            return found[-1]
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        from veca_ssl.models import save_backbone
+        from veca_ssl.models import load_backbone, save_backbone
         from veca_ssl.models.registry import build_from_config
 
-        ckpt = _resolve(Path(args.checkpoint))
-        config, state = load_backbone_state(ckpt, args.which)
-        model = build_from_config(config)
-        model.load_state_dict(state, strict=True)
-        meta = read_meta(ckpt)
+        given = Path(args.checkpoint)
+        single = None if is_sharded_checkpoint(given) or (given.is_dir() and _has_sharded(given)) else (
+            _single_file(given))
+        if single is not None:  # a DDP / single-process run: the same export, from its single-file checkpoint
+            ckpt, model = single, load_backbone(single, which=args.which)
+            digits = "".join(ch for ch in single.stem.rpartition("-")[2] if ch.isdigit())
+            meta = {"step": int(digits) if digits else None, "world_size": "its"}
+        else:
+            ckpt = _resolve(given)
+            config, state = load_backbone_state(ckpt, args.which)
+            model = build_from_config(config)
+            model.load_state_dict(state, strict=True)
+            meta = read_meta(ckpt)
         if args.out is not None:
             out = Path(args.out)
         elif ckpt.parent.name == "checkpoints":
@@ -491,6 +511,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"{ckpt} (step {meta['step']}, written by {meta['world_size']} processes) -> {written}")
     return 0
+
+
+def _has_sharded(path: Path) -> bool:
+    return any(all_checkpoints(d) for d in (path / "checkpoints", path) if d.is_dir())
 
 
 if __name__ == "__main__":
