@@ -42,6 +42,15 @@ def nested_budgets(num_cores: int, core_chunk: int = 8) -> tuple[int, ...]:
 
 
 class VECA(Backbone):
+    """Visual Elastic Core Attention: a ViT whose patches exchange information only through an ordered
+    bank of ``num_cores`` learned core tokens (see the module docstring).
+
+    A forward pass at width ``C`` (``num_cores=C``, any of ``budgets``; default the whole bank) uses the
+    first ``C`` cores: cost per block ``2NC + C²`` query-key pairs for ``N`` patches. The image feature
+    (``"cls"``) is core 0 after the final LayerNorm; ``"patches"`` are the dense features on the input's
+    patch grid (any multiple of the patch size, non-square included).
+    """
+
     arch = "veca"
 
     def __init__(self, patch_size: int = 16, embed_dim: int = 384, depth: int = 12, num_heads: int = 6,

@@ -22,6 +22,12 @@ POS_EMBEDS = ("learned", "rope", "none")
 
 
 class VisionTransformer(Backbone):
+    """A dense ViT (every token attends to every token) with the same blocks and API as :class:`VECA`:
+    the baselines ``vit_tiny`` … ``vit_giant2`` and the frozen DINOv2/DINOv3/timm teachers converted by
+    ``veca_ssl.models.convert``. Class token, optional register tokens, learned absolute positions
+    (interpolated to any grid, as DINOv2), RoPE (as DINOv3) or none. It has one width: ``budgets == ()``.
+    """
+
     arch = "vit"
 
     def __init__(self, patch_size: int = 16, embed_dim: int = 384, depth: int = 12, num_heads: int = 6,

@@ -306,6 +306,12 @@ def _state(run: Run, step: int) -> dict:
     }
 
 
+def _final_resolution(run: Run) -> int:
+    if isinstance(run.schedule, MultiResSchedule):
+        return int(max(run.schedule.phases[-1].sizes))
+    return int(run.cfg.crops.global_size)
+
+
 def finish(run: Run, steps_done: int) -> dict:
     """Export the EMA backbone, the final k-NN table (and distillation report) and ``summary.json``;
     release the output directory. The export records the step its weights come from."""
@@ -316,8 +322,11 @@ def finish(run: Run, steps_done: int) -> dict:
         teacher = run.method.full_teacher()
         ema = teacher.backbone
         if run.main:
+            # the resolution it was trained at (the last multi-resolution phase's largest side) lets
+            # evaluation default to it
             export = save_backbone(ema, run.output_dir / "export" / "teacher.safetensors",
-                                   extra={"steps": steps_done, "mode": run.cfg.mode})
+                                   extra={"steps": steps_done, "mode": run.cfg.mode,
+                                          "resolution": _final_resolution(run)})
             summary["export"] = str(export)
         if run.monitor is not None:
             summary["knn"] = run.monitor.final(ema)
