@@ -103,6 +103,9 @@ def check(cfg: DictConfig) -> None:
         raise ConfigError(f"budgets.policy={cfg.budgets.policy!r}; valid: 'sample', 'sandwich', 'full'")
     if cfg.dino.centering not in ("centering", "sinkhorn_knopp"):
         raise ConfigError(f"dino.centering={cfg.dino.centering!r}; valid: 'centering', 'sinkhorn_knopp'")
+    if cfg.dino.head_last_layer not in ("weight_norm", "normalized", "linear"):
+        raise ConfigError(f"dino.head_last_layer={cfg.dino.head_last_layer!r}; valid: 'weight_norm', "
+                          f"'normalized', 'linear'")
     if cfg.optim.lr_scaling not in ("sqrt", "linear", "none"):
         raise ConfigError(f"optim.lr_scaling={cfg.optim.lr_scaling!r}; valid: 'sqrt', 'linear', 'none'")
     if cfg.train.amp not in ("auto", "bf16", "off"):
@@ -127,6 +130,7 @@ def build_model(cfg: DictConfig, device: str | None = None):
 
     kwargs = dict(OmegaConf.to_container(cfg.model.overrides, resolve=True))
     kwargs.setdefault("drop_path_rate", cfg.model.drop_path_rate)
+    kwargs.setdefault("drop_path_uniform", cfg.model.drop_path_uniform)
     if cfg.model.layerscale_init is not None:
         kwargs.setdefault("layerscale_init", cfg.model.layerscale_init)
     num_cores = cfg.model.num_cores if cfg.model.name.startswith("veca") else None

@@ -38,7 +38,7 @@ from veca_ssl.train.data import build_train_loader
 from veca_ssl.train.metrics import MetricLogger
 from veca_ssl.train.monitor import KnnMonitor
 from veca_ssl.train.multires import FixedSchedule, MultiResSchedule, parse_phases
-from veca_ssl.train.optim import build_optimizer, set_schedules
+from veca_ssl.train.optim import ElasticAdamW, build_optimizer, clip_grad_norms, set_schedules
 from veca_ssl.train.schedules import cosine_schedule, scaled_lr, teacher_temperature
 
 log = logging.getLogger("veca_ssl.train")
@@ -85,7 +85,7 @@ class Run:
     info: dist.DistInfo
     output_dir: Path
     method: Method
-    optimizer: torch.optim.Optimizer
+    optimizer: ElasticAdamW
     policy: BudgetPolicy
     schedule: FixedSchedule | MultiResSchedule
     data: Iterator[dict]
@@ -129,7 +129,7 @@ def setup(cfg: DictConfig) -> Run:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
     checkpoints = CheckpointManager(out / "checkpoints", cfg.train.keep_last)
-    optimizer = build_optimizer(method.student, backbone.depth, cfg.optim, backbone.no_weight_decay_keywords())
+    optimizer = build_optimizer(method.student, backbone.depth, cfg.optim)
 
     start_step, latest = 0, checkpoints.latest()
     if latest is not None:
@@ -200,7 +200,8 @@ def train_step(run: Run, step: int) -> tuple[bool, dict | None]:
     run.optimizer.zero_grad(set_to_none=True)
     losses["loss"].backward()
     max_norm = cfg.optim.clip_grad if cfg.optim.clip_grad > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(method.trainable_parameters(), max_norm)
+    grad_norms = clip_grad_norms(method.student, max_norm)  # each sub-module on its own (DINOv2)
+    run.optimizer.set_widths(widths)  # core chunks outside the width stay untouched
     run.optimizer.step()
     method.update_teacher(momentum)
 
@@ -213,8 +214,9 @@ def train_step(run: Run, step: int) -> tuple[bool, dict | None]:
         record = {k: float(v.detach()) for k, v in losses.items()}
         record.update(lr=lr, wd=wd, momentum=momentum, teacher_temp=teacher_temp, epoch=epoch,
                       budget=float(widths[0]) if widths[0] is not None else 0.0,
-                      grad_norm=float(grad_norm), images_per_s=images_per_s,
+                      grad_norm=grad_norms.pop("total"), images_per_s=images_per_s,
                       resolution=float(batch["global_crops"].shape[-1]))
+        record.update({f"grad_norm_{k}": v for k, v in grad_norms.items()})
         run.logger.log(done, record)
     if run.monitor is not None and run.main and done % cfg.train.knn_monitor.every == 0 and done != run.stop_at:
         run.logger.log(done, run.monitor.evaluate(method.ema_backbone))
