@@ -24,6 +24,7 @@ from .shards import make_shards
 from .specs import SPEC_KINDS, build_dataset, parse_spec
 from .ssl import SSLDataset, SSLIterableDataset
 from .synthetic import SyntheticDataset
+from .textures import TexturesDataset
 from .transforms import (
     CropPlan,
     DenseEvalTransform,
@@ -59,6 +60,7 @@ __all__ = [
     "SSLIterableDataset",
     "SkipCounter",
     "SyntheticDataset",
+    "TexturesDataset",
     "WdsDataset",
     "build_dataset",
     "collate_multicrop",

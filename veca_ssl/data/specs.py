@@ -8,8 +8,9 @@ Spec strings::
     npz:/path/file.npz             images [+ labels, masks, depth]
     digits                         scikit-learn digits, fixed 80/20 train/val split
     synthetic:n=512,size=64,classes=4,seed=0   procedural shapes with masks and depth
+    textures:n=2048,size=32,classes=8,seed=0   procedural oriented gratings (the CPU quickstart's data)
 
-Splits: ``digits`` and ``synthetic`` have built-in ``"train"``/``"val"`` splits. For path specs a
+Splits: ``digits``, ``synthetic`` and ``textures`` have built-in ``"train"``/``"val"`` splits. For path specs a
 ``{split}`` placeholder in the path is replaced by the split name (``npz:/d/{split}.npz``); an
 ``imagefolder`` without the placeholder uses ``<path>/<split>`` (the ImageNet layout). Any other
 path spec asked for a split it cannot express is an error rather than a silent train/val leak.
@@ -29,6 +30,7 @@ from .errors import SkipCounter
 from .folder import FileListDataset, ImageFolderDataset
 from .npz import NpzDataset
 from .synthetic import SyntheticDataset, parse_synthetic_options
+from .textures import TexturesDataset, parse_texture_options
 from .wds import WdsDataset
 
 #: Spec kinds and the one-line form users see in errors.
@@ -39,6 +41,7 @@ SPEC_KINDS: dict[str, str] = {
     "npz": "npz:/path/file.npz",
     "digits": "digits",
     "synthetic": "synthetic:n=512,size=64,classes=4,seed=0",
+    "textures": "textures:n=2048,size=32,classes=8,seed=0",
 }
 
 #: Constructor options each kind accepts through ``build_dataset(..., **options)``.
@@ -48,6 +51,7 @@ _OPTIONS: dict[str, set[str]] = {
     "npz": {"dense"},
     "digits": {"dense"},
     "synthetic": {"dense"},
+    "textures": {"dense"},
     "wds": {"shuffle_buffer", "shard_shuffle", "endless", "seed", "rank", "world_size", "start", "batch_size", "epoch"},
 }
 
@@ -145,6 +149,9 @@ def build_dataset(
     if kind == "synthetic":
         parsed = parse_synthetic_options(spec_str, arg)
         return SyntheticDataset(split=split, transform=transform, **parsed, **common, **options)
+    if kind == "textures":
+        parsed = parse_texture_options(spec_str, arg)
+        return TexturesDataset(split=split, transform=transform, **parsed, **common, **options)
     path = _resolve_path(kind, arg, split, spec_str)
     if kind == "imagefolder":
         return ImageFolderDataset(path, transform=transform, **common, **options)

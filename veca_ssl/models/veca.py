@@ -6,7 +6,9 @@ Patches never attend to each other: every block runs on ``[R_C; Z]`` where ``R_C
 
 Elasticity: the bank is one (M, D) parameter and a forward pass slices its first ``C`` rows, so a
 budget's output can only depend on cores < C and cores >= C receive exactly-zero gradient rows
-(DDP needs no ``find_unused_parameters``). Training with nested budgets makes every prefix a
+(DDP needs no ``find_unused_parameters``); the training optimiser then leaves those rows and their
+moments untouched, chunk by chunk, as the reference's separate chunk parameters
+(``veca_ssl.train.optim.ElasticAdamW``). Training with nested budgets makes every prefix a
 working model: pick any budget in ``budgets`` at inference without retraining.
 
 Positions: 2D RoPE on queries and keys (interleaved channel pairs, one complex product per block). Patches sit at their cell centres on [-1, 1]²; each core has
