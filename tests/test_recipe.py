@@ -347,23 +347,26 @@ def test_textures_class_is_the_orientation_and_frequency_of_the_grating():
 
     ds = build_dataset("textures:n=64,size=32,seed=3", split="train")
     assert len(ds.classes) == 8 and ds.targets[:10].tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 0, 1]
-    matches = 0
+    hits = {0: 0, 1: 0}  # per frequency band: images whose dominant orientation is the class's
+    energy = {0: [], 1: []}
     for i in range(64):
         image, label = ds[i]
-        rgb = np.asarray(image, dtype=np.float64)
-        window = np.hanning(32)[:, None] * np.hanning(32)[None, :]  # zero-padded: fine frequency bins
-        spectrum = sum(np.abs(np.fft.fftshift(np.fft.fft2((c - c.mean()) * window, s=(256, 256))))
-                       for c in rgb.transpose(2, 0, 1))
-        fy, fx = np.unravel_index(np.argmax(spectrum), spectrum.shape)
-        fy, fx = (fy - 128) / 8, (fx - 128) / 8  # cycles per image
-        angle = math.degrees(math.atan2(fy, fx)) % 180
+        rgb = np.asarray(image, dtype=np.float64) / 255
+        jxx = jyy = jxy = grad_energy = energy_ = 0.0
+        for c in rgb.transpose(2, 0, 1):  # structure tensor, summed over channels: phase-blind
+            gy, gx = np.gradient(c)
+            jxx, jyy, jxy = jxx + (gx * gx).sum(), jyy + (gy * gy).sum(), jxy + (gx * gy).sum()
+            grad_energy += (gx * gx + gy * gy).sum()
+            energy_ += ((c - c.mean()) ** 2).sum()
+        angle = math.degrees(0.5 * math.atan2(2 * jxy, jxx - jyy)) % 180
         off = min(abs(angle - (label % 4) * 45), 180 - abs(angle - (label % 4) * 45))
-        cycles = math.hypot(fx, fy) / 2  # per half image, as the bands are given
-        band = (0.5 <= cycles <= 2.0) if label < 4 else (2.5 <= cycles <= 4.5)
-        matches += off <= 12 and band
-    # the strongest frequency is the class grating's, but for the odd image whose two colours are
-    # close the random illumination grating is stronger: that is the data's noise, not a bug
-    assert matches >= 44, matches  # 50 of 64 measured; a class-blind generator would match ~1 in 8
+        band = label // 4
+        hits[band] += off <= 15
+        energy[band].append(math.sqrt(grad_energy / energy_))  # ~ 2π × frequency
+    # the coarse gratings share the drifting colours' scale, so a few of them read off-axis (28 of 32
+    # measured within 15°; chance would be ~5)
+    assert hits[1] >= 30 and hits[0] >= 24, hits
+    assert min(energy[1]) > np.median(energy[0]), (energy[0], energy[1])  # the bands differ in frequency
     again = build_dataset("textures:n=64,size=32,seed=3", split="train")
     assert np.array_equal(np.asarray(ds[5][0]), np.asarray(again[5][0]))
     val = build_dataset("textures:n=64,size=32,seed=3", split="val")

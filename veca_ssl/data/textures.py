@@ -8,8 +8,9 @@ Spec options (as ``synthetic:``; all optional)::
 Class ``k`` (``0 <= k < classes <= 8``) fixes the orientation of a square-ish grating, ``(k % 4) × 45°``
 (± 7.5°), and its frequency band, ``k // 4``: 1–1.5 or 3–4 cycles per half image (more than the
 1.6× a 0.4–1 random-resized crop can change it). Per image and independent of the class: the two
-colours the grating mixes, its phase, a weaker multiplicative grating of random orientation and
-frequency (illumination), and pixel noise. Item ``i`` of split ``s`` is drawn from
+colours the grating mixes (each drifting smoothly across the image), its phase (wandering
+smoothly across the image too), a weaker
+multiplicative grating of random orientation and frequency (illumination), and pixel noise. Item ``i`` of split ``s`` is drawn from
 ``numpy.random.default_rng([seed, s, i])`` (s = 0 train / 1 val), labels are ``i % classes``.
 
 Why it exists: it is the CPU quickstart's data, a task on which pretraining has to *win*. On
@@ -50,18 +51,32 @@ def parse_texture_options(spec: str, options: str) -> dict[str, Any]:
     return out
 
 
+def _smooth_field(rng: np.random.Generator, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """A smooth random field in about [-1, 1]: two sinusoids of at most one cycle per image."""
+    out = np.zeros(np.broadcast(x, y).shape)
+    for _ in range(2):
+        fx, fy = rng.uniform(-0.5, 0.5, size=2)
+        out += np.sin(np.pi * (fx * x + fy * y) * 2 + rng.uniform(0, 2 * np.pi))
+    return out / 2
+
+
 def render_texture(rng: np.random.Generator, label: int, height: int, width: int) -> np.ndarray:
     """One RGB uint8 H×W×3 grating of class ``label`` (module docstring)."""
     y = np.linspace(-1.0, 1.0, height, endpoint=False)[:, None]
     x = np.linspace(-1.0, 1.0, width, endpoint=False)[None, :]
     theta = np.deg2rad((label % ORIENTATIONS) * 180.0 / ORIENTATIONS + rng.uniform(-7.5, 7.5))
     freq = rng.uniform(*BANDS[label // ORIENTATIONS])
-    phase = rng.uniform(0, 2 * np.pi)
+    # the phase wanders smoothly over the image (up to ±π): orientation and frequency stay those of the
+    # class, but no two images of a class line up pixel for pixel, however many there are
+    phase = rng.uniform(0, 2 * np.pi) + np.pi * _smooth_field(rng, x, y)
     grating = np.tanh(3 * np.sin(2 * np.pi * freq * (x * np.cos(theta) + y * np.sin(theta)) + phase))
-    light_theta, light_freq = rng.uniform(0, np.pi), rng.uniform(1.0, 4.0)
+    light_theta, light_freq = rng.uniform(0, np.pi), rng.uniform(0.25, 0.5)  # shading, coarser than any class
     light = np.sin(2 * np.pi * light_freq * (x * np.cos(light_theta) + y * np.sin(light_theta))
                    + rng.uniform(0, 2 * np.pi))
-    c1, c2 = rng.uniform(0, 1, 3), rng.uniform(0, 1, 3)
+    # the two colours drift across the image (one cycle at most), so two crops of one image rarely
+    # share them: colour cannot be what matches two views, the grating has to be
+    c1, c2 = (np.clip(rng.uniform(0.2, 0.8, 3) + 0.35 * np.stack([_smooth_field(rng, x, y) for _ in range(3)], -1),
+                      0.0, 1.0) for _ in range(2))
     img = c1 + (c2 - c1) * ((grating + 1) / 2)[..., None]
     img = img * (1 + 0.25 * light[..., None]) + rng.normal(0.0, 0.03, img.shape)
     return np.clip(np.rint(img * 255), 0, 255).astype(np.uint8)
