@@ -87,16 +87,18 @@ def test_ssl_dataset_sample_format_determinism_and_mask_statistics():
     t = MultiCropTransform(global_size=32, local_size=16, num_local_crops=2)
     ds = SSLDataset(base, t, MaskingGenerator((4, 4)), patch_size=8, mask_probability=0.5, mask_ratio=(0.1, 0.5))
     s = ds[(3, 12345)]
-    assert set(s) == {"global", "local", "masks", "label", "skips"} and s["skips"] == []
-    assert s["masks"].shape == (2, 16) and s["masks"].dtype == torch.bool
+    # masks are drawn per batch, in the collate; "skips" carries the unusable items it replaced
+    assert set(s) == {"global", "local", "mask_seed", "label", "skips"} and s["skips"] == []
     assert s["label"] == int(base.targets[3])
     again = ds[(3, 12345)]
     assert all(torch.equal(a, b) for a, b in zip(s["global"] + s["local"], again["global"] + again["local"]))
-    assert torch.equal(s["masks"], again["masks"])
+    assert s["mask_seed"] == again["mask_seed"]
     assert torch.equal(ds[5]["global"][0], ds[5]["global"][0])  # int index: seed derived from it
-    counts = torch.stack([ds[(i % len(ds), i)]["masks"].sum(1) for i in range(150)]).flatten()
+    batches = [ds.collate_fn([ds[(i % len(ds), i)] for i in range(j, j + 10)]) for j in range(0, 150, 10)]
+    assert all(b["masks"].shape == (20, 16) and b["masks"].dtype == torch.bool for b in batches)
+    counts = torch.stack([b["masks"].sum(1) for b in batches]).flatten()
     masked = counts[counts > 0]
-    assert 0.4 < len(masked) / len(counts) < 0.6  # about half of the global crops are masked
+    assert len(masked) == len(counts) // 2  # exactly half of the global crops are masked
     assert masked.min() >= 1 and masked.max() <= 8  # ratio U(0.1, 0.5) of 16 patches, rounded down
     with pytest.raises(ValueError, match="patch grid"):
         SSLDataset(base, t, MaskingGenerator((2, 2)), patch_size=8)

@@ -329,16 +329,18 @@ def test_veca_backbone_ddp_zero_rows_and_averaging(two_ranks):
 # ----------------------------------------------------------------------------------------------------
 # The real training loop (veca_ssl.train, lead): 2 gloo processes with batch b == 1 process with 2b.
 # Per-rank randomness is switched off here: KoLeo (nearest neighbours within the rank's batch), the
-# DINO head's BatchNorm (per-rank batch statistics on CPU/gloo; SyncBatchNorm on CUDA) and
-# VECA's training-time RoPE coordinate augmentation (drawn from the global RNG per batch). Centring
-# all-reduces its statistics; crops and masks are seeded per sample, the budget per step.
+# DINO head's BatchNorm (per-rank batch statistics on CPU/gloo; SyncBatchNorm on CUDA),
+# VECA's training-time RoPE coordinate augmentation (drawn from the global RNG per batch) and iBOT
+# masking (DINOv2's collate masks exactly half of each rank's global crops with ratios stratified
+# over that rank's batch, so the masks depend on how the global batch is split). Centring
+# all-reduces its statistics; crops are seeded per sample, the budget per step.
 # ----------------------------------------------------------------------------------------------------
 TINY_TRAIN = ["--config", "quickstart", "train.max_steps=3", "data.num_workers=0", "train.checkpoint_every=1",
               "train.keep_last=3", "train.progress=false", "train.knn_monitor.enabled=false", "device=cpu",
               "deterministic=true", "optim.warmup_epochs=0", "optim.base_lr=0.1", "crops.num_local=2",
               "model.overrides={depth: 2, embed_dim: 64, num_heads: 2, coord_shift: 0.0, coord_rescale: [1.0, 1.0]}",
               "dino.head_out_dim=64", "dino.head_hidden_dim=64", "dino.head_bottleneck_dim=32",
-              "ibot.head_out_dim=64", "dino.koleo_weight=0.0", "dino.head_use_bn=false",
+              "ibot.head_out_dim=64", "dino.koleo_weight=0.0", "dino.head_use_bn=false", "ibot.mask_probability=0.0",
               "optim.lr_scaling=linear"]  # pinned: peak lr 0.1 x 8/1024, independent of the quickstart demo
 
 

@@ -29,7 +29,9 @@ from veca_ssl.loss import (
 
 def test_head_shapes_weightnorm_and_reference_forward() -> None:
     torch.manual_seed(0)
-    head = DINOHead(in_dim=12, out_dim=40, hidden_dim=24, bottleneck_dim=8, nlayers=3)
+    # DINO's norm_last_layer=True: the gain is fixed at 1 (the DINOv2 default, a learnable gain, is
+    # checked against torch's weight_norm in test_recipe.py)
+    head = DINOHead(in_dim=12, out_dim=40, hidden_dim=24, bottleneck_dim=8, nlayers=3, last_layer="normalized")
     names = {name for name, _ in head.named_parameters()}
     assert "last_layer.weight_v" in names and not any("weight_g" in n for n in names)
     assert head.last_layer.weight_v.shape == (40, 8)

@@ -38,6 +38,9 @@ COMMON = [
     "dino.head_out_dim=64", "dino.head_hidden_dim=64", "dino.head_bottleneck_dim=32", "ibot.head_out_dim=64",
     "optim.warmup_epochs=0", "optim.base_lr=0.1", "optim.lr_scaling=linear", "optim.freeze_last_layer_epochs=0",
     "dino.koleo_weight=0.0",  # nearest neighbours within each rank's batch: not comparable across world sizes
+    # iBOT masks are drawn per rank's batch (DINOv2's collate: half of its global crops, stratified
+    # ratios), so they depend on how the global batch is split
+    "ibot.mask_probability=0.0",
     "train.progress=false", "train.log_every=1", "train.checkpoint_every=2", "train.keep_last=3",
     f"train.max_steps={STEPS}", "device=cpu", "deterministic=true",
 ]

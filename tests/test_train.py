@@ -38,11 +38,19 @@ def tiny_cfg(tmp_path: Path, *extra: str):
 
 
 def test_loss_decreases_on_synthetic_data(tmp_path):
-    cfg = tiny_cfg(tmp_path, "optim.epochs=6", "budgets.policy=full", "optim.freeze_last_layer_epochs=0")
+    # the small-data head of configs/quickstart.yaml (BN head, teacher 0.04): with the plain head, this
+    # 64-prototype DINO term climbs to log K = 4.16 within 48 steps (uniform targets, measured on the
+    # old and the new code alike) and the total only fell by the noise in how fast it got there
+    cfg = tiny_cfg(tmp_path, "optim.epochs=6", "budgets.policy=full", "optim.freeze_last_layer_epochs=0",
+                   "dino.head_use_bn=true", "dino.teacher_temp=0.04")
     train(cfg)
-    losses = [r["loss"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")]
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    losses = [r["loss"] for r in records]
     assert len(losses) == 48
     assert np.mean(losses[-8:]) < np.mean(losses[:8]) - 0.05, (losses[:8], losses[-8:])
+    for term in ("dino", "ibot", "koleo"):  # every term learns, not just the sum
+        values = [r[term] for r in records]
+        assert np.mean(values[-8:]) < np.mean(values[:8]) - 0.05, (term, values[:8], values[-8:])
     assert (tmp_path / "run" / "config.yaml").exists()
     assert (tmp_path / "run" / "export" / "teacher.safetensors").exists()
     assert (tmp_path / "run" / "tensorboard").is_dir()

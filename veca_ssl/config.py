@@ -297,6 +297,7 @@ CHOICES: list[tuple[str, tuple]] = [
     ("mode", ("ssl", "distill")),
     ("budgets.policy", ("sample", "sandwich", "full")),
     ("dino.centering", ("centering", "sinkhorn_knopp")),
+    ("dino.head_last_layer", ("weight_norm", "normalized", "linear")),
     ("optim.lr_scaling", ("sqrt", "linear", "none")),
     ("train.amp", ("auto", "bf16", "off")),
     ("train.parallel", PARALLEL_MODES),
@@ -368,6 +369,7 @@ def build_model(cfg: DictConfig, device: str | None = None):
 
     kwargs = dict(OmegaConf.to_container(cfg.model.overrides, resolve=True))
     kwargs.setdefault("drop_path_rate", cfg.model.drop_path_rate)
+    kwargs.setdefault("drop_path_uniform", cfg.model.drop_path_uniform)
     if cfg.model.layerscale_init is not None:
         kwargs.setdefault("layerscale_init", cfg.model.layerscale_init)
     num_cores = cfg.model.num_cores if cfg.model.name.startswith("veca") else None

@@ -49,6 +49,7 @@ _EXPORTS: dict[str, str] = {
     "SSLDataset": "ssl",
     "SSLIterableDataset": "ssl",
     "SyntheticDataset": "synthetic",
+    "TexturesDataset": "textures",
     "CropPlan": "transforms",
     "DenseEvalTransform": "transforms",
     "EvalTransform": "transforms",
@@ -88,6 +89,7 @@ if TYPE_CHECKING:  # static analysis sees the real imports
     from .specs import SPEC_KINDS, build_dataset, check_spec, parse_spec, stream_length
     from .ssl import SSLDataset, SSLIterableDataset
     from .synthetic import SyntheticDataset
+    from .textures import TexturesDataset
     from .transforms import (
         CropPlan,
         DenseEvalTransform,
@@ -128,6 +130,7 @@ __all__ = [
     "SkipCounter",
     "Skipped",
     "SyntheticDataset",
+    "TexturesDataset",
     "UnreadableItem",
     "WdsDataset",
     "build_dataset",

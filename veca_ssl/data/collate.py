@@ -5,7 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
+
+from .masking import BatchMasker
 
 
 def _crop_major(samples: Sequence[dict[str, Any]], key: str) -> list[torch.Tensor]:
@@ -17,8 +20,14 @@ def _crop_major(samples: Sequence[dict[str, Any]], key: str) -> list[torch.Tenso
     return [s[key][i] for i in range(n) for s in samples]
 
 
-def collate_multicrop(samples: Sequence[dict[str, Any]], local_size: int | None = None) -> dict[str, torch.Tensor]:
+def collate_multicrop(samples: Sequence[dict[str, Any]], local_size: int | None = None,
+                      masker: BatchMasker | None = None) -> dict[str, torch.Tensor]:
     """Collate :class:`~veca_ssl.data.ssl.SSLDataset` samples into one batch.
+
+    iBOT masks: with ``masker`` they are drawn here for the whole batch (DINOv2's collate: see
+    :class:`~veca_ssl.data.masking.BatchMasker`) from a generator seeded by the samples' ``mask_seed``
+    values, so a batch's masks depend only on its samples (same in any worker, after a resume); without
+    one, each sample brings its own ``masks`` (2, N).
 
     Returns:
         ``global_crops`` (2B,3,G,G) and ``local_crops`` (nB,3,L,L), crop-major (all samples' crop 0,
@@ -41,8 +50,13 @@ def collate_multicrop(samples: Sequence[dict[str, Any]], local_size: int | None 
     else:
         size = int(local_size or 0)
         local_crops = global_crops.new_empty((0, global_crops.shape[1], size, size))
-    mask_rows = [s["masks"][i] for i in range(samples[0]["masks"].shape[0]) for s in samples]
-    masks = torch.stack(mask_rows).to(torch.bool)
+    if masker is not None:
+        rng = np.random.default_rng([int(s["mask_seed"]) for s in samples])
+        grid = (global_crops.shape[-2] // masker.patch_size, global_crops.shape[-1] // masker.patch_size)
+        masks = torch.from_numpy(masker(global_crops.shape[0], grid, rng))
+    else:
+        mask_rows = [s["masks"][i] for i in range(samples[0]["masks"].shape[0]) for s in samples]
+        masks = torch.stack(mask_rows).to(torch.bool)
     counts = masks.sum(dim=1, keepdim=True).clamp(min=1).to(torch.float32)
     mask_weights = masks.to(torch.float32) / counts
     labels = torch.tensor([int(s["label"]) for s in samples], dtype=torch.long)

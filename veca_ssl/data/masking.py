@@ -7,6 +7,9 @@ add a rectangle, which can leave the mask short of the target; here the remainde
 patches adjacent to the mask (keeping it blocky), so the count is exact.
 
 Guarantee: ``MaskingGenerator(grid)(k, rng)`` masks exactly ``min(max(k, 0), Hp*Wp)`` patches.
+
+:class:`BatchMasker` chooses which global crops of a batch are masked and how much, as DINOv2's
+collate does (``dinov2/data/collate.py``).
 """
 
 from __future__ import annotations
@@ -110,3 +113,53 @@ class MaskingGenerator:
             f"MaskingGenerator(grid={self.grid}, ratio=({self.min_ratio}, {self.max_ratio}), "
             f"max_block={self.max_block_patches})"
         )
+
+
+class BatchMasker:
+    """iBOT masks for the global crops of one batch, drawn as DINOv2's collate draws them.
+
+    Of the ``B`` global crops, exactly ``int(B * mask_probability)`` are masked; the ``i``-th of those
+    masks ``int(N * U(r_i, r_{i+1}))`` of the ``N`` patches, where ``r = linspace(min_ratio,
+    max_ratio, n_masked + 1)`` — stratified ratios, so every batch spans the whole ratio range — and
+    the masks are shuffled over the crops. (Drawing "masked or not" per crop instead gives a binomial
+    number of masked crops per batch, and independent ratios.)
+
+    Args:
+        patch_size: pixels per patch: the mask grid is the global crop's side / ``patch_size``.
+        mask_probability: fraction of the global crops that are masked (0 = no masks).
+        mask_ratio: ``(min_ratio, max_ratio)`` of the masked fraction of a masked crop.
+        template: block-masking settings (aspect range, smallest block, largest block as a fraction of
+            the grid) for every grid size; default ``MaskingGenerator`` settings with
+            ``max_ratio = mask_ratio[1]``.
+    """
+
+    def __init__(self, patch_size: int, mask_probability: float = 0.5, mask_ratio: tuple[float, float] = (0.1, 0.5),
+                 template: MaskingGenerator | None = None) -> None:
+        lo, hi = (float(r) for r in mask_ratio)
+        if not 0.0 <= lo <= hi <= 1.0 or not 0.0 <= mask_probability <= 1.0 or patch_size < 1:
+            raise ValueError(f"need 0 <= mask_ratio[0] <= mask_ratio[1] <= 1, a probability and a patch size >= 1, "
+                             f"got {mask_ratio}, {mask_probability}, {patch_size}")
+        self.patch_size, self.mask_probability, self.mask_ratio = int(patch_size), float(mask_probability), (lo, hi)
+        self.template = template
+        self._generators: dict[tuple[int, int], MaskingGenerator] = {}
+        if template is not None:
+            self._generators[template.grid] = template
+
+    def generator(self, grid: tuple[int, int]) -> MaskingGenerator:
+        if grid not in self._generators:
+            t = self.template
+            self._generators[grid] = (
+                MaskingGenerator(grid, t.min_ratio, t.max_ratio, math.exp(t.log_aspect[0]), t.min_block_patches)
+                if t is not None else MaskingGenerator(grid, self.mask_ratio[0], self.mask_ratio[1]))
+        return self._generators[grid]
+
+    def __call__(self, num_crops: int, grid: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+        """Bool masks ``(num_crops, Hp*Wp)`` for ``num_crops`` global crops of patch grid ``grid``."""
+        n = int(grid[0]) * int(grid[1])
+        n_masked = int(num_crops * self.mask_probability)
+        out = np.zeros((num_crops, n), dtype=bool)
+        ratios = np.linspace(self.mask_ratio[0], self.mask_ratio[1], n_masked + 1)
+        gen = self.generator((int(grid[0]), int(grid[1]))) if n_masked else None
+        for i in range(n_masked):
+            out[i] = gen(int(n * rng.uniform(ratios[i], ratios[i + 1])), rng).reshape(-1)
+        return out[rng.permutation(num_crops)]

@@ -12,12 +12,10 @@ starts at ``samples_before(step)``) continues exactly.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from functools import partial
 from typing import Any, Protocol
 
 from torch.utils.data import Dataset, Sampler
 
-from .collate import collate_multicrop
 from .sampler import InfiniteSampler
 from .ssl import SSLDataset
 
@@ -53,7 +51,10 @@ class MultiResSSLDataset(Dataset):
             raise ValueError(f"every size needs the same base data and local crop size, got lengths {lengths}, "
                              f"local sizes {local}")
         self.length, self.local_size = lengths.pop(), local.pop()
-        self.collate_fn = partial(collate_multicrop, local_size=self.local_size)
+
+    def collate_fn(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        """A batch (one global crop size) collated by that size's dataset (its masks' patch grid)."""
+        return self.datasets[int(samples[0]["global"][0].shape[-1])].collate_fn(samples)
 
     def __len__(self) -> int:
         return self.length

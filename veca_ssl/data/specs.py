@@ -8,8 +8,9 @@ Spec strings::
     npz:/path/file.npz             images [+ labels, masks, depth]
     digits                         scikit-learn digits, fixed 80/20 train/val split
     synthetic:n=512,size=64,classes=4,seed=0   procedural shapes with masks and depth
+    textures:n=2048,size=32,classes=8,seed=0   procedural oriented gratings (the CPU quickstart's data)
 
-Splits. ``digits`` and ``synthetic`` have built-in ``"train"``/``"val"`` splits. A path with a
+Splits. ``digits``, ``synthetic`` and ``textures`` have built-in ``"train"``/``"val"`` splits. A path with a
 ``{split}`` placeholder has a split per name (``npz:/d/{split}.npz``). An ``imagefolder`` whose
 sub-folders are all split names (``train/``, ``val/``, … — the ImageNet root layout) has those splits.
 Any other spec names one set of files — a ``wds:`` brace range, a folder of class sub-folders, a file
@@ -34,6 +35,7 @@ from .folder import FileListDataset, ImageFolderDataset
 from .npz import NpzDataset
 from .shardset import ShardSet, expand_shards
 from .synthetic import SyntheticDataset, parse_synthetic_options
+from .textures import TexturesDataset, parse_texture_options
 from .wds import WdsDataset
 
 #: Spec kinds and the one-line form users see in errors.
@@ -44,6 +46,7 @@ SPEC_KINDS: dict[str, str] = {
     "npz": "npz:/path/file.npz",
     "digits": "digits",
     "synthetic": "synthetic:n=512,size=64,classes=4,seed=0",
+    "textures": "textures:n=2048,size=32,classes=8,seed=0",
 }
 
 #: Constructor options each kind accepts through ``build_dataset(..., **options)``.
@@ -55,6 +58,7 @@ _OPTIONS: dict[str, set[str]] = {
     "synthetic": {"dense"},
     "wds": {"shuffle_buffer", "shard_shuffle", "resampled", "endless", "seed", "rank", "world_size", "start",
             "batch_size", "workers"},
+    "textures": {"dense"},
 }
 
 #: Sub-folder names that make an image folder a root of splits (ImageNet layout) rather than classes.
@@ -131,10 +135,10 @@ def check_spec(spec: str, split: str | None = None, split_if_present: bool = Fal
         if split not in (None, "train", "val", "test"):
             raise ValueError(f"digits: unknown split {split!r}; use 'train', 'val' or none (all images)")
         return arg
-    if kind == "synthetic":
-        parse_synthetic_options(spec, arg)
+    if kind in ("synthetic", "textures"):
+        (parse_synthetic_options if kind == "synthetic" else parse_texture_options)(spec, arg)
         if split not in (None, "train", "val"):
-            raise ValueError(f"synthetic: unknown split {split!r}; use 'train', 'val' or none (= train)")
+            raise ValueError(f"{kind}: unknown split {split!r}; use 'train', 'val' or none (= train)")
         return arg
     path = _resolve_path(kind, arg, split, spec, split_if_present)
     if kind == "wds":
@@ -204,6 +208,9 @@ def build_dataset(
     if kind == "synthetic":
         parsed = parse_synthetic_options(spec_str, arg)
         return SyntheticDataset(split=split, transform=transform, **parsed, **common, **options)
+    if kind == "textures":
+        parsed = parse_texture_options(spec_str, arg)
+        return TexturesDataset(split=split, transform=transform, **parsed, **common, **options)
     path = _resolve_path(kind, arg, split, spec_str, split_if_present)
     if kind == "imagefolder":
         return ImageFolderDataset(path, transform=transform, **common, **options)

@@ -1,12 +1,13 @@
 """Self-supervised training samples: multi-crop views plus iBOT masks, reproducible from one seed.
 
-A sample is ``{"global": [t0, t1], "local": [...], "masks": bool (2, Hp*Wp), "label": int, "skips": [...]}``
+A sample is ``{"global": [t0, t1], "local": [...], "mask_seed": int, "label": int, "skips": [...]}``
 (``skips``: records of the unusable items replaced to make it, carried to the main process so skips
-are counted over all DataLoader workers). Every
-random choice — crop boxes, colour jitter, whether and how a global crop is masked — comes from
+are counted over all DataLoader workers). Every random choice — crop boxes, colour jitter, the seed of
+the masks — comes from
 ``numpy.random.default_rng(sample_seed)``, so the sample is the same in any process or worker.
-Masking follows iBOT (arXiv:2111.07832) / DINOv2: each global crop is masked with probability
-``mask_probability``, with a ratio drawn uniformly from ``mask_ratio`` and BEiT block masks.
+Masking follows iBOT (arXiv:2111.07832) / DINOv2: the collate (``self.collate_fn``) masks exactly
+``mask_probability`` of the batch's global crops with stratified ratios in ``mask_ratio`` and BEiT
+block masks (:class:`~veca_ssl.data.masking.BatchMasker`), seeded by the batch's ``mask_seed`` values.
 """
 
 from __future__ import annotations
@@ -16,19 +17,19 @@ from functools import partial
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
 from torch.utils.data import Dataset, IterableDataset
 
 from .collate import collate_multicrop
-from .masking import MaskingGenerator
+from .masking import BatchMasker, MaskingGenerator
 from .sampler import derive_seed
 from .tario import RawSample
 from .transforms import CropPlan, MultiCropTransform
 
 
 class _SampleMaker:
-    """Shared by the map-style and streaming SSL datasets: crops + masks from an image and an rng."""
+    """Shared by the map-style and streaming SSL datasets: crops + the masks' seed from an image and an rng;
+    ``batch_masker`` draws a batch's masks in the collate."""
 
     def __init__(
         self,
@@ -53,23 +54,16 @@ class _SampleMaker:
             raise ValueError(f"need 0 <= mask_ratio[0] <= mask_ratio[1] <= 1 and a probability, got {mask_ratio}, {mask_probability}")
         self.transform, self.mask_generator, self.patch_size = transform, mask_generator, int(patch_size)
         self.mask_probability, self.mask_ratio = float(mask_probability), (lo, hi)
-
-    def masks(self, rng: np.random.Generator) -> torch.Tensor:
-        n = self.grid[0] * self.grid[1]
-        out = np.zeros((2, n), dtype=bool)
-        if self.mask_generator is None:
-            return torch.from_numpy(out)
-        for i in range(2):
-            if rng.random() < self.mask_probability:
-                ratio = rng.uniform(*self.mask_ratio)
-                out[i] = self.mask_generator(int(n * ratio), rng).reshape(-1)
-        return torch.from_numpy(out)
+        # the generator's grid is checked above; the batch masker draws every batch's masks
+        self.batch_masker = BatchMasker(self.patch_size, self.mask_probability if mask_generator else 0.0,
+                                        self.mask_ratio, mask_generator)
 
     def make(self, img: Image.Image, plan: CropPlan | None, label: int, rng: np.random.Generator) -> dict[str, Any]:
         if plan is None:  # the loader did not run the pre-decode hook (in-memory images)
             plan = self.transform.prepare(img, rng)
         crops = self.transform.apply(img, plan, rng)
-        return {"global": crops["global"], "local": crops["local"], "masks": self.masks(rng), "label": int(label)}
+        return {"global": crops["global"], "local": crops["local"], "mask_seed": int(rng.integers(0, 2**63)),
+                "label": int(label)}
 
 
 class SSLDataset(Dataset):
@@ -99,7 +93,8 @@ class SSLDataset(Dataset):
         self.base, self.seed = base, int(seed)
         self.maker = _SampleMaker(transform, mask_generator, patch_size, mask_probability, mask_ratio)
         self.transform, self.mask_generator = transform, mask_generator
-        self.collate_fn = partial(collate_multicrop, local_size=transform.local_size)
+        self.collate_fn = partial(collate_multicrop, local_size=transform.local_size,
+                                  masker=self.maker.batch_masker)
 
     def __len__(self) -> int:
         return len(self.base)
@@ -143,7 +138,8 @@ class SSLIterableDataset(IterableDataset):
         self.base = base
         self.maker = _SampleMaker(transform, mask_generator, patch_size, mask_probability, mask_ratio)
         self.transform = transform
-        self.collate_fn = partial(collate_multicrop, local_size=transform.local_size)
+        self.collate_fn = partial(collate_multicrop, local_size=transform.local_size,
+                                  masker=self.maker.batch_masker)
 
     def _make(self, raw: RawSample, seed: int) -> dict[str, Any]:
         rng = np.random.default_rng(seed)

@@ -8,6 +8,8 @@ Spec options (comma-separated ``key=value`` after the colon; all optional)::
 ``val_n``    items in the ``val`` split (default ``max(1, n // 4)``).
 ``size``     image side in pixels, or ``HxW`` (e.g. ``48x64``); default 64, at least 16.
 ``classes``  number of object classes K (default 4, 1–64).
+``hue_jitter`` degrees of random hue added to each shape's class hue (default 0; 360 = any hue, so
+             colour no longer tells the class and only the shape does).
 ``seed``     base seed (default 0). Item ``i`` of split ``s`` is drawn from
              ``numpy.random.default_rng([seed, s, i])`` with s = 0 (train) / 1 (val), so splits never
              share an item and every item is reproducible on its own, in any order, on any worker.
@@ -35,7 +37,7 @@ from .base import MapImageDataset
 from .decode import Prepare
 
 SHAPES = ("disc", "square", "triangle", "ring", "cross", "diamond")
-_DEFAULTS = {"n": 512, "val_n": None, "size": 64, "classes": 4, "seed": 0}
+_DEFAULTS = {"n": 512, "val_n": None, "size": 64, "classes": 4, "seed": 0, "hue_jitter": 0}
 
 
 def parse_synthetic_options(spec: str, options: str) -> dict[str, Any]:
@@ -67,6 +69,8 @@ def parse_synthetic_options(spec: str, options: str) -> dict[str, Any]:
         raise ValueError(f"malformed dataset spec {spec!r}: size must be at least 16 pixels, got {size}")
     if not 1 <= out["classes"] <= 64:
         raise ValueError(f"malformed dataset spec {spec!r}: classes must be in 1..64, got {out['classes']}")
+    if not 0 <= out["hue_jitter"] <= 360:
+        raise ValueError(f"malformed dataset spec {spec!r}: hue_jitter must be in 0..360 degrees, got {out['hue_jitter']}")
     if out["seed"] < 0:
         raise ValueError(f"malformed dataset spec {spec!r}: seed must be >= 0, got {out['seed']}")
     return out
@@ -102,9 +106,10 @@ def _smooth_field(rng: np.random.Generator, x: np.ndarray, y: np.ndarray, terms:
 
 
 def render_synthetic(
-    rng: np.random.Generator, label: int, height: int, width: int, classes: int
+    rng: np.random.Generator, label: int, height: int, width: int, classes: int, hue_jitter: float = 0.0
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Draw one scene; return (RGB uint8 H×W×3, mask uint8 H×W, depth float32 H×W)."""
+    """Draw one scene; return (RGB uint8 H×W×3, mask uint8 H×W, depth float32 H×W). ``hue_jitter``
+    (degrees) draws one extra number per shape, so ``0`` renders exactly the scenes it always did."""
     y = np.linspace(-1.0, 1.0, height)[:, None] * (height / max(height, width))
     x = np.linspace(-1.0, 1.0, width)[None, :] * (width / max(height, width))
     base = rng.uniform(0.25, 0.65, size=3)
@@ -127,7 +132,8 @@ def render_synthetic(
         u = np.cos(angle) * du + np.sin(angle) * dv
         v = -np.sin(angle) * du + np.cos(angle) * dv
         inside = _shape_mask(SHAPES[cls % len(SHAPES)], u, v, radius)
-        colour = np.array(colorsys.hsv_to_rgb(cls / classes, rng.uniform(0.6, 0.9), rng.uniform(0.75, 1.0)))
+        hue = cls / classes + (rng.uniform(-0.5, 0.5) * hue_jitter / 360.0 if hue_jitter else 0.0)
+        colour = np.array(colorsys.hsv_to_rgb(hue % 1.0, rng.uniform(0.6, 0.9), rng.uniform(0.75, 1.0)))
         shade = 0.85 + 0.15 * np.clip((u - v) / (2 * radius), -1, 1)
         img[inside] = (colour[None, None, :] * shade[..., None])[inside]
         depth[inside] = (z + 0.4 * (u * u + v * v) / (radius * radius))[inside]
@@ -147,6 +153,7 @@ class SyntheticDataset(MapImageDataset):
         seed: int = 0,
         split: str | None = None,
         val_n: int | None = None,
+        hue_jitter: int = 0,
         **kwargs: Any,
     ) -> None:
         if split not in (None, "train", "val"):
@@ -154,6 +161,7 @@ class SyntheticDataset(MapImageDataset):
         self.height, self.width = (size, size) if isinstance(size, int) else tuple(size)
         self.num_classes_ = int(classes)
         self.seed = int(seed)
+        self.hue_jitter = int(hue_jitter)
         self.split = split or "train"
         count = n if self.split == "train" else (val_n if val_n is not None else max(1, n // 4))
         self.targets = np.arange(count, dtype=np.int64) % self.num_classes_
@@ -172,7 +180,8 @@ class SyntheticDataset(MapImageDataset):
         if cached is not None and cached[0] == index:  # image and dense labels come from one render
             return cached[1]
         rng = np.random.default_rng([self.seed, 0 if self.split == "train" else 1, int(index)])
-        arrays = render_synthetic(rng, int(self.targets[index]), self.height, self.width, self.num_classes_)
+        arrays = render_synthetic(rng, int(self.targets[index]), self.height, self.width, self.num_classes_,
+                                  self.hue_jitter)
         self._last_render = (index, arrays)
         return arrays
 

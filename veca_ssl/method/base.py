@@ -5,8 +5,10 @@ A method owns three things and one forward:
 - ``student``: an ``nn.Module`` holding *every* trainable parameter (backbone, heads, projections).
   It is what the optimiser sees and what data/model parallelism wraps (``parallelize``), so DDP
   averages every gradient and nothing is all-reduced by hand.
-- ``teacher``: the exponential moving average of ``student`` (same architecture, no gradients). Its
-  backbone is what training exports and evaluates (``ema_backbone``).
+- ``teacher``: the exponential moving average of ``student`` (same architecture, no gradients), made
+  by :func:`ema_copy` and kept in :func:`teacher_mode`: a deterministic function of its input (no
+  drop-path, no coordinate augmentation). Its backbone is what training exports and evaluates
+  (``ema_backbone``).
 - loss modules with state (e.g. DINO centres), listed by ``loss_modules()`` so they are checkpointed.
 - ``forward(batch, widths, teacher_temp) -> dict`` of losses, ``"loss"`` being the one to minimise.
 
@@ -20,6 +22,7 @@ shards under the same names), so everything that needs whole weights asks ``full
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 
@@ -28,6 +31,35 @@ from torch import Tensor, nn
 
 from veca_ssl.models.base import Backbone
 from veca_ssl.train.ema import ema_update_
+
+
+def teacher_mode(teacher: nn.Module) -> nn.Module:
+    """Put an EMA teacher in its target-producing mode, in place; returns it.
+
+    Everything is in eval mode — no drop-path, no dropout, no training-time coordinate augmentation —
+    as DINOv2, DINOv3 and the VECA reference run their teachers, so the same batch always gives the
+    same targets. The one exception is BatchNorm (the DINO head's optional ``use_bn``): it normalises
+    with the statistics of the batch it is given and never updates its running buffers. That is what
+    DINO's teacher does (its BN heads run in training mode, synchronised across GPUs), and the running
+    buffers would be the wrong statistics here: they are copies of the *student's* (other width,
+    local crops mixed in, updated with momentum 0.1) and start at mean 0 / variance 1, i.e. no
+    normalisation at all in the first steps, which is exactly when the BN head is needed to keep the
+    targets from being uniform. Batch statistics keep the output a deterministic function of the
+    batch: two calls on one batch give identical targets.
+    """
+    teacher.eval()
+    for module in teacher.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.train()
+            module.track_running_stats = False  # batch statistics, running buffers left untouched
+    return teacher
+
+
+def ema_copy(student: nn.Module) -> nn.Module:
+    """A gradient-free copy of ``student`` in :func:`teacher_mode`: the EMA teacher at step 0."""
+    teacher = copy.deepcopy(student)
+    teacher.requires_grad_(False)
+    return teacher_mode(teacher)
 
 
 class Method(ABC):

@@ -12,7 +12,6 @@ and evaluated); the external network is ``frozen_teacher``.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 
 import torch
@@ -21,7 +20,7 @@ from torch import Tensor, nn
 
 from veca_ssl.loss import DistillationLoss
 from veca_ssl.loss.distill import resample_patch_grid
-from veca_ssl.method.base import Method
+from veca_ssl.method.base import Method, ema_copy
 from veca_ssl.models import load_backbone
 from veca_ssl.models.base import Backbone
 
@@ -66,8 +65,7 @@ class ElasticDistillation(Method):
         backbone.mask_token.requires_grad_(False)  # no masking in distillation (DDP needs every grad)
         self.frozen_teacher = frozen_teacher if frozen_teacher is not None else load_frozen_teacher(cfg)
         self.student = DistillStudentNet(backbone, self.frozen_teacher.embed_dim)
-        self.teacher = copy.deepcopy(self.student)  # EMA of the student
-        self.teacher.requires_grad_(False)
+        self.teacher = ema_copy(self.student)  # EMA of the student
         d = cfg.distill
         self.loss = DistillationLoss(d.cls_weight, d.patch_cos_weight, d.patch_mse_weight,
                                      normalize_mse_target=d.normalize_mse_target,

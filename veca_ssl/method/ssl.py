@@ -11,14 +11,13 @@ clipping, the optimiser and the EMA step (``update_teacher``) are the training l
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from veca_ssl.loss import DINOHead, DINOLoss, KoLeoLoss, iBOTPatchLoss
-from veca_ssl.method.base import Method
+from veca_ssl.method.base import Method, ema_copy, teacher_mode
 from veca_ssl.models.base import Backbone
 
 
@@ -50,10 +49,9 @@ class StudentTeacherNet(nn.Module):
 
 def build_heads(cfg, embed_dim: int) -> tuple[DINOHead, DINOHead | None]:
     d, i = cfg.dino, cfg.ibot
-    dino_head = DINOHead(embed_dim, d.head_out_dim, d.head_hidden_dim, d.head_bottleneck_dim, d.head_nlayers,
-                         use_bn=d.head_use_bn, mlp_bias=d.head_mlp_bias)
-    ibot_head = (DINOHead(embed_dim, i.head_out_dim, i.head_hidden_dim, i.head_bottleneck_dim, i.head_nlayers,
-                          use_bn=d.head_use_bn, mlp_bias=d.head_mlp_bias)
+    kw = dict(use_bn=d.head_use_bn, mlp_bias=d.head_mlp_bias, last_layer=d.head_last_layer)
+    dino_head = DINOHead(embed_dim, d.head_out_dim, d.head_hidden_dim, d.head_bottleneck_dim, d.head_nlayers, **kw)
+    ibot_head = (DINOHead(embed_dim, i.head_out_dim, i.head_hidden_dim, i.head_bottleneck_dim, i.head_nlayers, **kw)
                  if i.separate_head else None)
     return dino_head, ibot_head
 
@@ -70,8 +68,7 @@ class ElasticDINO(Method):
         super().__init__(cfg)
         dino_head, ibot_head = build_heads(cfg, backbone.embed_dim)
         self.student = StudentTeacherNet(backbone, dino_head, ibot_head)
-        self.teacher = copy.deepcopy(self.student)
-        self.teacher.requires_grad_(False)
+        self.teacher = ema_copy(self.student)
         ibot_dim = cfg.ibot.head_out_dim if cfg.ibot.separate_head else cfg.dino.head_out_dim
         self.dino_loss = DINOLoss(cfg.dino.head_out_dim, cfg.dino.student_temp, cfg.dino.center_momentum)
         self.ibot_loss = iBOTPatchLoss(ibot_dim, cfg.dino.student_temp, cfg.dino.center_momentum)
@@ -79,6 +76,14 @@ class ElasticDINO(Method):
 
     def loss_modules(self) -> dict[str, nn.Module]:
         return {"dino": self.dino_loss, "ibot": self.ibot_loss}
+
+    def parallelize(self, wrap: Callable[[nn.Module], nn.Module],
+                    shard_teacher: Callable[[nn.Module], nn.Module] | None = None) -> None:
+        super().parallelize(wrap, shard_teacher)
+        # a student whose head BatchNorm was synchronised across GPUs: the teacher's batch statistics
+        # (see ``teacher_mode``) must cover the same global batch, as DINO's SyncBN teacher does
+        if any(isinstance(m, nn.SyncBatchNorm) for m in self.student.modules()):
+            self.teacher = teacher_mode(nn.SyncBatchNorm.convert_sync_batchnorm(self.teacher))
 
     @torch.no_grad()
     def get_teacher_output(self, global_crops: Tensor, masks: Tensor | None,
@@ -89,7 +94,7 @@ class ElasticDINO(Method):
         targets were computed with the previous centres (DINOv2 applies the same update lazily, before
         the next use).
         """
-        teacher = self.teacher
+        teacher = teacher_mode(self.teacher)  # idempotent; guards against a caller's .train()
         g = teacher.backbone.forward_features(global_crops)  # full width (None = all cores)
         cls_logits = teacher.dino_head(g["cls"]).float()
         patch_logits = None

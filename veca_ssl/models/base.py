@@ -159,11 +159,6 @@ class Backbone(nn.Module):
             return torch.utils.checkpoint.checkpoint(blk, x, *args, use_reentrant=False)
         return blk(x, *args)
 
-    def no_weight_decay_keywords(self) -> tuple[str, ...]:
-        """Parameter-name fragments excluded from weight decay (besides norms and biases)."""
-        return ("cls_token", "register_tokens", "pos_embed", "mask_token", "cores", "core_coords",
-                "coord_alpha")
-
 
 def init_weights(module: nn.Module) -> None:
     """timm/DINOv2 init: truncated normal (std 0.02) linear weights, zero biases, unit LayerNorms."""

@@ -132,3 +132,11 @@ class DropPath(nn.Module):
 
     def extra_repr(self) -> str:
         return f"drop_prob={self.drop_prob}"
+
+
+def drop_path_rates(rate: float, depth: int, uniform: bool = False) -> list[float]:
+    """Per-block stochastic-depth rates: a linear ramp 0 → ``rate`` over the blocks (DeiT, DINO), or
+    ``rate`` in every block (DINOv2's ``drop_path_uniform``, used for its large models)."""
+    if uniform:
+        return [float(rate)] * depth
+    return torch.linspace(0, rate, depth, device="cpu").tolist()

@@ -6,16 +6,19 @@ Patches never attend to each other: every block runs on ``[R_C; Z]`` where ``R_C
 
 Elasticity: the bank is one (M, D) parameter and a forward pass slices its first ``C`` rows, so a
 budget's output can only depend on cores < C and cores >= C receive exactly-zero gradient rows
-(DDP needs no ``find_unused_parameters``). Training with nested budgets makes every prefix a
+(DDP needs no ``find_unused_parameters``); the training optimiser then leaves those rows and their
+moments untouched, chunk by chunk, as the reference's separate chunk parameters
+(``veca_ssl.train.optim.ElasticAdamW``). Training with nested budgets makes every prefix a
 working model: pick any budget in ``budgets`` at inference without retraining.
 
 Positions: 2D RoPE on queries and keys (interleaved channel pairs, one complex product per block). Patches sit at their cell centres on [-1, 1]²; each core has
 a learned coordinate (raw, pre-tanh), initialised by farthest-point sampling inside ±0.95 so every
 prefix is spread over the image, and moved after every block but the last by a small linear head
 on the core's state: ``raw += alpha_l · Linear_l(core)`` (``alpha_l`` learned, initialised 0.01).
-During training the patch coordinates of each image are shifted (±0.08) and rescaled (×[0.5, 2],
-log-uniform) — the coordinate augmentation of the reference, which keeps the cores from
-over-fitting to one absolute layout of the patches.
+During training the patch coordinates are shifted (±0.08 per axis) and then rescaled (×[0.5, 2],
+log-uniform), one draw per batch — the coordinate augmentation of the reference, which keeps the
+cores from over-fitting to one absolute layout of the patches (``coord_aug="image"``: one draw per
+image). Eval mode (and so the EMA teacher) uses the plain cell centres.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from torch import Tensor, nn
 from .base import Backbone, init_weights
 from .block import Block
 from .flops import backbone_flops, veca_attention_pairs
-from .layers import PatchEmbed, ffn_hidden_dim
+from .layers import PatchEmbed, drop_path_rates, ffn_hidden_dim
 from .rope import farthest_point_coords, patch_coords, rope_freqs, rope_inv_periods
 
 
@@ -56,9 +59,11 @@ class VECA(Backbone):
     def __init__(self, patch_size: int = 16, embed_dim: int = 384, depth: int = 12, num_heads: int = 6,
                  num_cores: int = 64, core_chunk: int = 8, ffn_layer: str = "swiglu",
                  ffn_ratio: float | None = None, qkv_bias: bool = True, drop_path_rate: float = 0.0,
+                 drop_path_uniform: bool = False,
                  layerscale_init: float | None = None, norm_eps: float = 1e-5, rope_base: float = 100.0,
                  rope_zero_fraction: float = 0.125, coord_shift: float = 0.08,
-                 coord_rescale: tuple[float, float] = (0.5, 2.0), coord_alpha_init: float = 0.01,
+                 coord_rescale: tuple[float, float] = (0.5, 2.0), coord_aug: str = "batch",
+                 coord_alpha_init: float = 0.01,
                  attn_backend: str = "auto", in_chans: int = 3, grad_checkpointing: bool = False,
                  ffn_align: int = 1, ffn_hidden: int | None = None, output_dim: int | None = None,
                  patch_norm: bool = False, coord_jitter: float | None = None,
@@ -73,15 +78,20 @@ class VECA(Backbone):
         ``patch_norm`` adds a LayerNorm after the patch embedding; ``coord_jitter`` (> 1) scales each
         axis of the patch coordinates by a log-uniform factor in [1/j, j] during training;
         ``rope_zero_from`` picks which end of the RoPE spectrum ``rope_zero_fraction`` zeroes.
+        ``coord_aug``: ``"batch"`` (the reference) draws one coordinate augmentation per batch, ``"image"``
+        one per image. ``drop_path_uniform``: every block drops paths at ``drop_path_rate`` (DINOv2's
+        option) instead of a linear ramp from 0.
         """
         super().__init__({
             "patch_size": patch_size, "embed_dim": embed_dim, "depth": depth, "num_heads": num_heads,
             "num_cores": num_cores, "core_chunk": core_chunk, "ffn_layer": ffn_layer, "ffn_ratio": ffn_ratio,
             "ffn_align": ffn_align, "ffn_hidden": ffn_hidden,
-            "qkv_bias": qkv_bias, "drop_path_rate": drop_path_rate, "layerscale_init": layerscale_init,
+            "qkv_bias": qkv_bias, "drop_path_rate": drop_path_rate, "drop_path_uniform": drop_path_uniform,
+            "layerscale_init": layerscale_init,
             "norm_eps": norm_eps, "rope_base": rope_base, "rope_zero_fraction": rope_zero_fraction,
             "rope_zero_from": rope_zero_from,
             "coord_shift": coord_shift, "coord_rescale": list(coord_rescale), "coord_jitter": coord_jitter,
+            "coord_aug": coord_aug,
             "coord_alpha_init": coord_alpha_init, "attn_backend": attn_backend, "in_chans": in_chans,
             "output_dim": output_dim, "patch_norm": patch_norm,
         })
@@ -96,6 +106,10 @@ class VECA(Backbone):
         if coord_jitter is not None and coord_jitter < 1.0:
             raise ValueError(f"coord_jitter={coord_jitter} must be >= 1 (a scale range [1/j, j]) or None")
         self.coord_jitter = coord_jitter
+        if coord_aug not in ("batch", "image"):
+            raise ValueError(f"coord_aug={coord_aug!r}; valid: 'batch' (the reference: one shift and one "
+                             f"rescale per batch) or 'image' (one per image)")
+        self.coord_aug = coord_aug
         self.grad_checkpointing = grad_checkpointing
 
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim, norm=patch_norm)
@@ -103,7 +117,7 @@ class VECA(Backbone):
         # stored pre-tanh so the per-layer updates stay unconstrained
         self.core_coords = nn.Parameter(torch.atanh(farthest_point_coords(num_cores)))
         self.mask_token = nn.Parameter(torch.zeros(embed_dim))
-        dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
+        dpr = drop_path_rates(drop_path_rate, depth, drop_path_uniform)
         self.blocks = nn.ModuleList(
             Block(embed_dim, num_heads, ffn_layer, self.ffn_hidden, qkv_bias, True, True, dpr[i], layerscale_init,
                   norm_eps, attn_backend)
@@ -135,19 +149,22 @@ class VECA(Backbone):
         return int(num_cores)
 
     def _patch_coords(self, batch: int, grid: tuple[int, int], device) -> Tensor:
+        """Patch cell centres, (1, N, 2) — or (B, N, 2) with per-image augmentation — augmented in
+        training as the reference does: a shift U(±coord_shift) per axis, then the optional per-axis
+        jitter, *then* one isotropic rescale, log-uniform in ``coord_rescale``. ``coord_aug="batch"``
+        (the reference) draws one augmentation for the whole batch; ``"image"`` one per image."""
         coords = patch_coords(grid, device)[None]  # (1, N, 2)
         lo, hi = self.coord_rescale
         jitter = self.coord_jitter is not None and self.coord_jitter != 1.0
         if self.training and (self.coord_shift > 0 or lo != 1.0 or hi != 1.0 or jitter):
-            # the reference's order: shift, then per-axis jitter, then one isotropic rescale. Drawn per
-            # image (the reference draws once per batch): the same augmentation in expectation, with
-            # more layouts seen per step.
-            shift = (torch.rand(batch, 1, 2, device=device) * 2 - 1) * self.coord_shift
-            log_scale = torch.empty(batch, 1, 1, device=device).uniform_(math.log(lo), math.log(hi))
+            # the reference's order: shift, then per-axis jitter, then one isotropic rescale
+            n = batch if self.coord_aug == "image" else 1
+            shift = (torch.rand(n, 1, 2, device=device) * 2 - 1) * self.coord_shift
+            log_scale = torch.empty(n, 1, 1, device=device).uniform_(math.log(lo), math.log(hi))
             coords = coords + shift
             if jitter:
                 j = math.log(self.coord_jitter)
-                coords = coords * torch.empty(batch, 1, 2, device=device).uniform_(-j, j).exp()
+                coords = coords * torch.empty(n, 1, 2, device=device).uniform_(-j, j).exp()
             coords = coords * log_scale.exp()
         return coords
 

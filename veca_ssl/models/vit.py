@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from .base import Backbone, init_weights
 from .block import Block
 from .flops import backbone_flops, dense_attention_pairs
-from .layers import PatchEmbed, ffn_hidden_dim
+from .layers import PatchEmbed, drop_path_rates, ffn_hidden_dim
 from .rope import patch_coords, rope_cos_sin, rope_inv_periods
 
 POS_EMBEDS = ("learned", "rope", "none")
@@ -34,7 +34,8 @@ class VisionTransformer(Backbone):
                  num_registers: int = 0, pos_embed: str = "learned", pos_embed_grid: int | None = None,
                  pos_interp_offset: float = 0.0, ffn_layer: str = "swiglu", ffn_ratio: float | None = None,
                  qkv_bias: bool = True, proj_bias: bool = True, ffn_bias: bool = True,
-                 drop_path_rate: float = 0.0, layerscale_init: float | None = None, norm_eps: float = 1e-6,
+                 drop_path_rate: float = 0.0, drop_path_uniform: bool = False,
+                 layerscale_init: float | None = None, norm_eps: float = 1e-6,
                  rope_base: float = 100.0, rope_zero_fraction: float = 0.0, attn_backend: str = "auto",
                  in_chans: int = 3, grad_checkpointing: bool = False, pos_interp_antialias: bool = False,
                  ffn_align: int = 8, ffn_hidden: int | None = None) -> None:
@@ -47,7 +48,7 @@ class VisionTransformer(Backbone):
             "pos_interp_offset": pos_interp_offset, "pos_interp_antialias": pos_interp_antialias,
             "ffn_layer": ffn_layer, "ffn_ratio": ffn_ratio, "ffn_align": ffn_align, "ffn_hidden": ffn_hidden,
             "qkv_bias": qkv_bias, "proj_bias": proj_bias, "ffn_bias": ffn_bias,
-            "drop_path_rate": drop_path_rate, "layerscale_init": layerscale_init, "norm_eps": norm_eps,
+            "drop_path_rate": drop_path_rate, "drop_path_uniform": drop_path_uniform, "layerscale_init": layerscale_init, "norm_eps": norm_eps,
             "rope_base": rope_base, "rope_zero_fraction": rope_zero_fraction, "attn_backend": attn_backend,
             "in_chans": in_chans,
         })
@@ -64,7 +65,7 @@ class VisionTransformer(Backbone):
         self.pos_embed = (nn.Parameter(torch.zeros(1, 1 + pos_embed_grid**2, embed_dim))
                           if pos_embed == "learned" else None)
         self.mask_token = nn.Parameter(torch.zeros(embed_dim))
-        dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
+        dpr = drop_path_rates(drop_path_rate, depth, drop_path_uniform)
         self.blocks = nn.ModuleList(
             Block(embed_dim, num_heads, ffn_layer, self.ffn_hidden, qkv_bias, proj_bias, ffn_bias, dpr[i],
                   layerscale_init, norm_eps, attn_backend)

@@ -37,7 +37,7 @@ from veca_ssl.train.lock import RunLock
 from veca_ssl.train.metrics import MetricLogger, MetricsWriteError
 from veca_ssl.train.monitor import KnnMonitor
 from veca_ssl.train.multires import FixedSchedule, MultiResSchedule, parse_phases
-from veca_ssl.train.optim import build_optimizer, set_schedules
+from veca_ssl.train.optim import ElasticAdamW, build_optimizer, clip_grad_norms, set_schedules
 from veca_ssl.train.rundir import on_main, open_run_dir, resume_point_after_divergence
 from veca_ssl.train.schedules import cosine_schedule, scaled_lr, teacher_temperature
 
@@ -103,7 +103,7 @@ class Run:
     info: dist.DistInfo
     output_dir: Path
     method: Method
-    optimizer: torch.optim.Optimizer
+    optimizer: ElasticAdamW
     policy: BudgetPolicy
     schedule: FixedSchedule | MultiResSchedule
     data: TrainData  # batches, plus the data position and skip counts (veca_ssl.train.data)
@@ -160,7 +160,7 @@ def setup(cfg: DictConfig) -> Run:
         parallelize_method(method, cfg, info)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    optimizer = build_optimizer(method.student, backbone.depth, cfg.optim, backbone.no_weight_decay_keywords())
+    optimizer = build_optimizer(method.student, backbone.depth, cfg.optim)
 
     # rank 0 locks the directory, cleans it and picks a verified resume point (``train`` releases the
     # lock on any error); the other ranks load the checkpoint it picked
@@ -231,7 +231,8 @@ def train_step(run: Run, step: int) -> tuple[bool, dict | None]:
     run.optimizer.zero_grad(set_to_none=True)
     losses["loss"].backward()
     max_norm = cfg.optim.clip_grad if cfg.optim.clip_grad > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(method.trainable_parameters(), max_norm)
+    grad_norms = clip_grad_norms(method.student, max_norm)  # each sub-module on its own (DINOv2)
+    run.optimizer.set_widths(widths)  # core chunks outside the width stay untouched
     run.optimizer.step()
     method.update_teacher(momentum)
 
@@ -244,9 +245,10 @@ def train_step(run: Run, step: int) -> tuple[bool, dict | None]:
         record = {k: float(v.detach()) for k, v in losses.items()}
         record.update(lr=lr, wd=wd, momentum=momentum, teacher_temp=teacher_temp, epoch=epoch,
                       budget=float(widths[0]) if widths[0] is not None else 0.0,
-                      grad_norm=float(grad_norm), images_per_s=images_per_s,
+                      grad_norm=grad_norms.pop("total"), images_per_s=images_per_s,
                       resolution=float(batch["global_crops"].shape[-1]))
         record.update(run.data.log_record())  # global skip counts (all ranks); stops on too many skips
+        record.update({f"grad_norm_{k}": v for k, v in grad_norms.items()})
         run.logger.log(done, record)
     if run.monitor is not None and done % cfg.train.knn_monitor.every == 0 and done != run.stop_at:
         # every rank: feature extraction splits the data over the ranks (whole EMA weights on each)

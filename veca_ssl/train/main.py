@@ -149,7 +149,7 @@ def _train(cfg) -> int:
     finally:
         dist.cleanup()
     if "knn" in summary:
-        print("\nk-NN top-1 (%) of the EMA teacher on the monitor split, per core width:")
+        print(f"\n{KnnMonitor.caption(summary['knn'])}, per core width:")
         print(KnnMonitor.table(summary["knn"]))
     if "distill_report" in summary:
         from veca_ssl.train.distill_report import report_table
