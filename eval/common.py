@@ -262,7 +262,7 @@ def check_dataset_spec(text: str) -> None:
         return
     else:
         kind, path = parse_spec(spec)
-    if kind in ("digits", "synthetic"):
+    if kind in ("digits", "synthetic", "textures"):
         return
     path = os.path.expanduser(path)
     if "{split}" in path:

@@ -339,7 +339,7 @@ _EPILOG = """\
 Results: <output-dir>/<run name>/report.{md,csv,json,png} (+ config.yaml, eval.log). A directory that
 already holds a report is never overwritten silently: pass --overwrite or another --output-dir/--name.
 Datasets are SPEC[@SPLIT]: imagefolder:/path, filelist:/list.txt, wds:/shard-{0..9}.tar, npz:/file.npz,
-digits, synthetic:n=512,size=64 — e.g. digits@train, imagefolder:/data/in1k@val."""
+digits, synthetic:n=512,size=64, textures:n=2048,size=32 — e.g. digits@train, imagefolder:/data/in1k@val."""
 
 
 def build_parser(protocol: str, prog: str | None = None) -> ArgumentParser:

@@ -419,4 +419,6 @@ def test_readme_example_runs(index: int, runner: Runner, record_property) -> Non
     if example.startswith("veca submit"):
         assert "#SBATCH" in results[0].stdout or "executor parameters" in results[0].stdout
     if example.startswith("pip install torch==2.13.0 -e . && veca train --config quickstart"):
-        assert "k-NN top-1" in results[0].stdout and "outputs/quickstart" in results[0].stdout  # the promise
+        # the promise: per width, k-NN and the probe of the trained network next to the untrained one and raw pixels
+        out = results[0].stdout
+        assert "weighted k-NN" in out and "untrained network and raw pixels" in out and "outputs/quickstart" in out

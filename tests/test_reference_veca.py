@@ -201,7 +201,10 @@ def test_training_time_fields_map_to_our_coordinate_augmentation():
     assert off.config["coord_shift"] == 0.0 and off.config["coord_rescale"] == (1.0, 1.0)
     model = build_from_config({"arch": "veca", **conv.config}).train()
     torch.manual_seed(0)
-    a = model._patch_coords(1000, (4, 4), "cpu")
+    # one draw per batch (the reference's rule): 1000 batches of one image
+    a = torch.cat([model._patch_coords(1, (4, 4), "cpu") for _ in range(1000)])
+    b = model._patch_coords(5, (4, 4), "cpu")
+    assert b.shape[0] == 1  # a whole batch shares its augmentation
     # shift (|s| <= 0.1), then per-axis jitter in [1/1.2, 1.2], then one rescale in [1/1.5, 1.5]: the
     # extent of the 4x4 cell centres (1.5 on each axis) becomes 1.5 * jitter_axis * scale
     extent = a.amax(1) - a.amin(1)  # (1000, 2)
