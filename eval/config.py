@@ -190,8 +190,8 @@ class EvalConfig(ModelSource):
     protocols: tuple[str, ...] = opt(("knn", "linear", "logreg"), "protocols to run", cli=False,
                                      choices=PROTOCOLS)
     datasets: DataOptions = opt(DataOptions, "datasets", cli=False)
-    widths: tuple[int, ...] | None = opt(None, "core widths, e.g. 8,16,64; each must be a budget of the backbone",
-                                         default_text="all: every budget of the backbone",
+    widths: tuple[int, ...] | None = opt(None, "core widths, e.g. 8,16,64; each must be a width of the backbone",
+                                         default_text="all: every width of the backbone",
                                          metavar="all|A,B,...", none_words=("all",))
     resolution: int | None = opt(None, "eval image side in pixels; a multiple of the patch size",
                                  default_text="the checkpoint's training resolution, else 224",

@@ -140,7 +140,7 @@ def extract_to_shards(
     if width is None:
         width = max(budgets) if budgets else None  # default: the full width
     else:
-        resolve_widths(model, [width])  # ValueError naming the width and the valid budgets
+        resolve_widths(model, [width])  # ValueError naming the width and the valid widths
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     info = dict(info or {})

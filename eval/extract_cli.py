@@ -41,7 +41,7 @@ class ExtractOptions:
     data: str | None = opt(None, "dataset SPEC[@SPLIT], e.g. imagefolder:/data/train, digits@train", metavar="SPEC")
     output_dir: str | None = opt(None, "where the shards and manifest.json go; rerunning with the same options "
                                        "resumes there", metavar="DIR")
-    width: int | None = opt(None, "core width; a budget of the backbone", default_text="the widest budget",
+    width: int | None = opt(None, "core width; a width of the backbone", default_text="the widest width",
                             rule=at_least(1))
     width_from: str | None = opt(None, "take the width (and, without --resolution, the resolution) from a "
                                        "`veca select` selection.json, instead of --width",

@@ -208,7 +208,7 @@ def figure(rows: Sequence[dict], title: str = "", selected: str | None = None, m
            budgets: dict[str, float | None] | None = None, latency_label: str = "latency (ms / image)"):
     """Each headline metric (rows of subplots) against GFLOPs and, when measured, latency (columns).
 
-    Error bars are the rows' bootstrap intervals; ``selected`` (a width label such as ``"C=16"``) is
+    Error bars are the rows' bootstrap intervals; ``selected`` (a width label such as ``"C16"``) is
     ringed and named in the legend; ``budgets`` (``{"gflops": x, "latency_ms": y}``) are drawn as
     dashed vertical lines. Returns the matplotlib figure.
     """

@@ -15,7 +15,7 @@ the chosen width ringed) next to the report or into ``--output-dir``.
 ``selection.json`` (format ``veca-ssl-width-selection``, version 1) is what ``veca extract
 --width-from`` (and ``veca export``) read; its keys:
 
-- ``width`` (int; null for a dense ViT) and ``width_label`` (``"C=16"``): the choice;
+- ``width`` (int; null for a dense ViT) and ``width_label`` (``"C16"``): the choice;
 - ``rule`` (text), ``criterion`` (``tolerance``, ``max_latency_ms``, ``max_gflops``), ``metric``,
   ``higher_is_better``;
 - ``quality``, ``quality_ci`` ([low, high] or null), ``widest`` (``width``, ``quality``);

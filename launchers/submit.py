@@ -35,6 +35,7 @@ from launchers.slurm import (
     render_sbatch,
 )
 from veca_ssl.cli import HelpFormatter
+from veca_ssl.widths import width_label
 
 EVAL_PROTOCOLS = ("knn", "linear", "logreg", "dense", "all")
 
@@ -109,7 +110,7 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
         p.add_argument("--widths", default=None,
                        help="core widths, e.g. 8,16,64 (passed to the eval; default: every width)")
         p.add_argument("--array-over-widths", action="store_true",
-                       help="one array task per width, each writing <output-dir>/width_<C>/")
+                       help="one array task per width, each writing <output-dir>/C<width>/ (e.g. C16/)")
         _add_cluster_options(p, timeout="240")
     else:
         raise ValueError(f"unknown submit kind {kind!r}; expected 'train' or 'eval'")
@@ -202,7 +203,7 @@ def prepare_eval(args: argparse.Namespace, rest: list[str]) -> tuple[Path, list[
                 widths = [int(w) for w in args.widths.split(",") if w.strip()]
             except ValueError:
                 raise ValueError(f"--widths {args.widths!r}: expected integers like 8,16,64") from None
-        argvs = [base + place(str(w), output_dir / f"width_{w}") for w in widths]
+        argvs = [base + place(str(w), output_dir / width_label(w)) for w in widths]
     from eval.cli import check_argv
 
     for argv in argvs:

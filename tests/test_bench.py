@@ -39,8 +39,8 @@ def test_bench_backbone_and_train_run_end_to_end(tmp_path, capsys):
     assert backbone.main(["--family", "tiny", "--resolutions", "32", "--widths", "8", "64",
                           "--output-dir", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "backbone.json").read_text())
-    assert [r["model"] for r in rows] == ["vit_tiny (dense)", "veca_tiny C=8", "veca_tiny C=64",
-                                         "veca_tiny C=64 no-attention (limit)"]
+    assert [r["model"] for r in rows] == ["vit_tiny (dense)", "veca_tiny C8", "veca_tiny C64",
+                                         "veca_tiny C64 no-attention (limit)"]
     assert rows[2]["qk_pairs_per_layer"] == 2 * 4 * 64 + 64 * 64
     assert rows[3]["gflops"] < rows[2]["gflops"]  # the limit has no attention term
     assert train.main(["--family", "tiny", "--resolutions", "32", "--batch-size", "2",

@@ -35,7 +35,7 @@ def distill_cfg(tmp_path: Path, teacher: Path, *extra: str):
     return load_config(None, COMMON + [
         "mode=distill", "model.name=veca_tiny", "model.num_cores=16", f"distill.teacher={teacher}",
         "optim.epochs=4", "optim.base_lr=0.003", "optim.momentum_teacher=0.0", "optim.final_momentum_teacher=0.0",
-        "budgets.policy=sandwich", f"output_dir={tmp_path / 'student'}", *extra])
+        "widths.policy=sandwich", f"output_dir={tmp_path / 'student'}", *extra])
 
 
 def test_short_distillation_raises_cosine_at_every_width(tmp_path, teacher_dir):

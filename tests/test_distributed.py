@@ -1,5 +1,5 @@
 """veca_ssl.distributed: single-process fallbacks, 2-process gloo collectives, DDP with sliced core banks
-(gradients averaged, rows past the budget exactly zero, 2×b == 1×2b), FSDP2 on CPU, preemption flags."""
+(gradients averaged, rows past the width exactly zero, 2×b == 1×2b), FSDP2 on CPU, preemption flags."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from veca_ssl.spawn import run_two_process
 
 
 class SlicedCoreToy(nn.Module):
-    """A VECA-like toy: one core-bank parameter sliced to the active budget, plus a dense layer."""
+    """A VECA-like toy: one core-bank parameter sliced to the active width, plus a dense layer."""
 
     def __init__(self, num_cores: int = 6, dim: int = 4) -> None:
         super().__init__()
@@ -43,7 +43,7 @@ def _toy_data(step: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(n, 4, generator=g, dtype=torch.float64), torch.randn(n, 4, generator=g, dtype=torch.float64)
 
 
-BUDGETS = [2, 4, 6, 2]  # same budget on every rank at each step, changes from step to step
+BUDGETS = [2, 4, 6, 2]  # same width on every rank at each step, changes from step to step
 
 
 def _ddp_vs_single_worker(steps: int, per_rank: int) -> dict:
@@ -70,7 +70,7 @@ def _ddp_vs_single_worker(steps: int, per_rank: int) -> dict:
         ref_opt.zero_grad()
         _toy_loss(ref_feats, ref_feats, y).backward()
         if step == 0:
-            first_grad = {"ddp": model.cores.grad.clone(), "ref": reference.cores.grad.clone(), "budget": c}
+            first_grad = {"ddp": model.cores.grad.clone(), "ref": reference.cores.grad.clone(), "width": c}
         opt.step()
         ref_opt.step()
     return {
@@ -151,7 +151,7 @@ def _veca_ddp_worker() -> dict:
     backbone.eval()  # no coordinate augmentation: the per-rank reference must see the same coordinates
     ddp = wrap_ddp(SquaredFeatureLoss(backbone), info)
     grads = []
-    for step, c in enumerate((8, 16, 8)):  # varying budget, no find_unused_parameters
+    for step, c in enumerate((8, 16, 8)):  # varying width, no find_unused_parameters
         g = torch.Generator().manual_seed(step)
         images = torch.randn(2 * info.world_size, 3, 32, 32, generator=g)
         masks = torch.rand(2 * info.world_size, 16, generator=g) < 0.3
@@ -292,8 +292,8 @@ def test_two_process_collectives(two_ranks):
 def test_ddp_sliced_core_bank_matches_single_process_global_batch(two_ranks):
     r0, r1 = _check(two_ranks, "ddp")
     g = r0["first_grad"]
-    c = g["budget"]
-    # gradients: averaged over ranks == gradient of the global-batch loss; rows past the budget are 0.0
+    c = g["width"]
+    # gradients: averaged over ranks == gradient of the global-batch loss; rows past the width are 0.0
     assert torch.allclose(g["ddp"], g["ref"], atol=1e-12, rtol=0)
     assert torch.count_nonzero(g["ddp"][c:]) == 0 and torch.count_nonzero(g["ddp"][:c]) > 0
     assert torch.equal(r0["first_grad"]["ddp"], r1["first_grad"]["ddp"])
@@ -333,7 +333,7 @@ def test_veca_backbone_ddp_zero_rows_and_averaging(two_ranks):
 # VECA's training-time RoPE coordinate augmentation (drawn from the global RNG per batch) and iBOT
 # masking (DINOv2's collate masks exactly half of each rank's global crops with ratios stratified
 # over that rank's batch, so the masks depend on how the global batch is split). Centring
-# all-reduces its statistics; crops are seeded per sample, the budget per step.
+# all-reduces its statistics; crops are seeded per sample, the width per step.
 # ----------------------------------------------------------------------------------------------------
 TINY_TRAIN = ["--config", "quickstart", "train.max_steps=3", "data.num_workers=0", "train.checkpoint_every=1",
               "train.keep_last=3", "train.progress=false", "train.knn_monitor.enabled=false", "device=cpu",

@@ -36,7 +36,7 @@ def test_eval_all_on_digits_config_writes_one_row_per_width(tmp_path, checkpoint
         "reference={model: vit_tiny, model_args: {patch_size: 8, depth: 2, embed_dim: 64, num_heads: 2}}"])
     assert cfg.resolution == 32 and cfg.datasets.train == "digits@train" and cfg.datasets.test == "digits@val"
     rows = evaluate(cfg).rows
-    assert [r["width"] for r in rows] == ["C=8", "C=16", "dense"]  # every budget + the dense reference
+    assert [r["width"] for r in rows] == ["C8", "C16", "dense"]  # every width + the dense reference
     doc = json.loads((tmp_path / "all" / "report.json").read_text())
     assert [r["num_cores"] for r in doc["rows"]] == [8, 16, None]
     assert [r["reference"] for r in doc["rows"]] == [False, False, True]
@@ -86,11 +86,11 @@ def test_knn_and_linear_cli_on_synthetic_write_their_own_directories(tmp_path) -
     assert eval_main(["knn", *TINY_ARGS, "--widths", "8", "--train", f"{SYN}@train", "--test", f"{SYN}@val",
                       "--output-dir", out]) == 0
     rows = json.loads((tmp_path / "ev" / "knn" / "report.json").read_text())["rows"]
-    assert [r["width"] for r in rows] == ["C=8"] and "knn_k10_top1" in rows[0]
+    assert [r["width"] for r in rows] == ["C8"] and "knn_k10_top1" in rows[0]
     assert eval_main(["linear", *TINY_ARGS, "--train", f"{SYN}@train", "--test", f"{SYN}@val", "--epochs", "2",
                       "--output-dir", out]) == 0
     rows = json.loads((tmp_path / "ev" / "linear" / "report.json").read_text())["rows"]
-    assert [r["width"] for r in rows] == ["C=8", "C=16"] and all(0 <= r["linear_top1"] <= 100 for r in rows)
+    assert [r["width"] for r in rows] == ["C8", "C16"] and all(0 <= r["linear_top1"] <= 100 for r in rows)
     # Default length: 2 epochs of one pass over the 22 items left after holding out 10% (batch 128: 1 step),
     # raised to the floor of 125 iterations per epoch
     assert all(r["linear_iterations"] == 2 * 125 for r in rows)
@@ -102,7 +102,7 @@ def test_dense_cli_on_synthetic_and_on_data_without_masks(tmp_path, capsys) -> N
     assert eval_main(["dense", *TINY_ARGS, "--train", f"{SYN}@train", "--test", f"{SYN}@val", "--epochs", "2",
                       "--output-dir", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "dense" / "report.json").read_text())["rows"]
-    assert [r["width"] for r in rows] == ["C=8", "C=16"]
+    assert [r["width"] for r in rows] == ["C8", "C16"]
     for r in rows:
         assert 0 <= r["seg_miou"] <= 100 and r["depth_rmse"] > 0 and r["depth_absrel"] > 0
         assert r["seg_miou_ci_lo"] <= r["seg_miou"] <= r["seg_miou_ci_hi"]
@@ -123,7 +123,7 @@ def test_progress_lines_reach_the_log(tmp_path) -> None:
     lin_log = (tmp_path / "linear" / "eval.log").read_text()
     assert knn_log.count("veca_ssl.progress: extract: done") == 2  # train and test sets
     assert "veca_ssl.progress: k-NN: done" in knn_log
-    assert "veca_ssl.progress: linear probe C=8: done" in lin_log and "(375 x step)" in lin_log
+    assert "veca_ssl.progress: linear probe C8: done" in lin_log and "(375 x step)" in lin_log
 
 
 def test_extract_cli_writes_a_readable_manifest(tmp_path) -> None:

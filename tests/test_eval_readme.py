@@ -98,7 +98,7 @@ def test_python_example_runs(workdir) -> None:
     exec(compile(code, "README.md", "exec"), scope)
     result = scope["result"]
     assert result.run_dir == Path("outputs/eval/py") and (result.run_dir / "report.json").is_file()
-    assert [r["width"] for r in result.rows] == ["C=8", "C=16"]
+    assert [r["width"] for r in result.rows] == ["C8", "C16"]
     assert all("knn_k20_top1" in r and "linear_top1" in r for r in result.rows)
 
 

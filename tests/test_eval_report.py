@@ -33,7 +33,7 @@ def _data(n: int = 10):
     return [(torch.randn(3, 32, 32, generator=g), i % 2) for i in range(n)]
 
 
-def test_width_loop_covers_every_budget_and_matches_direct_forward() -> None:
+def test_width_loop_covers_every_width_and_matches_direct_forward() -> None:
     model, data = _veca(), _data()
     feats = extract_features(model, data, None, 32, batch_size=4, device="cpu", n_last_blocks=2,
                              with_patch_mean=True, with_patches=True, progress=False)
@@ -50,13 +50,13 @@ def test_width_loop_covers_every_budget_and_matches_direct_forward() -> None:
             torch.testing.assert_close(fs.patch_mean, direct["patches"].mean(1), rtol=1e-5, atol=1e-5)
             assert fs.grid == (4, 4)
             assert fs.labels.tolist() == [i % 2 for i in range(10)] and fs.indices.tolist() == list(range(10))
-    # The widths really differ (core budget changes the features).
+    # The widths really differ (core width changes the features).
     assert not torch.allclose(feats[8].image, feats[16].image)
 
 
 def test_widths_are_validated_and_dense_vit_has_one_row() -> None:
     model = _veca()
-    with pytest.raises(ValueError, match=r"width\(s\) \[24\] not supported.*valid budgets: \[8, 16\]"):
+    with pytest.raises(ValueError, match=r"width\(s\) \[24\] not supported.*valid widths: \[8, 16\]"):
         resolve_widths(model, [8, 24])
     with pytest.raises(ValueError, match=r"width\(s\) \[12\]"):
         extract_features(model, _data(2), [12], 32, 2, "cpu", progress=False)
@@ -82,7 +82,7 @@ def test_report_has_one_row_per_width_with_compute_and_a_reference_point(tmp_pat
     ref_test = extract_features(vit, _data(6), None, 32, 5, "cpu", progress=False)
     rows += build_rows(vit, run_knn(ref_train, ref_test, KnnConfig(ks=(1, 3))), 32, 2, "cpu", warmup=1, repeats=2,
                        reference=True)
-    assert [r["width"] for r in rows] == ["C=8", "C=16", "dense"]
+    assert [r["width"] for r in rows] == ["C8", "C16", "dense"]
     for r, (m, w) in zip(rows, [(model, 8), (model, 16), (vit, None)]):
         assert r["gflops"] == pytest.approx(m.flops(32, 32, w) / 1e9)
         assert 0 < r["latency_min_ms"] <= r["latency_ms"] <= r["latency_max_ms"]
@@ -94,11 +94,11 @@ def test_report_has_one_row_per_width_with_compute_and_a_reference_point(tmp_pat
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with open(paths["csv"]) as f:
         csv_rows = list(csv.DictReader(f))
-    assert [r["width"] for r in csv_rows] == ["C=8", "C=16", "dense"]
+    assert [r["width"] for r in csv_rows] == ["C8", "C16", "dense"]
     doc = json.loads(paths["json"].read_text())
     assert doc["resolution"] == 32 and len(doc["rows"]) == 3 and doc["rows"][2]["linear_top1"] is None
     md = paths["md"].read_text()
-    assert md.count("| C=8 |") == 1 and "| dense |" in md and "gflops" in md
+    assert md.count("| C8 |") == 1 and "| dense |" in md and "gflops" in md
 
 
 def test_missing_checkpoint_is_named_before_any_work(tmp_path, capsys) -> None:
@@ -118,7 +118,7 @@ def _rows_with_noise() -> list[dict]:
     """Four widths whose accuracies differ by less than their intervals (noise, not a trend)."""
     rows = []
     for i, (w, acc) in enumerate([(8, 91.2), (16, 91.6), (24, 91.4), (32, 91.7)]):
-        rows.append({"width": f"C={w}", "num_cores": w, "reference": False, "linear_top1": acc,
+        rows.append({"width": f"C{w}", "num_cores": w, "reference": False, "linear_top1": acc,
                      "linear_top1_ci_lo": acc - 1.2, "linear_top1_ci_hi": acc + 1.1, "gflops": 0.5 + 0.25 * i,
                      "latency_ms": 1.0 + i, "latency_min_ms": 0.9 + i, "latency_max_ms": 1.2 + i})
     return rows
@@ -130,7 +130,7 @@ def test_plot_has_error_bars_a_honest_range_two_compute_axes_and_a_whole_title()
     from eval.report import MIN_PERCENT_SPAN, figure
 
     title = "Linear probe — VECA [embed_dim 384, depth 12, patch_size 16] (" + "/very/long/path" * 8 + ")"
-    fig = figure(_rows_with_noise(), title, selected="C=16")
+    fig = figure(_rows_with_noise(), title, selected="C16")
     fig.canvas.draw()
     axes = fig.axes
     assert [ax.get_xlabel() for ax in axes] == ["GFLOPs / image", "latency (ms / image)"]
@@ -140,7 +140,7 @@ def test_plot_has_error_bars_a_honest_range_two_compute_axes_and_a_whole_title()
         lo, hi = ax.get_ylim()
         assert hi - lo >= MIN_PERCENT_SPAN  # 0.5 points of noise are not stretched over the axis
         assert lo <= 91.2 - 1.2 and hi >= 91.7 + 1.1  # every interval visible
-    assert "selected: C=16" in [t.get_text() for t in axes[0].get_legend().get_texts()]
+    assert "selected: C16" in [t.get_text() for t in axes[0].get_legend().get_texts()]
     box, frame = fig._suptitle.get_window_extent(), fig.bbox
     assert frame.x0 <= box.x0 and box.x1 <= frame.x1 and box.y1 <= frame.y1  # not cut off
     assert "\n" in fig._suptitle.get_text()  # wrapped instead

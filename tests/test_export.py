@@ -100,7 +100,7 @@ def test_dense_vit_exports_without_a_width_and_refuses_one(tmp_path):
     assert result.parity.ok(1e-5) and result.width is None
     with pytest.raises(ValueError, match="dense ViT, which has no core widths"):
         export_backbone(vit, tmp_path / "vit2", "safetensors", 8)
-    with pytest.raises(ValueError, match=r"num_cores=12 is not a valid core budget"):
+    with pytest.raises(ValueError, match=r"num_cores=12 is not a valid core width"):
         export_backbone(tiny_veca(), tmp_path / "x", "safetensors", 12)
     with pytest.raises(ValueError, match=r"resolution 30x32 is not a multiple of the patch size 8"):
         export_backbone(tiny_veca(), tmp_path / "x", "safetensors", 8, (30, 32))
@@ -124,7 +124,7 @@ def test_cli_prints_the_parity_check_and_fails_cleanly(tmp_path, capsys):
     from veca_ssl.export import main
 
     assert main(["--checkpoint", str(path), "--width", "12", "--out", str(tmp_path / "x")]) == 2
-    assert "veca export: num_cores=12 is not a valid core budget; valid budgets: (8, 16, 24)" in capsys.readouterr().err
+    assert "veca export: num_cores=12 is not a valid core width; valid widths: (8, 16, 24)" in capsys.readouterr().err
     assert main(["--checkpoint", str(path), "--format", "veca-reference", "--out", str(tmp_path / "r")]) == 2
     assert "match no reference family" in capsys.readouterr().err
     assert main(["--checkpoint", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "r")]) == 2

@@ -82,7 +82,7 @@ def test_reader_returns_arrays_in_dataset_order_equal_to_direct_features(tmp_pat
     assert manifest["dtype"] == "float32" and manifest["dataset"] == "in-test tensors"
 
 
-def test_default_width_is_the_full_budget_and_float16(tmp_path) -> None:
+def test_default_width_is_the_full_bank_and_float16(tmp_path) -> None:
     m = _run(tmp_path, width=None, dtype="float16", with_patches=False)
     assert m["width"] == 16
     arrays = read_features(tmp_path)

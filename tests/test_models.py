@@ -111,7 +111,7 @@ def test_fast_path_matches_explicit_masked_reference(backend):
 
 
 # ---------------------------------------------------------------- nesting
-def test_budget_outputs_ignore_cores_beyond_the_budget():
+def test_width_outputs_ignore_cores_beyond_the_budget():
     model = tiny_veca(depth=3).eval()
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -160,7 +160,7 @@ def test_any_multiple_of_the_patch_size(patch_size, size):
 
 
 @pytest.mark.parametrize("bad", [0, 12, 72])
-def test_invalid_budget_names_value_and_choices(bad):
+def test_invalid_width_names_value_and_choices(bad):
     model = tiny_veca()
     with pytest.raises(ValueError, match=rf"num_cores={bad}.*\(8, 16\)"):
         model.forward_features(torch.randn(1, 3, 16, 16), num_cores=bad)
@@ -241,7 +241,7 @@ def test_every_preset_forward_backward(name):
     assert torch.isfinite(loss)
     missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or
                not torch.isfinite(p.grad).all() or torch.count_nonzero(p.grad) == 0)]
-    assert not missing, f"{name}: parameters without gradient at the full budget: {missing}"
+    assert not missing, f"{name}: parameters without gradient at the full bank: {missing}"
     if model.is_elastic:
         assert model.budgets == tuple(range(8, 65, 8))
 

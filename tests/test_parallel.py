@@ -369,7 +369,7 @@ def test_compile_default_matches_eager_loss_curve(tmp_path, monkeypatch):
     if shutil.which("gcc") is None and shutil.which("cc") is None and shutil.which("clang") is None:
         pytest.skip("no C compiler on this machine: inductor cannot build CPU kernels")
     monkeypatch.setattr(inductor_config, "compile_threads", 1)  # no pool of compile workers to start
-    extra = ["train.max_steps=3", "crops.num_local=0", "budgets.policy=full", "ibot.mask_probability=0.0"]
+    extra = ["train.max_steps=3", "crops.num_local=0", "widths.policy=full", "ibot.mask_probability=0.0"]
     curves = {}
     for mode in ("none", "default"):
         out = tmp_path / mode

@@ -108,7 +108,7 @@ def _chunked_state(run) -> dict:
 
 
 def test_cores_outside_the_width_and_their_adam_state_do_not_move(tmp_path):
-    run = setup(tiny_cfg(tmp_path, "budgets.policy=full", "model.num_cores=32"))
+    run = setup(tiny_cfg(tmp_path, "widths.policy=full", "model.num_cores=32"))
     widths = iter([[32], [32], [8], [8], [16], [8]])
     run.policy = lambda step: next(widths)
     train_step(run, 0)

@@ -27,7 +27,7 @@ WIDTHS = {8: (70.0, 1.00, 1.0), 16: (78.5, 1.30, 1.5), 24: (79.4, 1.60, 2.2), 32
 def _report(tmp_path: Path, metric: str = "linear_top1", values: dict | None = None) -> Path:
     rows = []
     for w, (q, g, lat) in (values or WIDTHS).items():
-        rows.append({"width": f"C={w}", "num_cores": w, "reference": False, metric: q, f"{metric}_ci_lo": q - 1.5,
+        rows.append({"width": f"C{w}", "num_cores": w, "reference": False, metric: q, f"{metric}_ci_lo": q - 1.5,
                      f"{metric}_ci_hi": q + 1.5, "gflops": g, "latency_ms": lat, "latency_min_ms": lat * 0.9,
                      "latency_max_ms": lat * 1.1, "images_per_s": 1000 / lat})
     rows.append({"width": "dense", "num_cores": None, "reference": True, metric: 99.0, "gflops": 0.1,
@@ -43,13 +43,13 @@ def _select(report: Path, *args: str) -> dict:
 
 def test_tolerance_picks_the_smallest_width_close_to_the_widest(tmp_path, capsys) -> None:
     sel = _select(_report(tmp_path))  # default tolerance: 1 point of the widest (80.0)
-    assert sel["width"] == 24 and sel["width_label"] == "C=24" and sel["format"] == SELECTION_FORMAT
+    assert sel["width"] == 24 and sel["width_label"] == "C24" and sel["format"] == SELECTION_FORMAT
     assert sel["quality"] == 79.4 and sel["widest"] == {"width": 64, "quality": 80.0}
     assert sel["criterion"] == {"tolerance": 1.0, "max_latency_ms": None, "max_gflops": None}
     assert sel["latency_ms"] == 2.2 and sel["gflops"] == 1.6 and sel["latency_source"] == "report"
     assert [c["eligible"] for c in sel["candidates"]] == [False, False, True, True, True]
     out = capsys.readouterr().out
-    assert "C=24 ◀ selected" in out and "| vs widest |" in out and "79.4 [77.9, 80.9]" in out
+    assert "C24 ◀ selected" in out and "| vs widest |" in out and "79.4 [77.9, 80.9]" in out
     assert (tmp_path / "selection.png").stat().st_size > 0 and (tmp_path / "selection.md").is_file()
     # the file is refused a second time, replaced with --overwrite
     assert select_main(["--report", str(tmp_path), "--latency-from-report", "--tolerance", "2"]) == 2
@@ -84,10 +84,10 @@ def test_impossible_budget_is_one_clear_error(tmp_path) -> None:
                           text=True, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
     assert proc.stderr.startswith("veca select: error: no width meets the budget latency_ms <= 0.5 ms")
-    assert "the lowest is 1 ms, at C=8" in proc.stderr
+    assert "the lowest is 1 ms, at C8" in proc.stderr
     assert not (tmp_path / "selection.json").exists()
     with pytest.raises(SelectionError, match="either --tolerance or a budget"):
-        select_width([{"width": "C=8", "num_cores": 8, "quality": 1.0, "latency_ms": 1.0, "gflops": 1.0}],
+        select_width([{"width": "C8", "num_cores": 8, "quality": 1.0, "latency_ms": 1.0, "gflops": 1.0}],
                      "m", tolerance=1.0, max_gflops=2.0)
     with pytest.raises(SelectionError, match="metric 'knn_k20_top1' is missing.*available: linear_top1"):
         select_width_from(report, "knn_k20_top1")

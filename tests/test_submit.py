@@ -64,7 +64,7 @@ def test_dry_run_eval_array_over_widths(tmp_path, capsys):
     assert "#SBATCH --job-name=veca-eval-knn" in text and f"{out}/submitit/%A_%a/%A_%a_0_log.out" in text
     for w in (8, 16, 32):
         assert (f"veca eval knn --checkpoint {ckpt} --train digits@train --test digits@val --widths {w} "
-                f"--output-dir {out / f'width_{w}'}") in text
+                f"--output-dir {out / f'C{w}'}") in text
     # one job for all widths: the width list goes to the eval untouched
     submit.main(["eval", "linear", "--model", "veca_tiny", "--train", "digits@train", "--test", "digits@val",
                  "--widths", "8,16", "--output-dir", str(out), "--dry-run"])
@@ -136,8 +136,8 @@ def test_mem_and_timeout_are_parsed_strictly(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("bad", [
-    "optim.epochs=0", "train.num_threads=-1", "budgets.policy=nope", "optim.batch_size_per_gpu=abc",
-    "optim.no_such_key=1", "budgets.choices=[8,72]", "crops.global_size=30",
+    "optim.epochs=0", "train.num_threads=-1", "widths.policy=nope", "optim.batch_size_per_gpu=abc",
+    "optim.no_such_key=1", "widths.choices=[8,72]", "crops.global_size=30",
     "multires.phases=[{epochs: 1, sizes: [33], probs: [1.0], batch_sizes: [8]}]"])
 def test_submit_refuses_what_veca_train_refuses_with_the_same_message(bad, tmp_path, capsys):
     from veca_ssl.train.main import main as train_main

@@ -1,4 +1,4 @@
-"""Self-supervised training loop: learning, EMA, budgets, exact resume after SIGKILL, NaN, config errors."""
+"""Self-supervised training loop: learning, EMA, widths, exact resume after SIGKILL, NaN, config errors."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from veca_ssl.config import ConfigError, load_config
-from veca_ssl.method.budgets import REFERENCE_WEIGHTS, BudgetPolicy
+from veca_ssl.method.widths import REFERENCE_WEIGHTS, WidthPolicy
 from veca_ssl.train.checkpoint import CheckpointManager
 from veca_ssl.train.loop import NonFiniteLossError, build_method, build_model, train
 from veca_ssl.train.metrics import read_metrics
@@ -41,7 +41,7 @@ def test_loss_decreases_on_synthetic_data(tmp_path):
     # the small-data head of configs/quickstart.yaml (BN head, teacher 0.04): with the plain head, this
     # 64-prototype DINO term climbs to log K = 4.16 within 48 steps (uniform targets, measured on the
     # old and the new code alike) and the total only fell by the noise in how fast it got there
-    cfg = tiny_cfg(tmp_path, "optim.epochs=6", "budgets.policy=full", "optim.freeze_last_layer_epochs=0",
+    cfg = tiny_cfg(tmp_path, "optim.epochs=6", "widths.policy=full", "optim.freeze_last_layer_epochs=0",
                    "dino.head_use_bn=true", "dino.teacher_temp=0.04")
     train(cfg)
     records = read_metrics(tmp_path / "run" / "metrics.jsonl")
@@ -71,32 +71,32 @@ def test_teacher_is_exact_ema_of_student(tmp_path):
     assert not torch.equal(state["student"]["backbone.cores"], initial["backbone.cores"])
 
 
-def test_budget_sampling_follows_weights_and_sandwich():
-    policy = BudgetPolicy(tuple(range(8, 65, 8)), "sample", None, seed=3)
+def test_width_sampling_follows_weights_and_sandwich():
+    policy = WidthPolicy(tuple(range(8, 65, 8)), "sample", None, seed=3)
     draws = np.array([policy(s)[0] for s in range(20000)])
     freqs = np.array([(draws == b).mean() for b in range(8, 65, 8)])
     expected = np.array(REFERENCE_WEIGHTS) / sum(REFERENCE_WEIGHTS)
     assert np.abs(freqs - expected).max() < 0.012
-    assert policy(17) == BudgetPolicy(tuple(range(8, 65, 8)), "sample", None, seed=3)(17)  # pure in step
-    sandwich = BudgetPolicy((8, 16, 24, 32), "sandwich")
+    assert policy(17) == WidthPolicy(tuple(range(8, 65, 8)), "sample", None, seed=3)(17)  # pure in step
+    sandwich = WidthPolicy((8, 16, 24, 32), "sandwich")
     for s in range(50):
         b = sandwich(s)
         assert b[:2] == [32, 8] and len(b) == 3 and b[2] in (16, 24)
-    with pytest.raises(ValueError, match="one weight per budget"):
-        BudgetPolicy((8, 16), "sample", [1, 2, 3])
+    with pytest.raises(ValueError, match="one weight per width"):
+        WidthPolicy((8, 16), "sample", [1, 2, 3])
 
 
-def _rank_budgets() -> tuple[int, list]:
+def _rank_widths() -> tuple[int, list]:
     from veca_ssl.distributed import get_rank
 
-    policy = BudgetPolicy(tuple(range(8, 65, 8)), "sample", None, seed=0)
+    policy = WidthPolicy(tuple(range(8, 65, 8)), "sample", None, seed=0)
     return get_rank(), [policy(s)[0] for s in range(200)]
 
 
-def test_budgets_identical_on_two_gloo_processes():
+def test_widths_identical_on_two_gloo_processes():
     from veca_ssl.spawn import run_two_process
 
-    (rank_a, a), (rank_b, b) = run_two_process(_rank_budgets)
+    (rank_a, a), (rank_b, b) = run_two_process(_rank_widths)
     assert (rank_a, rank_b) == (0, 1)
     assert a == b and len(set(a)) == 8
 
@@ -163,7 +163,7 @@ def test_nan_loss_stops_with_step_and_terms_and_keeps_checkpoint(tmp_path, monke
 @pytest.mark.parametrize("override,match", [
     ("optim.learning_rate=0.1", "unknown config key 'optim.learning_rate'"),
     ("optim.epochs=ten", "'optim.epochs' must be of type int"),
-    ("budgets.choices=[8,72]", r"\[72\], not reachable with this core bank; valid budgets: \(8, 16\)"),
+    ("widths.choices=[8,72]", r"\[72\], not reachable with this core bank; valid widths: \(8, 16\)"),
     ("data.train=imagefolder:/does/not/exist", "/does/not/exist"),
     ("model.num_cores=20", "num_cores=20 must be a positive multiple of core_chunk=8"),
 ])

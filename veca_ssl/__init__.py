@@ -2,7 +2,7 @@
 
 VECA (Visual Elastic Core Attention) is a Vision Transformer in which patches never attend to each
 other: they exchange information only through a small, ordered bank of learned core tokens, so the
-attention cost is linear in the number of patches, and nested core budgets let one model run at any
+attention cost is linear in the number of patches, and nested core widths let one model run at any
 width without retraining.
 """
 

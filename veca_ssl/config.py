@@ -295,7 +295,7 @@ COMPILE_MODES = ("none", "default", "max-autotune")
 #: (key, allowed values)
 CHOICES: list[tuple[str, tuple]] = [
     ("mode", ("ssl", "distill")),
-    ("budgets.policy", ("sample", "sandwich", "full")),
+    ("widths.policy", ("sample", "sandwich", "full")),
     ("dino.centering", ("centering", "sinkhorn_knopp")),
     ("dino.head_last_layer", ("weight_norm", "normalized", "linear")),
     ("optim.lr_scaling", ("sqrt", "linear", "none")),
@@ -385,13 +385,13 @@ def build_model(cfg: DictConfig, device: str | None = None):
 def _check_model_and_crops(cfg: DictConfig) -> None:
     """The rules that need the model: it builds, the widths are reachable, crops fit the patch grid,
     the multi-resolution phases are valid, streaming data has an epoch length."""
-    from veca_ssl.method.budgets import BudgetPolicy, resolve_budgets
+    from veca_ssl.method.widths import WidthPolicy, training_widths
     from veca_ssl.train.multires import parse_phases
 
     backbone = build_model(cfg, device="meta")
     try:
-        budgets = resolve_budgets(backbone.budgets, cfg.budgets.choices)
-        BudgetPolicy(budgets, cfg.budgets.policy, cfg.budgets.weights, seed=cfg.seed)
+        budgets = training_widths(backbone.budgets, cfg.widths.choices)
+        WidthPolicy(budgets, cfg.widths.policy, cfg.widths.weights, seed=cfg.seed)
     except (ValueError, TypeError) as exc:
         raise ConfigError(str(exc)) from None
     patch = cfg.model.patch_size
@@ -463,7 +463,7 @@ def _check_paths(cfg: DictConfig) -> None:
 #: Sections whose keys define what a run computes; a resume that changes one of them is refused
 #: unless train.allow_config_change=true. Everything else (train.*, device, output_dir, ...) only
 #: says how the run is carried out and may change between restarts.
-MEANING_SECTIONS = ("mode", "seed", "model", "budgets", "data", "crops", "multires", "augment", "dino", "ibot",
+MEANING_SECTIONS = ("mode", "seed", "model", "widths", "data", "crops", "multires", "augment", "dino", "ibot",
                     "optim", "distill")
 #: Keys inside those sections that do not change the result (speed, memory, logging; model.init_from
 #: only matters at step 0: a resumed run continues from its own checkpoint).

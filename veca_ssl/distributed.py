@@ -181,7 +181,7 @@ def seed_everything(seed: int, rank: int | None = None) -> int:
     """Seed python, numpy and torch (CPU and CUDA) with ``seed + rank``; returns the seed used.
 
     Per-rank seeds decorrelate per-rank randomness (dropout, masks). Anything that must agree across
-    ranks (the sampled core budget) or must not depend on the world size (per-sample augmentation)
+    ranks (the sampled core width) or must not depend on the world size (per-sample augmentation)
     needs its own generator seeded from ``seed`` alone / the global sample index.
     """
     seed = int(seed) + (get_rank() if rank is None else int(rank))

@@ -206,7 +206,7 @@ def extract_features(
             in its current feature space (``set_feature_space``).
         dataset: map-style dataset of ``(image, target[, dense])``; images are normalised tensors
             (or PIL images, then the standard eval transform is applied).
-        widths: core budgets (``None`` = all budgets of the model; a dense ViT has only ``None``).
+        widths: core widths (``None`` = all widths of the model; a dense ViT has only ``None``).
         resolution: eval side (or ``(H, W)``), a multiple of the patch size.
         n_last_blocks: image features of the last ``n`` blocks (DINOv2 linear probe uses 1 and 4).
         with_patch_mean: also keep the mean patch token of the last block.

@@ -13,11 +13,11 @@
    coordinates, final norm), and each head, with the same mesh and grouping on both networks, so the
    EMA update pairs local shards and needs no communication.
 
-Elastic core budgets and DDP: a VECA backbone keeps its core bank as ONE parameter ``cores`` (M, D)
-and a forward at budget C uses the slice ``cores[:C]``. Autograd then gives the whole parameter a
+Elastic core widths and DDP: a VECA backbone keeps its core bank as ONE parameter ``cores`` (M, D)
+and a forward at width C uses the slice ``cores[:C]``. Autograd then gives the whole parameter a
 gradient whose rows >= C are exactly zero, so every parameter takes part in every backward and DDP
 needs neither ``find_unused_parameters=True`` (an extra graph traversal per step) nor
-``static_graph``. The training loop must pick the same budget on every rank (a shared seed),
+``static_graph``. The training loop must pick the same width on every rank (a shared seed),
 otherwise ranks would average gradients of different sub-networks.
 
 What works on sharded parameters: the EMA update (``torch._foreach_*`` on DTensors), gradient

@@ -6,19 +6,22 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # no torch import at run time: command lines label widths before parsing their options
+    import torch
 
-Width = int | None  # a core budget; None = dense ViT (no elastic widths)
+Width = int | None  # a core width; None = dense ViT (no elastic widths)
 
 
 def width_label(width: Width) -> str:
-    """Row label of a width in reports: ``"C=16"``, or ``"dense"`` for a dense ViT."""
-    return "dense" if width is None else f"C={width}"
+    """The one label of a width — in metric keys (``knn_C16_top1``, ``dino_C16``), report rows, plots,
+    logs and directory names: ``"C16"``, or ``"dense"`` for a dense ViT."""
+    return "dense" if width is None else f"C{width}"
 
 
 def parse_widths(text: str | Sequence[int] | None) -> list[int] | None:
-    """``"8,16"`` / ``[8, 16]`` → ``[8, 16]``; ``None`` / ``"all"`` / ``""`` → ``None`` (all budgets)."""
+    """``"8,16"`` / ``[8, 16]`` → ``[8, 16]``; ``None`` / ``"all"`` / ``""`` → ``None`` (all widths)."""
     if text is None:
         return None
     if isinstance(text, str):
@@ -33,12 +36,12 @@ def parse_widths(text: str | Sequence[int] | None) -> list[int] | None:
 
 
 def resolve_widths(model: torch.nn.Module, widths: Sequence[int | None] | None) -> list[Width]:
-    """Check ``widths`` against ``model.budgets``; ``None`` means every budget of the model.
+    """Check ``widths`` against ``model.budgets``; ``None`` means every width of the model.
 
     A dense ViT (``budgets == ()``) has exactly one width, ``None``.
     """
-    budgets = tuple(getattr(model, "budgets", ()) or ())
-    if not budgets:
+    valid = tuple(getattr(model, "budgets", ()) or ())
+    if not valid:
         if widths and any(w is not None for w in widths):
             raise ValueError(
                 f"widths {list(widths)} requested, but this backbone is a dense ViT without elastic core "
@@ -46,12 +49,12 @@ def resolve_widths(model: torch.nn.Module, widths: Sequence[int | None] | None) 
             )
         return [None]
     if widths is None:
-        return list(budgets)
-    bad = [w for w in widths if w not in budgets]
+        return list(valid)
+    bad = [w for w in widths if w not in valid]
     if bad:
         raise ValueError(
-            f"width(s) {bad} not supported by this backbone; valid budgets: {list(budgets)}"
+            f"width(s) {bad} not supported by this backbone; valid widths: {list(valid)}"
         )
     if not widths:
-        raise ValueError(f"empty list of widths; valid budgets: {list(budgets)}")
+        raise ValueError(f"empty list of widths; valid widths: {list(valid)}")
     return list(dict.fromkeys(widths))  # de-duplicate, keep order

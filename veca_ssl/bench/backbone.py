@@ -57,13 +57,13 @@ def _variants(args) -> list:
     widths = args.widths or ([veca.budgets[0], veca.budgets[-1]] if args.quick else list(veca.budgets))
     out: list = [
         (f"vit_{args.family} (dense)", build_backbone(f"vit_{args.family}", **common), None)]
-    out += [(f"veca_{args.family} C={c}", veca, c) for c in widths]
+    out += [(f"veca_{args.family} C{c}", veca, c) for c in widths]
     if args.compare_masked:
         masked = build_backbone(f"veca_{args.family}", attn_backend="sdpa_masked", **common)
         masked.load_state_dict(veca.state_dict())
-        out.append((f"veca_{args.family} C={widths[-1]} masked-SDPA", masked, widths[-1]))
+        out.append((f"veca_{args.family} C{widths[-1]} masked-SDPA", masked, widths[-1]))
     limit = build_backbone(f"veca_{args.family}", attn_backend="none", **common)
-    out.append((f"veca_{args.family} C={widths[-1]} no-attention (limit)", limit, widths[-1]))
+    out.append((f"veca_{args.family} C{widths[-1]} no-attention (limit)", limit, widths[-1]))
     return out
 
 
@@ -151,7 +151,7 @@ def summarize(rows: list[dict]) -> list[str]:
         mono = all(s >= 0.97 for s in steps)
         cs = [r["cores"] for r in vecas]
         slope = _slope(cs, [r["latency_ms"] for r in vecas])
-        lines.append(f"{res}px: C={widest['cores']} is {times_faster(widest['speedup_vs_dense'])} than dense and "
+        lines.append(f"{res}px: C{widest['cores']} is {times_faster(widest['speedup_vs_dense'])} than dense and "
                      f"takes {widest['x_limit']:.3f}× the time of the no-attention limit; latency non-decreasing "
                      f"in C: {mono} (smallest adjacent ratio {min(steps, default=1.0):.3f}; fit {slope:+.2f} ms "
                      "per core)")
@@ -170,7 +170,7 @@ def summarize(rows: list[dict]) -> list[str]:
         sxy = sum((x - mx) * (y - my) for x, y in mem)
         sxx, syy = sum((x - mx) ** 2 for x in xs), sum((y - my) ** 2 for y in ys)
         r2 = sxy * sxy / (sxx * syy) if sxx and syy else float("nan")
-        lines.append(f"peak memory of C={top} vs patches: {sxy / sxx * 1024:.2f} MB per 1k patches, "
+        lines.append(f"peak memory of C{top} vs patches: {sxy / sxx * 1024:.2f} MB per 1k patches, "
                      f"linear fit R^2 = {r2:.4f}")
     return lines
 

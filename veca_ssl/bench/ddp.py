@@ -1,7 +1,7 @@
 """CPU/gloo step time of 1 process vs 2 DDP processes at the same per-process batch (the cost of
 gradient sync), and DDP with ``find_unused_parameters`` / ``static_graph``.
 
-Nested core budgets need neither: the core bank is one parameter sliced to ``[:C]``, so the cores
+Nested core widths need neither: the core bank is one parameter sliced to ``[:C]``, so the cores
 beyond the budget get exactly-zero gradient rows rather than missing ones. Two processes with one
 thread each, modes interleaved step by step; rank 0's median and min–max over the timed steps.
 """

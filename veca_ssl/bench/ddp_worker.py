@@ -69,7 +69,7 @@ def _bench_step(model: nn.Module, opt: torch.optim.Optimizer, images: torch.Tens
 
 
 class SquaredFeatureLoss(nn.Module):
-    """A stand-in student: one forward = the whole student pass at a budget, returning a scalar loss
+    """A stand-in student: one forward = the whole student pass at a width, returning a scalar loss
     (what the training loop hands to DDP), so gradient sync is measured and tested on it."""
 
     def __init__(self, backbone: nn.Module) -> None:
@@ -83,7 +83,7 @@ class SquaredFeatureLoss(nn.Module):
 
 def ddp_overhead_benchmark(repeats: int = 15, model_names: Sequence[str] | None = None,
                            warmup: int = 3) -> list[dict]:
-    """CPU/gloo step time (forward + backward + SGD, VECA-tiny at the middle budget, iBOT-style masks)
+    """CPU/gloo step time (forward + backward + SGD, VECA-tiny at the middle width, iBOT-style masks)
     of 1 process vs 2 DDP processes at the same per-process batch, and DDP with
     ``find_unused_parameters=True`` or ``static_graph=True``. One thread per process, modes interleaved;
     rank 0's median over ``repeats`` steps after ``warmup``. Run: ``veca bench ddp``.

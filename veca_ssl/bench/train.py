@@ -1,7 +1,7 @@
 """Training throughput (forward + backward + AdamW step) of VECA vs the dense ViT of the same width
 and depth, side by side, at several resolutions.
 
-VECA rows: the full bank (C = M), the smallest budget, and "nested": the budget cycling through the
+VECA rows: the full bank (C = M), the smallest width, and "nested": the width cycling through the
 reference weights (what elastic training actually runs, on average). Each model is warmed up, then
 the models are timed round-robin so background load affects every row alike.
 
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--processes must be >= 1, got {args.processes}")
     import torch
 
-    from veca_ssl.method.budgets import BudgetPolicy
+    from veca_ssl.method.widths import WidthPolicy
     from veca_ssl.models import build_backbone
     from veca_ssl.tables import markdown_table, write_rows
     from veca_ssl.timing import time_round_robin
@@ -92,11 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     for m in models.values():
         m.to(device).train().set_grad_checkpointing(args.grad_checkpointing)
     veca = models[f"veca_{args.family}"]
-    nested = BudgetPolicy(veca.budgets, "sample", None, seed=0)
+    nested = WidthPolicy(veca.budgets, "sample", None, seed=0)
     variants = [
         (f"vit_{args.family} (dense)", models[f"vit_{args.family} (dense)"], lambda i: None),
-        (f"veca_{args.family} C={veca.budgets[-1]}", veca, lambda i: veca.budgets[-1]),
-        (f"veca_{args.family} C={veca.budgets[0]}", veca, lambda i: veca.budgets[0]),
+        (f"veca_{args.family} C{veca.budgets[-1]}", veca, lambda i: veca.budgets[-1]),
+        (f"veca_{args.family} C{veca.budgets[0]}", veca, lambda i: veca.budgets[0]),
         (f"veca_{args.family} nested (sampled C)", veca, lambda i: nested(i)[0]),
     ]
     opts = {id(m): torch.optim.AdamW(m.parameters(), lr=1e-6) for m in models.values()}

@@ -1,6 +1,6 @@
 """Feature distillation from a frozen teacher (VECA paper arXiv:2605.12491).
 
-The student (a VECA backbone at some core budget) regresses the frozen teacher's image feature
+The student (a VECA backbone at some core width) regresses the frozen teacher's image feature
 (cosine) and patch features (cosine + MSE). When the two networks use different patch sizes or input
 resolutions, the teacher's patch map is first resampled onto the student's patch grid with
 :func:`resample_patch_grid` so that each student patch is compared with the teacher feature of the

@@ -1,6 +1,6 @@
 """Training methods: modules whose forward returns a dict of losses (the loop does the rest)."""
 
-from .budgets import BudgetPolicy, resolve_budgets
 from .ssl import ElasticDINO, StudentTeacherNet
+from .widths import WidthPolicy, training_widths
 
-__all__ = ["BudgetPolicy", "resolve_budgets", "ElasticDINO", "StudentTeacherNet"]
+__all__ = ["WidthPolicy", "training_widths", "ElasticDINO", "StudentTeacherNet"]

@@ -1,6 +1,6 @@
-"""Distillation from a frozen dense teacher into a nested-core VECA student (SPEC §3.2).
+"""Distillation from a frozen dense teacher into a nested-core VECA student.
 
-The VECA paper's recipe: the student runs at the sampled budget(s), the frozen teacher once per
+The VECA paper's recipe: the student runs at the sampled width(s), the frozen teacher once per
 batch (no gradients; bf16 on CUDA; optionally micro-batched), and the losses are image-feature
 cosine + patch-feature cosine + patch MSE (``veca_ssl.loss.DistillationLoss``). The teacher's patch
 grid is resampled onto the student's when patch sizes or resolutions differ (a /14 teacher and a /16

@@ -1,8 +1,8 @@
-"""Elastic DINO: DINO + iBOT + KoLeo self-distillation with nested core budgets (SPEC §3.1).
+"""Elastic DINO: DINO + iBOT + KoLeo self-distillation with nested core widths .
 
 DINO (Caron et al. 2021, arXiv:2104.14294), iBOT (Zhou et al. 2022, arXiv:2111.07832) and the
 DINOv2 recipe (Oquab et al. 2023, arXiv:2304.07193), adapted to VECA's elastic cores: the EMA
-teacher always runs at the full budget and the student at the sampled budget(s), so every width
+teacher always runs at the full bank and the student at the sampled width(s), so every width
 learns from the widest ("elastic self-distillation").
 
 ``ElasticDINO.forward(batch, widths, teacher_temp)`` returns a dict of losses; backward,
@@ -22,7 +22,7 @@ from veca_ssl.models.base import Backbone
 
 
 class StudentTeacherNet(nn.Module):
-    """Backbone + DINO head (+ optional separate iBOT head). One forward = all budgets of a step, so
+    """Backbone + DINO head (+ optional separate iBOT head). One forward = all widths of a step, so
     that a DDP wrapper sees exactly one forward per backward."""
 
     def __init__(self, backbone: Backbone, dino_head: DINOHead, ibot_head: DINOHead | None = None) -> None:
@@ -30,10 +30,10 @@ class StudentTeacherNet(nn.Module):
         self.backbone, self.dino_head, self.ibot_head = backbone, dino_head, ibot_head
 
     def forward(self, global_crops: Tensor, local_crops: Tensor, masks: Tensor | None,
-                budgets: Sequence[int | None]) -> list[dict]:
+                widths: Sequence[int | None]) -> list[dict]:
         outs = []
         patch_head = self.ibot_head or self.dino_head
-        for c in budgets:
+        for c in widths:
             g = self.backbone.forward_features(global_crops, num_cores=c, masks=masks)
             cls = [g["cls"]]
             if local_crops.numel():

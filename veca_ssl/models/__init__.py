@@ -4,9 +4,9 @@ from .base import Backbone
 from .init import InitReport, init_from
 from .io import load_backbone, read_backbone, save_backbone
 from .registry import PRESETS, build_backbone, build_from_config, list_backbones
-from .veca import VECA, nested_budgets
+from .veca import VECA, nested_widths
 from .vit import VisionTransformer
 
 __all__ = ["Backbone", "VECA", "VisionTransformer", "PRESETS", "build_backbone", "build_from_config",
-           "list_backbones", "load_backbone", "read_backbone", "save_backbone", "nested_budgets", "init_from",
+           "list_backbones", "load_backbone", "read_backbone", "save_backbone", "nested_widths", "init_from",
            "InitReport"]

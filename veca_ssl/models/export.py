@@ -83,7 +83,7 @@ def export_backbone(model: Backbone, out: str | Path, fmt: str = "safetensors", 
     model = model.eval()
     space = model._check_space(space)
     if isinstance(model, VECA):
-        width = model.check_budget(width)
+        width = model.check_width(width)
     elif width is not None:
         raise ValueError(f"width={width} given for a dense ViT, which has no core widths; omit it")
     p = model.patch_size

@@ -29,7 +29,7 @@ def slice_to_width(model: VECA, width: int) -> VECA:
     At ``num_cores=width`` it computes exactly what ``model`` computes there (its smaller budgets
     stay available too). Used for the fixed-width safetensors export.
     """
-    c = model.check_budget(width)
+    c = model.check_width(width)
     config = {k: v for k, v in model.config.items() if k != "arch"}
     config["num_cores"] = c
     sliced = VECA(**config)
@@ -55,7 +55,7 @@ class FixedWidthVECA(nn.Module):
 
     def __init__(self, model: VECA, width: int, space: str = "native") -> None:
         super().__init__()
-        c = model.check_budget(width)
+        c = model.check_width(width)
         space = model._check_space(space)
         self.width, self.space = c, space
         self.num_heads, self.head_dim = model.num_heads, model.embed_dim // model.num_heads

@@ -279,7 +279,7 @@ def convert_reference(obj: object, source: str = "<memory>", num_heads: int | No
     )
     if budgets != list(range(chunk, num_cores + 1, chunk)):
         notes.append(f"nested_budgets {budgets}: every multiple of {chunk} up to {num_cores} runs here; set "
-                     f"budgets.choices to train only these")
+                     f"widths.choices to train only these")
     mapped, provenance = _map_state(state, depth, num_heads, len(chunks), source)
     if "rope.periods" in state:  # persistent in no released version; checked when present
         _check_periods(state.pop("rope.periods"), config, source)

@@ -1,6 +1,6 @@
 """Named backbone presets (timm-style registry; no ``__dict__`` look-ups).
 
-Reference VECA families (the paper's): M = 64 cores, budgets 8…64 in chunks of 8, SwiGLU hidden
+Reference VECA families (the paper's): M = 64 cores, widths 8…64 in chunks of 8, SwiGLU hidden
 ``int(D * 8/3)`` (1024, 2048, 2730 for small, base, large), LayerNorm eps 1e-5 — the numbers of the
 reference code, so its checkpoints load into these presets unchanged. ``tiny`` is ours, for CPU
 work. ``vit_*`` are dense baselines of identical width, depth, FFN and norms (and, with overrides
@@ -68,7 +68,7 @@ def list_backbones() -> list[str]:
 def build_backbone(name: str, patch_size: int = 16, num_cores: int | None = None, **overrides) -> Backbone:
     """Build a preset: ``build_backbone("veca_small", patch_size=16, num_cores=64, embed_dim=…)``.
 
-    ``num_cores`` sets the size M of the core bank (budgets 8, 16, …, M); dense ViTs take none.
+    ``num_cores`` sets the size M of the core bank (widths 8, 16, …, M); dense ViTs take none.
     """
     if name not in PRESETS:
         raise ValueError(f"unknown backbone preset {name!r}; valid presets: {', '.join(list_backbones())}")

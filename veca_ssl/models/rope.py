@@ -99,7 +99,7 @@ def farthest_point_coords(num_points: int, extent: float = 0.95, grid: int = 41)
     """Deterministic farthest-point ordering of points inside ±``extent``, starting at the centre.
 
     Every prefix of the result is spread over the image, which is what a nested core bank needs:
-    the first C cores cover the image at every budget C. Returns (num_points, 2) (y, x).
+    the first C cores cover the image at every width C. Returns (num_points, 2) (y, x).
     """
     if num_points > grid * grid:
         raise ValueError(f"cannot place {num_points} cores on a {grid}x{grid} candidate grid")

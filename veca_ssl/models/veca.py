@@ -5,11 +5,11 @@ Patches never attend to each other: every block runs on ``[R_C; Z]`` where ``R_C
 ``attention.py``). Cost per layer is ``2NC + C²`` query–key pairs — linear in the number of patches.
 
 Elasticity: the bank is one (M, D) parameter and a forward pass slices its first ``C`` rows, so a
-budget's output can only depend on cores < C and cores >= C receive exactly-zero gradient rows
+width's output can only depend on cores < C and cores >= C receive exactly-zero gradient rows
 (DDP needs no ``find_unused_parameters``); the training optimiser then leaves those rows and their
 moments untouched, chunk by chunk, as the reference's separate chunk parameters
-(``veca_ssl.train.optim.ElasticAdamW``). Training with nested budgets makes every prefix a
-working model: pick any budget in ``budgets`` at inference without retraining.
+(``veca_ssl.train.optim.ElasticAdamW``). Training with nested widths makes every prefix a
+working model: pick any width in ``budgets`` at inference without retraining.
 
 Positions: 2D RoPE on queries and keys (interleaved channel pairs, one complex product per block). Patches sit at their cell centres on [-1, 1]²; each core has
 a learned coordinate (raw, pre-tanh), initialised by farthest-point sampling inside ±0.95 so every
@@ -35,7 +35,7 @@ from .layers import PatchEmbed, drop_path_rates, ffn_hidden_dim
 from .rope import farthest_point_coords, patch_coords, rope_freqs, rope_inv_periods
 
 
-def nested_budgets(num_cores: int, core_chunk: int = 8) -> tuple[int, ...]:
+def nested_widths(num_cores: int, core_chunk: int = 8) -> tuple[int, ...]:
     if core_chunk < 1 or num_cores < core_chunk or num_cores % core_chunk:
         raise ValueError(
             f"num_cores={num_cores} must be a positive multiple of core_chunk={core_chunk} "
@@ -95,7 +95,7 @@ class VECA(Backbone):
             "coord_alpha_init": coord_alpha_init, "attn_backend": attn_backend, "in_chans": in_chans,
             "output_dim": output_dim, "patch_norm": patch_norm,
         })
-        self._budgets = nested_budgets(num_cores, core_chunk)
+        self._budgets = nested_widths(num_cores, core_chunk)
         if depth < 1:
             raise ValueError(f"depth must be >= 1, got {depth}")
         self.embed_dim, self.depth, self.num_heads, self.patch_size = embed_dim, depth, num_heads, patch_size
@@ -140,11 +140,11 @@ class VECA(Backbone):
     def budgets(self) -> tuple[int, ...]:
         return self._budgets
 
-    def check_budget(self, num_cores: int | None) -> int:
+    def check_width(self, num_cores: int | None) -> int:
         if num_cores is None:
             return self.num_cores
         if isinstance(num_cores, bool) or int(num_cores) != num_cores or int(num_cores) not in self._budgets:
-            raise ValueError(f"num_cores={num_cores!r} is not a valid core budget; valid budgets: "
+            raise ValueError(f"num_cores={num_cores!r} is not a valid core width; valid widths: "
                              f"{self._budgets}")
         return int(num_cores)
 
@@ -169,7 +169,7 @@ class VECA(Backbone):
         return coords
 
     def _run(self, images: Tensor, num_cores: int | None, masks: Tensor | None, collect: set[int]):
-        c = self.check_budget(num_cores)
+        c = self.check_width(num_cores)
         z, grid = self.patch_embed(images)
         b, n, _ = z.shape
         if masks is not None:
@@ -193,10 +193,10 @@ class VECA(Backbone):
 
     def core_coordinates(self, num_cores: int | None = None) -> Tensor:
         """Initial (layer-0) core coordinates in [-1, 1]², (C, 2) as (y, x)."""
-        return torch.tanh(self.core_coords[: self.check_budget(num_cores)]).detach()
+        return torch.tanh(self.core_coords[: self.check_width(num_cores)]).detach()
 
     def flops(self, height: int, width: int, num_cores: int | None = None) -> float:
-        c = self.check_budget(num_cores)
+        c = self.check_width(num_cores)
         n = (height // self.patch_size) * (width // self.patch_size)
         coord_heads = (self.depth - 1) * 2 * c * self.embed_dim * 2
         return float(backbone_flops(

@@ -103,7 +103,7 @@ class VisionTransformer(Backbone):
 
     def _run(self, images: Tensor, num_cores: int | None, masks: Tensor | None, collect: set[int]):
         if num_cores is not None:
-            raise ValueError(f"num_cores={num_cores!r} given to a dense ViT, which has no core budgets; "
+            raise ValueError(f"num_cores={num_cores!r} given to a dense ViT, which has no core widths; "
                              f"use num_cores=None")
         z, grid = self.patch_embed(images)
         b, n, _ = z.shape

@@ -24,9 +24,9 @@ from veca_ssl import distributed as dist
 from veca_ssl import fileio, signals
 from veca_ssl.config import ConfigError, build_model
 from veca_ssl.method.base import Method
-from veca_ssl.method.budgets import BudgetPolicy, resolve_budgets
 from veca_ssl.method.distill import ElasticDistillation
 from veca_ssl.method.ssl import ElasticDINO
+from veca_ssl.method.widths import WidthPolicy, training_widths
 from veca_ssl.models import save_backbone
 from veca_ssl.models.base import Backbone
 from veca_ssl.parallelize import parallelize_method
@@ -104,7 +104,7 @@ class Run:
     output_dir: Path
     method: Method
     optimizer: ElasticAdamW
-    policy: BudgetPolicy
+    policy: WidthPolicy
     schedule: FixedSchedule | MultiResSchedule
     data: TrainData  # batches, plus the data position and skip counts (veca_ssl.train.data)
     checkpoints: CheckpointManager
@@ -146,8 +146,8 @@ def setup(cfg: DictConfig) -> Run:
             raise ConfigError(f"model.init_from: {exc}") from None
         if info.rank == 0:
             print(report.summary(), flush=True)
-    widths = resolve_budgets(backbone.budgets, cfg.budgets.choices)
-    policy = BudgetPolicy(widths, cfg.budgets.policy, cfg.budgets.weights, seed=cfg.seed)
+    widths = training_widths(backbone.budgets, cfg.widths.choices)
+    policy = WidthPolicy(widths, cfg.widths.policy, cfg.widths.weights, seed=cfg.seed)
     phases = parse_phases(cfg.multires, cfg.model.patch_size, cfg.optim.epochs)  # [] = one size
     dataset = build_train_dataset(cfg)
     method = build_method(cfg, backbone).to(info.device)
@@ -244,7 +244,7 @@ def train_step(run: Run, step: int) -> tuple[bool, dict | None]:
         images_per_s, run.t_last = images / max(now - run.t_last, 1e-9), now
         record = {k: float(v.detach()) for k, v in losses.items()}
         record.update(lr=lr, wd=wd, momentum=momentum, teacher_temp=teacher_temp, epoch=epoch,
-                      budget=float(widths[0]) if widths[0] is not None else 0.0,
+                      width=float(widths[0]) if widths[0] is not None else 0.0,
                       grad_norm=grad_norms.pop("total"), images_per_s=images_per_s,
                       resolution=float(batch["global_crops"].shape[-1]))
         record.update(run.data.log_record())  # global skip counts (all ranks); stops on too many skips
@@ -364,7 +364,7 @@ def train(cfg: DictConfig) -> dict:
                                         f"command to resume.") from exc
             steps_done = step + 1
             if record is not None:
-                bar.set_postfix(loss=f"{record['loss']:.3f}", C=int(record["budget"]) or None,
+                bar.set_postfix(loss=f"{record['loss']:.3f}", C=int(record["width"]) or None,
                                 img_s=f"{record['images_per_s']:.0f}")
             bar.update(1)
             if stop:
