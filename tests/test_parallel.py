@@ -342,6 +342,24 @@ def test_run_resumes_from_the_newest_good_sharded_checkpoint(ssl_runs, tmp_path)
     assert_close(final_weights(dst), final_weights(tmp / "ssl-veca-fsdp2"), TOL, "resumed from step 2")
 
 
+def test_nan_resume_point_covers_sharded_checkpoints(ssl_runs, tmp_path):
+    """A non-finite loss in step 4 of an FSDP2 run: the checkpoint of step 4 (written from the weights
+    that diverged) is set aside as .diverged and the message's resume point is the sharded step 2."""
+    from veca_ssl.train.checkpoint import CheckpointManager
+    from veca_ssl.train.rundir import resume_point_after_divergence
+
+    tmp, _ = ssl_runs
+    directory = tmp_path / "checkpoints"
+    shutil.copytree(tmp / "ssl-veca-fsdp2" / "checkpoints", directory)
+    good, moved = resume_point_after_divergence(CheckpointManager(directory), 3, tmp_path / "metrics.jsonl")
+    assert good == directory / "checkpoint-00000002"
+    assert [(old.name, new.name) for old, new, _ in moved] == [("checkpoint-00000004", "checkpoint-00000004.diverged")]
+    # step 3 already diverged according to the metrics: step 2 is not a resume point either
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 3, "loss": float("nan")}) + "\n")
+    good, moved = resume_point_after_divergence(CheckpointManager(directory), 3, tmp_path / "metrics.jsonl")
+    assert good is None and "already diverged" in moved[0][2]
+
+
 class _Boom:
     def __reduce__(self):
         return (print, ("executed",))

@@ -44,13 +44,15 @@ def _spawned_worker(rank: int, world: int, port: int, fn: Callable[..., Any], ar
 
 
 def run_two_process(fn: Callable[..., Any], *args: Any, world_size: int = 2, timeout_s: float = 120.0) -> list:
-    """TEST UTILITY: run ``fn(*args)`` in ``world_size`` spawned CPU processes joined by a gloo group.
+    """Run ``fn(*args)`` in ``world_size`` spawned CPU processes joined by a gloo group.
 
     ``fn`` must be picklable (a module-level function); inside it ``init_distributed()`` has already
     run, so ``get_rank()`` etc. work. Returns the per-rank return values in rank order; raises
-    RuntimeError with the remote traceback if a rank fails, TimeoutError if one hangs.
+    RuntimeError with the remote traceback if a rank fails (or dies without answering, e.g. killed),
+    TimeoutError if one hangs.
     """
     import queue as queue_mod
+    import time
 
     import torch.multiprocessing as mp
 
@@ -64,14 +66,24 @@ def run_two_process(fn: Callable[..., Any], *args: Any, world_size: int = 2, tim
     for p in procs:
         p.start()
     out: dict[int, Any] = {}
+    deadline = time.monotonic() + timeout_s
     try:
-        for _ in range(world_size):  # drain before join: a full pipe would block the children
-            rank, ok, value = results.get(timeout=timeout_s)
+        while len(out) < world_size:  # drain before join: a full pipe would block the children
+            try:
+                rank, ok, value = results.get(timeout=1.0)
+            except queue_mod.Empty:
+                # a rank that died without answering (a crash in C code, a kill) would otherwise cost
+                # the whole timeout
+                dead = [r for r, p in enumerate(procs) if r not in out and not p.is_alive() and p.exitcode]
+                if dead:
+                    raise RuntimeError(f"rank {dead[0]} died with exit code {procs[dead[0]].exitcode} before "
+                                       f"answering") from None
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"run_two_process: no answer from some rank within {timeout_s}s") from None
+                continue
             if not ok:
                 raise RuntimeError(f"rank {rank} failed:\n{value}")
             out[rank] = pickle.loads(value)
-    except queue_mod.Empty as exc:
-        raise TimeoutError(f"run_two_process: no answer from some rank within {timeout_s}s") from exc
     finally:
         for p in procs:
             p.join(timeout=10)

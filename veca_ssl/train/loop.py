@@ -73,7 +73,7 @@ def check_finite(run: Run, losses: dict, step: int) -> None:
         lines = [f"non-finite loss at step {step + 1}: {what}."]
         lines += [f"Set aside {old.name} as {new.name} ({reason})." for old, new, reason in moved]
         if good is not None:
-            lines.append(f"Resume point: {good} (step {CheckpointManager.step_of(good)}; weights and optimiser "
+            lines.append(f"Resume point: {good} (step {sharded_checkpoint.step_of(good)}; weights and optimiser "
                          f"state finite). Lower optim.base_lr (or raise optim.warmup_epochs) and rerun with "
                          f"train.allow_config_change=true: the run resumes from there.")
         else:

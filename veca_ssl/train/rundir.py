@@ -218,4 +218,43 @@ def resume_point_after_divergence(checkpoints: CheckpointManager, failed_step: i
     path, _, rejected = checkpoints.newest_usable(accept=acceptable, below=failed_step)
     diverged = [(p, "holds the weights that produced the non-finite loss") for p in checkpoints.all()
                 if checkpoints.step_of(p) >= failed_step]
-    return path, [(bad, checkpoints.set_aside(bad, "diverged"), reason) for bad, reason in diverged + rejected]
+    moved = [(bad, checkpoints.set_aside(bad, "diverged"), reason) for bad, reason in diverged + rejected]
+    # sharded (FSDP2) checkpoints of the same directory follow the same rules
+    sharded, sharded_moved = _sharded_resume_point(checkpoints.directory, failed_step, records)
+    if sharded is not None and (path is None or sharded_checkpoint.step_of(sharded) > checkpoints.step_of(path)):
+        path = sharded
+    return path, moved + sharded_moved
+
+
+def _sharded_resume_point(directory: Path, failed_step: int, records: dict[int, dict]
+                          ) -> tuple[Path | None, list[tuple[Path, Path, str]]]:
+    """:func:`resume_point_after_divergence` for the sharded checkpoints of ``directory``."""
+    moved: list[tuple[Path, Path, str]] = []
+    found: Path | None = None
+    for path in reversed(sharded_checkpoint.all_checkpoints(directory)):
+        step = int(sharded_checkpoint.step_of(path))
+        reason = None
+        if step >= failed_step:
+            reason = "holds the weights that produced the non-finite loss"
+        elif found is None:
+            reason = sharded_checkpoint.verify(path)
+            if reason is None:
+                reason = non_finite(sharded_checkpoint.read_tensors(path))
+                reason = f"non-finite values in {reason}" if reason else None
+            following = records.get(step + 1, {})
+            for key in ("loss", "grad_norm"):
+                value = following.get(key)
+                if reason is None and isinstance(value, (int, float)) and not math.isfinite(value):
+                    reason = f"its next step already diverged ({key}={value} at step {step + 1})"
+            if reason is None:
+                found = path
+                continue
+        else:
+            continue
+        new = path.with_name(f"{path.name}.diverged")
+        n = 1
+        while new.exists():
+            new, n = path.with_name(f"{path.name}.diverged.{n}"), n + 1
+        os.replace(path, new)
+        moved.append((path, new, reason))
+    return found, moved
