@@ -166,10 +166,10 @@ def _torch_load(path: Path, map_location) -> object:
         what = f" ({found.group(1)})" if found else ""
         raise ValueError(
             f"cannot read checkpoint {path}: it holds pickled Python objects{what} beyond tensors and plain "
-            f"containers, and veca-ssl never unpickles arbitrary objects. If you trust the file, save its "
-            f"weights once as plain data, e.g. python -c \"import torch; c = torch.load('{path.name}', "
-            f"weights_only=False); torch.save({{'student': c['student'], 'config': dict(c.get('config') or {{}})}}, "
-            f"'plain.pt')\" (reference VECA checkpoints), then load plain.pt") from None
+            f"containers, and veca-ssl never unpickles arbitrary objects. Only if you trust the file: open it "
+            f"once in Python with torch's weights_only=False, save its tensors and plain values alone (for a "
+            f"reference VECA checkpoint: {{'student': its state dict, 'config': dict(its config)}}) to a new "
+            f"file, and load that one") from None
     except Exception as exc:
         raise ValueError(f"cannot read checkpoint {path}: {exc} (truncated, corrupt, or not a torch file)") from None
 
