@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -105,3 +106,27 @@ def test_init_from_config_errors_before_any_work(tmp_path):
     with pytest.raises(ConfigError, match=r"model.init_from: init_from .* do not fit this model.*embed_dim=192"):
         train(tiny_cfg(tmp_path, f"model.init_from={wrong}"))
     assert not (tmp_path / "run" / "checkpoints").exists()  # stopped before any training step
+
+
+def test_final_table_baseline_is_the_network_training_started_from(tmp_path):
+    # with init_from, "before training" means those weights, not a random init: else a fine-tuning run
+    # would be compared with a network it never was
+    from veca_ssl.train.monitor import KnnMonitor
+
+    torch.manual_seed(123)
+    source = _tiny(num_cores=16)
+    path = save_backbone(source, tmp_path / "init.safetensors")
+    cfg = tiny_cfg(tmp_path, f"model.init_from={path}", "train.max_steps=1", "train.knn_monitor.enabled=true",
+                   "train.knn_monitor.dataset=synthetic:n=40,val_n=20,size=32,classes=4,seed=1",
+                   "train.knn_monitor.resolution=32")
+    monitor = KnnMonitor(cfg, torch.device("cpu"), tmp_path)
+    rebuilt = monitor.untrained_backbone().state_dict()
+    for k, v in source.state_dict().items():
+        assert torch.equal(rebuilt[k], v), k
+    summary = train(cfg)
+    knn = summary["knn"]
+    assert knn["start"] == "init_from"
+    assert knn["before"] == json.loads((Path(cfg.output_dir) / "knn_before.json").read_text())
+    header = KnnMonitor.table(knn).splitlines()[0]
+    assert "k-NN initial" in header and "probe initial" in header and "untrained" not in header
+    assert "model.init_from's weights" in KnnMonitor.caption(knn)

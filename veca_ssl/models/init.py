@@ -157,3 +157,18 @@ def _resize(name: str, value: Tensor, target: Tensor, source: Backbone, model: B
             m = source.config["pos_embed_grid"]
             return table, f"resampled from a {m}x{m} to a {grid}x{grid} grid"
     return None
+
+
+def initial_backbone(cfg) -> tuple[Backbone, InitReport | None]:
+    """The training backbone at step 0: built from the global RNG (seed it first), then
+    ``model.init_from``'s weights copied in when set. Returns it with the init report (None without
+    ``init_from``); a bad ``init_from`` raises ``ConfigError`` naming the option."""
+    from veca_ssl.config import ConfigError, build_model
+
+    backbone = build_model(cfg)
+    if not cfg.model.init_from:
+        return backbone, None
+    try:
+        return backbone, init_from(backbone, cfg.model.init_from)
+    except (ValueError, FileNotFoundError) as exc:
+        raise ConfigError(f"model.init_from: {exc}") from None

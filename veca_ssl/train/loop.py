@@ -29,6 +29,7 @@ from veca_ssl.method.ssl import ElasticDINO
 from veca_ssl.method.widths import WidthPolicy, training_widths
 from veca_ssl.models import save_backbone
 from veca_ssl.models.base import Backbone
+from veca_ssl.models.init import initial_backbone
 from veca_ssl.parallelize import parallelize_method
 from veca_ssl.train import sharded_checkpoint
 from veca_ssl.train.checkpoint import CheckpointManager, rng_state, set_rng_state
@@ -136,16 +137,9 @@ def setup(cfg: DictConfig) -> Run:
     # teacher and the loss modules are not wrapped, so they must start identical everywhere
     torch.manual_seed(cfg.seed)
     out = Path(cfg.output_dir)
-    backbone = build_model(cfg)
-    if cfg.model.init_from:  # start from these weights; a resumed run then loads its checkpoint over them
-        from veca_ssl.models.init import init_from
-
-        try:
-            report = init_from(backbone, cfg.model.init_from)
-        except (ValueError, FileNotFoundError) as exc:
-            raise ConfigError(f"model.init_from: {exc}") from None
-        if info.rank == 0:
-            print(report.summary(), flush=True)
+    backbone, report = initial_backbone(cfg)
+    if report is not None and info.rank == 0:
+        print(report.summary(), flush=True)
     widths = training_widths(backbone.budgets, cfg.widths.choices)
     policy = WidthPolicy(widths, cfg.widths.policy, cfg.widths.weights, seed=cfg.seed)
     phases = parse_phases(cfg.multires, cfg.model.patch_size, cfg.optim.epochs)  # [] = one size

@@ -139,13 +139,14 @@ class KnnMonitor:
 
     def untrained_backbone(self) -> Backbone:
         """The network at step 0, rebuilt: training builds it first thing after seeding with
-        ``cfg.seed`` (``veca_ssl.train.loop.setup``), so the same two calls give the same weights —
-        after a resume too. The global RNG is left as it was."""
-        from veca_ssl.config import build_model
+        ``cfg.seed`` (``veca_ssl.train.loop.setup``), so the same calls give the same weights — after a
+        resume too — including ``model.init_from``'s weights when training started from them. The
+        global RNG is left as it was."""
+        from veca_ssl.models.init import initial_backbone
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.cfg.seed)
-            return build_model(self.cfg).to(self.device)
+            return initial_backbone(self.cfg)[0].to(self.device)
 
     def final(self, backbone: Backbone) -> dict:
         """After training, per width: k-NN top-1 and the probe for the trained network, the untrained
@@ -163,7 +164,8 @@ class KnnMonitor:
         paired = {k: list(paired_bootstrap(hits[keys[0]], hits[k])) for k in keys[1:]}
         return {"after": after, "before": self._knn(*untrained), "vs_narrowest": paired, "probe_after": probe,
                 "probe_before": self._probe(*untrained), "pixels": {**self._knn(*pixels), **self._probe(*pixels)},
-                "k": self.k, "bank": len(self.train_set), "queries": len(self.val_set)}
+                "k": self.k, "bank": len(self.train_set), "queries": len(self.val_set),
+                "start": "init_from" if self.cfg.model.init_from else "untrained"}
 
     @staticmethod
     def flat(result: dict) -> dict:
@@ -195,7 +197,8 @@ class KnnMonitor:
         paired = result.get("vs_narrowest", {})
         pixels = result.get("pixels", {})
         wins = KnnMonitor.beats_baselines(result)
-        rows = ["| core width | k-NN trained | k-NN untrained | k-NN raw pixels | probe trained | probe untrained "
+        start = "initial" if result.get("start") == "init_from" else "untrained"
+        rows = [f"| core width | k-NN trained | k-NN {start} | k-NN raw pixels | probe trained | probe {start} "
                 "| probe raw pixels | beats both | k-NN trained − narrowest (95% CI) |",
                 "|---|---|---|---|---|---|---|---|---|"]
         for key, after in result["after"].items():
@@ -214,6 +217,8 @@ class KnnMonitor:
     def caption(result: dict) -> str:
         """What the table measures, in one line."""
         k, bank, queries = result.get("k", "?"), result.get("bank", "?"), result.get("queries", "?")
+        start = ("the initial network (model.init_from's weights)" if result.get("start") == "init_from"
+                 else "the untrained network")
         return (f"top-1 (%) on {queries} validation images: weighted k-NN (k={k}, T=0.07, bank of {bank}) and "
                 f"a logistic-regression probe (C chosen on held-out train), for the EMA teacher after training, "
-                f"the untrained network and raw pixels")
+                f"{start} and raw pixels")
