@@ -25,9 +25,9 @@ def build_parser() -> ArgumentParser:
                "protocols, widths, resolution, batch_size, output_dir, name, one section per protocol (knn, "
                "linear, logreg, dense), speed, bootstrap, and an optional dense-ViT reference drawn as a "
                "reference point. A key not listed there is an error naming it. The report goes to "
-               "<output_dir>/<name, default 'all'>/. Example: configs/eval/digits.yaml.")
+               "<output_dir>/<name, default 'all'>/. Example: configs/eval/digits.yaml (`--config digits`).")
     p.add_argument("--config", required=True, metavar="FILE",
-                   help="eval YAML, e.g. configs/eval/digits.yaml (required)")
+                   help="eval YAML file, or the name of a shipped one (digits = configs/eval/digits.yaml) (required)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="overrides of config keys, e.g. checkpoint=runs/x linear.epochs=5 overwrite=true")
     add_debug_option(p)

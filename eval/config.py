@@ -280,6 +280,20 @@ def check(cfg: EvalConfig) -> EvalConfig:
 
 
 # --------------------------------------------------------------------------------------------- YAML
+def resolve_path(name: str | Path) -> Path:
+    """A file as given, or a named eval config shipped with the package (``digits`` is
+    ``configs/eval/digits.yaml``, in a checkout and in an installed wheel alike)."""
+    from veca_ssl import CONFIG_DIR
+
+    path = Path(name)
+    for cand in (path, CONFIG_DIR / "eval" / path, CONFIG_DIR / "eval" / f"{path}.yaml"):
+        if cand.is_file():
+            return cand
+    named = sorted(p.stem for p in (CONFIG_DIR / "eval").glob("*.yaml"))
+    raise EvalConfigError(f"eval config not found: {str(name)!r} (not a file; named eval configs: "
+                          f"{', '.join(named) or 'none'})")
+
+
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> EvalConfig:
     """Defaults ← YAML file ← ``key=value`` overrides, as a checked :class:`EvalConfig`."""
     from omegaconf import OmegaConf
@@ -287,8 +301,7 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> EvalC
 
     data: dict = {}
     if path is not None:
-        if not Path(path).is_file():
-            raise EvalConfigError(f"eval config not found: {str(path)!r}")
+        path = resolve_path(path)
         try:
             loaded = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
         except Exception as exc:  # YAML syntax errors (yaml.YAMLError), OmegaConf errors

@@ -202,3 +202,13 @@ def test_extract_and_select_user_errors_are_one_line(argv, message, tmp_path) ->
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
     assert proc.stderr.startswith(message), proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_shipped_eval_config_is_found_by_name_from_any_directory(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)  # no configs/ here: the name resolves to the package's copy
+    random_init = ["checkpoint=null", "model=veca_tiny", "model_args={patch_size: 8, num_cores: 16, depth: 4}"]
+    by_name = load_config("digits", random_init)
+    by_path = load_config(ROOT / "configs" / "eval" / "digits.yaml", random_init)
+    assert by_name == by_path and by_name.datasets.test == "digits@val"
+    with pytest.raises(EvalConfigError, match=r"eval config not found: 'nope' .*named eval configs: digits"):
+        load_config("nope")
