@@ -8,7 +8,6 @@ run directory with its log.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import re
 from collections.abc import Iterator
@@ -18,6 +17,7 @@ import numpy as np
 import torch
 
 from eval.config import REQUIRED_DATA, EvalConfig, EvalConfigError, ModelSource
+from veca_ssl.models.provenance import training_resolution
 from veca_ssl.widths import Width
 
 log = logging.getLogger("eval")
@@ -93,63 +93,6 @@ def model_description(src: ModelSource, net: torch.nn.Module) -> str:
 
 
 # --------------------------------------------------------------------------------------------- resolution
-def _resolution_of_training_config(text_or_dict: str | dict) -> int | None:
-    """The global-crop side a training run ended at: the last multi-resolution phase's most likely size
-    (ties: the larger), else ``crops.global_size``."""
-    from omegaconf import OmegaConf
-
-    cfg = OmegaConf.create(text_or_dict) if isinstance(text_or_dict, str | dict) else text_or_dict
-    phases = OmegaConf.select(cfg, "multires.phases", default=None)
-    if phases:
-        last = phases[-1]
-        sizes, probs = list(last.get("sizes", [])), list(last.get("probs", []))
-        if sizes and len(probs) == len(sizes):
-            return int(max(zip(probs, sizes))[1])
-    size = OmegaConf.select(cfg, "crops.global_size", default=None)
-    return int(size) if size is not None else None
-
-
-def training_resolution(checkpoint: str | Path) -> tuple[int, str] | None:
-    """``(resolution, where it was read)`` of the run that produced ``checkpoint``; None if unknown.
-
-    Looked up in order: a ``resolution`` entry of an export's ``.json`` sidecar, the run's resolved
-    ``config.yaml`` (a run directory, or the run holding ``export/`` or ``checkpoints/``), the config
-    stored inside a training checkpoint. External weights (DINOv2/timm ``.pth``) carry none.
-    """
-    path = Path(checkpoint)
-    candidates: list[Path] = []
-    if path.is_dir():
-        candidates.append(path / "config.yaml")
-    else:
-        if path.suffix == ".safetensors" and path.with_suffix(".json").is_file():
-            try:
-                meta = json.loads(path.with_suffix(".json").read_text())
-            except (OSError, ValueError):
-                meta = {}
-            if isinstance(meta.get("resolution"), int):
-                return int(meta["resolution"]), str(path.with_suffix(".json"))
-        if path.parent.name in ("export", "checkpoints"):
-            candidates.append(path.parent.parent / "config.yaml")
-    for cand in candidates:
-        if cand.is_file():
-            with contextlib.suppress(Exception):  # unreadable config: try the next source
-                res = _resolution_of_training_config(cand.read_text())
-                if res:
-                    return res, str(cand)
-    if path.is_file() and path.suffix in (".pt", ".pth"):
-        try:  # mmap: reads the pickled structure, not the tensors
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception:  # not ours, or unreadable; load_backbone reports it properly
-            return None
-        text = obj.get("config") if isinstance(obj, dict) else None
-        if isinstance(text, str):
-            with contextlib.suppress(Exception):
-                res = _resolution_of_training_config(text)
-                if res:
-                    return res, f"{path} (training config)"
-    return None
-
-
 def resolve_resolution(cfg: EvalConfig, model: torch.nn.Module) -> tuple[int, str]:
     """``(resolution, why)``: the option, else the checkpoint's training resolution, else 224.
 

@@ -13,7 +13,7 @@ prints the trade-off table, and writes ``selection.json`` (+ ``selection.md``, `
 the chosen width ringed) next to the report or into ``--output-dir``.
 
 ``selection.json`` (format ``veca-ssl-width-selection``, version 1) is what ``veca extract
---width-from`` (and ``veca export``) read; its keys:
+--width-from`` and ``veca export --width-from`` read (``veca_ssl.selection.read_selection``); its keys:
 
 - ``width`` (int; null for a dense ViT) and ``width_label`` (``"C16"``): the choice;
 - ``rule`` (text), ``criterion`` (``tolerance``, ``max_latency_ms``, ``max_gflops``), ``metric``,
@@ -52,13 +52,12 @@ from eval.options import (
     opt,
     positive,
 )
-
-SELECTION_FORMAT = "veca-ssl-width-selection"
-SELECTION_VERSION = 1
-
-
-class SelectionError(ValueError):
-    """No width satisfies the rule (e.g. an impossible latency budget), or the report cannot be used."""
+from veca_ssl.selection import (  # read_selection: re-exported for eval users
+    SELECTION_FORMAT,
+    SELECTION_VERSION,
+    SelectionError,
+    read_selection,  # noqa: F401
+)
 
 
 @dataclass
@@ -347,25 +346,6 @@ def run_select(opts: SelectOptions, src: ModelSource | None = None, seed: int = 
     print(md)
     print(f"selected {chosen['width']} → {target} (use: veca extract --width-from {target})")
     return selection
-
-
-def read_selection(path: str | Path) -> dict:
-    """A ``selection.json`` written by ``veca select`` (format and version checked)."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"selection file not found: {str(p)!r} (write one with `veca select`)")
-    try:
-        doc = json.loads(p.read_text())
-    except ValueError as exc:
-        raise SelectionError(f"{p} is not JSON: {exc}") from None
-    if not isinstance(doc, dict) or doc.get("format") != SELECTION_FORMAT:
-        raise SelectionError(f"{p} is not a `veca select` file (format {SELECTION_FORMAT!r} expected)")
-    if doc.get("version") != SELECTION_VERSION:
-        raise SelectionError(f"{p} has version {doc.get('version')!r}; this veca reads version {SELECTION_VERSION}")
-    width = doc.get("width")
-    if width is not None and (not isinstance(width, int) or isinstance(width, bool) or width < 1):
-        raise SelectionError(f"{p}: 'width' must be a positive integer or null, got {width!r}")
-    return doc
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,6 +6,7 @@ import json
 import shutil
 
 import pytest
+import torch
 from test_train import TINY as TRAIN_TINY  # tests/ is on sys.path (no package, pytest prepend mode)
 
 from eval.cli import main as eval_main
@@ -88,3 +89,20 @@ def test_an_export_that_records_its_resolution_is_read_first(tmp_path) -> None:
     assert training_resolution(path) == (40, str(path.with_suffix(".json")))
     plain = save_backbone(model, tmp_path / "plain.safetensors")  # no record, not inside a run
     assert training_resolution(plain) is None
+
+
+def test_reference_checkpoints_and_sharded_directories_give_their_training_resolution(trained_run, tmp_path) -> None:
+    from test_reference_veca import checkpoint, reference_state
+
+    sd = reference_state("small", depth=1)
+    single = tmp_path / "veca_small.pt"  # the reference's pretraining save: one image size
+    torch.save(checkpoint(sd, "small", "module", image_size=256), single)
+    assert training_resolution(single) == (256, f"{single} (training config)")
+    multires = tmp_path / "veca_small_ft.pt"  # its multi-resolution fine-tuning: the last phase's likeliest size
+    torch.save(checkpoint(sd, "small", "module", image_size=256, resolutions=(256, 384, 512),
+                          phase_b_probs={256: 0.2, 384: 0.5, 512: 0.3}), multires)
+    assert training_resolution(multires)[0] == 384
+    run = tmp_path / "run"  # a sharded checkpoint-<step>/ directory reads its run's config
+    (run / "checkpoints" / "checkpoint-00000002").mkdir(parents=True)
+    shutil.copy(trained_run / "config.yaml", run / "config.yaml")
+    assert training_resolution(run / "checkpoints" / "checkpoint-00000002") == (48, str(run / "config.yaml"))

@@ -290,6 +290,14 @@ def test_sharded_checkpoint_loads_as_backbone_and_converts(ssl_runs, tmp_path, c
     assert "step 4, written by 2 processes" in proc.stdout
     converted = load_backbone(out)
     assert converted.config == export.config
+    # the export moved out of its run is still evaluated at the run's training resolution
+    from omegaconf import OmegaConf
+
+    from veca_ssl.models.provenance import training_resolution
+
+    side = OmegaConf.load(run_dir / "config.yaml").crops.global_size
+    assert json.loads(out.with_suffix(".json").read_text())["resolution"] == side
+    assert training_resolution(ckpt) == (side, str(run_dir / "config.yaml"))  # the sharded directory
     for name, value in converted.state_dict().items():
         assert torch.equal(value, export.state_dict()[name]), name
 
@@ -300,7 +308,9 @@ def test_sharded_checkpoint_loads_as_backbone_and_converts(ssl_runs, tmp_path, c
                             "--resolution", "32"]) == 0
     narrow = load_backbone(tmp_path / "w8.safetensors")
     assert narrow.budgets == (8,) and torch.equal(narrow.cores, export.cores[:8])
-    assert sc.main([str(tmp_path)]) == 2  # nothing to convert: one message, no traceback
+    from veca_ssl.consolidate import main as consolidate_main
+
+    assert consolidate_main([str(tmp_path)]) == 2  # nothing to convert: one message, no traceback
     err = capsys.readouterr().err
     assert "no sharded checkpoint at" in err and "Traceback" not in err
 
@@ -388,12 +398,17 @@ def test_compile_default_matches_eager_loss_curve(tmp_path, monkeypatch):
         pytest.skip("no C compiler on this machine: inductor cannot build CPU kernels")
     monkeypatch.setattr(inductor_config, "compile_threads", 1)  # no pool of compile workers to start
     extra = ["train.max_steps=3", "crops.num_local=0", "widths.policy=full", "ibot.mask_probability=0.0"]
-    curves = {}
+    from torch._dynamo.utils import counters
+
+    curves, graphs = {}, {}
     for mode in ("none", "default"):
         out = tmp_path / mode
+        before = counters["stats"]["unique_graphs"]
         _train(_overrides("ssl", "veca", None, out, "ddp", 8, f"train.compile={mode}", *extra))
+        graphs[mode] = counters["stats"]["unique_graphs"] - before
         curves[mode] = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(curves["none"]) == 3
+    assert graphs["none"] == 0 and graphs["default"] > 0, graphs  # the blocks really went through dynamo
     for step, (eager, compiled) in enumerate(zip(curves["none"], curves["default"])):
         # inductor fuses and reorders float ops: a few ulp per op, ~1e-6 relative on the loss
         assert abs(eager - compiled) <= 1e-4 * abs(eager), (step, curves)

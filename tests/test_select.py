@@ -15,6 +15,7 @@ from eval.extract_cli import main as extract_main
 from eval.report import write_report
 from eval.selection import SELECTION_FORMAT, SelectionError, read_selection, select_width
 from eval.selection import main as select_main
+from veca_ssl.export import main as export_main
 from veca_ssl.models import build_backbone, save_backbone
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -122,6 +123,15 @@ def test_measured_selection_feeds_extract(tmp_path) -> None:
                          "--no-progress"]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["width"] == 8 and manifest["resolution"] == 64  # the width and resolution selected for
+
+    # the same selection deploys: veca export takes its width, resolution and batch
+    exported = tmp_path / "deploy" / "w.safetensors"
+    assert export_main(["--checkpoint", str(ckpt), "--width-from", str(tmp_path / "ev" / "knn" / "selection.json"),
+                        "--out", str(exported)]) == 0
+    meta = json.loads(exported.with_suffix(".json").read_text())
+    assert meta["width"] == 8 and meta["resolution"] == 64 and meta["config"]["num_cores"] == 8
+    assert export_main(["--checkpoint", str(ckpt), "--width", "8", "--width-from",
+                        str(tmp_path / "ev" / "knn" / "selection.json"), "--out", str(exported)]) == 2
 
 
 def test_read_selection_checks_the_format(tmp_path) -> None:

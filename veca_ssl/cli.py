@@ -25,7 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("veca_ssl.bench", "benchmarks: backbone | data | train | knn | ddp"),
     "submit": ("launchers.submit", "submit train/eval jobs to SLURM (or locally) through submitit"),
     "data": ("veca_ssl.data.cli", "dataset tools: make-shards | inspect"),
-    "consolidate": ("veca_ssl.train.sharded_checkpoint",
+    "consolidate": ("veca_ssl.consolidate",
                     "convert a sharded (FSDP2) training checkpoint into the single-file backbone export"),
 }
 
@@ -54,7 +54,8 @@ def dispatch(commands: dict[str, tuple[str, str]], argv: list[str] | None, prog:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         lines = [f"usage: {prog} <command> [args...]", "", "commands:"]
-        lines += [f"  {name:<9} {helptext}" for name, (_, helptext) in commands.items()]
+        width = max(map(len, commands))
+        lines += [f"  {name:<{width}} {helptext}" for name, (_, helptext) in commands.items()]
         lines += ["", f"Run `{prog} <command> --help` for the options of one command."]
         print("\n".join(lines))
         return 0

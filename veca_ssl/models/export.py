@@ -74,10 +74,11 @@ def example_input(batch: int, resolution: tuple[int, int], in_chans: int = 3, se
 @torch.no_grad()
 def export_backbone(model: Backbone, out: str | Path, fmt: str = "safetensors", width: int | None = None,
                     resolution: tuple[int, int] = (224, 224), space: str = "native", batch: int = 2,
-                    strict_reference: bool = True) -> ExportResult:
+                    strict_reference: bool = True, meta: dict | None = None) -> ExportResult:
     """Write ``model`` at ``width`` (None: a VECA's full bank; must be None for a dense ViT) as ``fmt``
     to ``out`` and compare the reloaded export with ``model`` at that width on a seeded example input
-    of ``batch`` images at ``resolution`` (H, W). Raises ``ValueError`` for bad options."""
+    of ``batch`` images at ``resolution`` (H, W). ``meta`` goes into a safetensors export's ``.json``
+    sidecar (e.g. ``resolution``, the default of evaluation). Raises ``ValueError`` for bad options."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; valid: {', '.join(FORMATS)}")
     model = model.eval()
@@ -100,7 +101,7 @@ def export_backbone(model: Backbone, out: str | Path, fmt: str = "safetensors", 
 
     if fmt == "safetensors":
         target = slice_to_width(model, width) if isinstance(model, VECA) else model
-        path = save_backbone(target, out, extra={"width": width})
+        path = save_backbone(target, out, extra={**(meta or {}), "width": width})
         got = load_backbone(path).eval().forward_features(images, space=space, **kwargs)
         parity = Parity(_diff(expected["cls"], got["cls"]), _diff(expected["patches"], got["patches"]))
     elif fmt == "veca-reference":

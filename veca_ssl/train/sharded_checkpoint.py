@@ -28,14 +28,12 @@ under its rank; a rank that did not exist when the checkpoint was written keeps 
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
 import pickle
 import re
 import shutil
-import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -48,7 +46,7 @@ from veca_ssl.train.checkpoint import CheckpointError, rng_state, set_rng_state
 
 FORMAT = "veca-ssl-sharded-checkpoint"
 META_FILE = "veca.json"
-_DCP_METADATA = ".metadata"
+DCP_METADATA = ".metadata"
 _NAME = re.compile(r"^checkpoint-(\d{8})$")
 _ANY_NAME = re.compile(r"^checkpoint-(\d{8})(\.pt)?$")
 _TMP_PREFIX = ".tmp-sharded-checkpoint-"
@@ -103,7 +101,7 @@ def _safe_reader(path: Path) -> Any:
         """DCP's file reader with an allow-list unpickler for the ``.metadata`` index."""
 
         def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
-            with open(Path(self.path) / _DCP_METADATA, "rb") as f:
+            with open(Path(self.path) / DCP_METADATA, "rb") as f:
                 metadata = _MetadataUnpickler(f).load()
             if getattr(metadata, "storage_meta", None) is None:
                 metadata.storage_meta = StorageMeta()
@@ -117,7 +115,7 @@ def _safe_reader(path: Path) -> Any:
 def is_sharded_checkpoint(path: str | Path) -> bool:
     """A directory with DCP's index and our ``veca.json`` (complete, as renamed by ``save``)."""
     path = Path(path)
-    return path.is_dir() and (path / _DCP_METADATA).is_file() and (path / META_FILE).is_file()
+    return path.is_dir() and (path / DCP_METADATA).is_file() and (path / META_FILE).is_file()
 
 
 def step_of(path: Path) -> int | None:
@@ -158,8 +156,8 @@ def verify(path: str | Path, checksums: bool = True) -> str | None:
     """``None`` when ``path`` is a complete, intact sharded checkpoint; else what is wrong with it
     (missing index, a shard missing, truncated or — with ``checksums`` — altered)."""
     path = Path(path)
-    if not (path / _DCP_METADATA).is_file():
-        return f"{path} has no {_DCP_METADATA} index (interrupted or not a sharded checkpoint)"
+    if not (path / DCP_METADATA).is_file():
+        return f"{path} has no {DCP_METADATA} index (interrupted or not a sharded checkpoint)"
     try:
         meta = read_meta(path)
     except ValueError as exc:
@@ -439,87 +437,5 @@ def load_backbone_state(path: str | Path, which: str = "teacher") -> tuple[dict,
     return meta["backbone_config"], state
 
 
-# ------------------------------------------------------------------------------------- command line
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="veca consolidate",
-        description="Convert a training checkpoint -- sharded (FSDP2) or single-file (DDP, one process) -- into "
-                    "the single-file backbone export (<out>.safetensors + <out>.json) of the whole core bank, "
-                    "which every eval command and load_backbone read.")
-    p.add_argument("checkpoint", help="a checkpoint-<step>/ directory or checkpoint-<step>.pt file, or a run's "
-                                      "output directory (its newest checkpoint, sharded ones first)")
-    p.add_argument("--out", default=None, help="output .safetensors path (default: <run>/export/teacher.safetensors, "
-                                               "or <checkpoint>.safetensors next to a lone checkpoint)")
-    p.add_argument("--which", default="teacher", choices=["teacher", "student"],
-                   help="the EMA teacher (what training exports) or the student")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-    return p
-
-
-def _resolve(path: Path) -> Path:
-    if is_sharded_checkpoint(path):
-        return path
-    for directory in (path / "checkpoints", path):
-        found = all_checkpoints(directory)
-        if found:
-            return found[-1]
-    raise FileNotFoundError(f"no sharded checkpoint at {path} (expected checkpoint-<step>/ with {_DCP_METADATA} "
-                            f"and {META_FILE}, or a run directory holding checkpoints/checkpoint-<step>/)")
-
-
-def _single_file(path: Path) -> Path | None:
-    """A single-file training checkpoint at ``path``, or the newest one of a run directory."""
-    if path.is_file():
-        return path
-    for directory in (path / "checkpoints", path):
-        found = sorted(directory.glob("checkpoint-*.pt")) if directory.is_dir() else []
-        if found:
-            return found[-1]
-    return None
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        from veca_ssl.models import load_backbone, save_backbone
-        from veca_ssl.models.registry import build_from_config
-
-        given = Path(args.checkpoint)
-        single = None if is_sharded_checkpoint(given) or (given.is_dir() and _has_sharded(given)) else (
-            _single_file(given))
-        if single is not None:  # a DDP / single-process run: the same export, from its single-file checkpoint
-            ckpt, model = single, load_backbone(single, which=args.which)
-            digits = "".join(ch for ch in single.stem.rpartition("-")[2] if ch.isdigit())
-            meta = {"step": int(digits) if digits else None, "world_size": "its"}
-        else:
-            ckpt = _resolve(given)
-            config, state = load_backbone_state(ckpt, args.which)
-            model = build_from_config(config)
-            model.load_state_dict(state, strict=True)
-            meta = read_meta(ckpt)
-        if args.out is not None:
-            out = Path(args.out)
-        elif ckpt.parent.name == "checkpoints":
-            out = ckpt.parent.parent / "export" / f"{args.which}.safetensors"
-        else:
-            out = ckpt.with_suffix(".safetensors")
-        written = save_backbone(model, out, extra={"steps": meta["step"], "source": str(ckpt), "which": args.which})
-    except (OSError, ValueError) as exc:
-        if args.debug:
-            raise
-        print(f"veca consolidate: {exc}", file=sys.stderr)
-        return 2
-    print(f"{ckpt} (step {meta['step']}, written by {meta['world_size']} processes) -> {written}")
-    return 0
-
-
-def _has_sharded(path: Path) -> bool:
-    return any(all_checkpoints(d) for d in (path / "checkpoints", path) if d.is_dir())
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
-
-
 __all__ = ["FORMAT", "is_sharded_checkpoint", "all_checkpoints", "read_meta", "verify", "newest_good", "save",
-           "load", "load_full_state", "read_tensors", "load_backbone_state", "step_of", "main"]
+           "load", "load_full_state", "read_tensors", "load_backbone_state", "step_of"]

@@ -1,0 +1,104 @@
+"""``veca consolidate``: turn a training checkpoint -- sharded (FSDP2) or single-file -- into the
+single-file backbone export every eval command and ``load_backbone`` read.
+
+Arguments are parsed before torch is imported, so ``veca consolidate --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from veca_ssl.cli import HelpFormatter
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="veca consolidate", formatter_class=HelpFormatter,
+        description="Convert a training checkpoint -- sharded (FSDP2) or single-file (DDP, one process) -- into "
+                    "the single-file backbone export (<out>.safetensors + <out>.json) of the whole core bank, "
+                    "which every eval command and load_backbone read. The export records the run's training "
+                    "resolution (the default resolution of evaluation).")
+    p.add_argument("checkpoint", help="a checkpoint-<step>/ directory or checkpoint-<step>.pt file, or a run's "
+                                      "output directory (its newest checkpoint, sharded ones first)")
+    p.add_argument("--out", default=None, help="output .safetensors path (default: <run>/export/<which>.safetensors, "
+                                               "or <checkpoint>.safetensors next to a lone checkpoint)")
+    p.add_argument("--which", default="teacher", choices=["teacher", "student"],
+                   help="the EMA teacher (what training exports) or the student")
+    p.add_argument("--debug", action="store_true", help="show the full Python traceback of an error")
+    return p
+
+
+def _newest(path: Path, sharded) -> Path:
+    if sharded.is_sharded_checkpoint(path):
+        return path
+    for directory in (path / "checkpoints", path):
+        found = sharded.all_checkpoints(directory)
+        if found:
+            return found[-1]
+    raise FileNotFoundError(f"no sharded checkpoint at {path} (expected checkpoint-<step>/ with "
+                            f"{sharded.DCP_METADATA} and {sharded.META_FILE}, or a run directory holding "
+                            f"checkpoints/checkpoint-<step>/)")
+
+
+def _single_file(path: Path) -> Path | None:
+    """A single-file training checkpoint at ``path``, or the newest one of a run directory."""
+    if path.is_file():
+        return path
+    for directory in (path / "checkpoints", path):
+        found = sorted(directory.glob("checkpoint-*.pt")) if directory.is_dir() else []
+        if found:
+            return found[-1]
+    return None
+
+
+def consolidate(checkpoint: str | Path, out: str | Path | None = None, which: str = "teacher") -> tuple[Path, Path, dict]:
+    """Write the export of ``checkpoint``; returns ``(checkpoint read, export written, its meta)``."""
+    from veca_ssl.models import load_backbone, save_backbone
+    from veca_ssl.models.provenance import training_resolution
+    from veca_ssl.models.registry import build_from_config
+    from veca_ssl.train import sharded_checkpoint as sharded
+
+    given = Path(checkpoint)
+    has_sharded = given.is_dir() and any(sharded.all_checkpoints(d) for d in (given / "checkpoints", given)
+                                         if d.is_dir())
+    single = None if sharded.is_sharded_checkpoint(given) or has_sharded else _single_file(given)
+    if single is not None:  # a DDP / single-process run: the same export, from its single-file checkpoint
+        ckpt, model = single, load_backbone(single, which=which)
+        digits = "".join(ch for ch in single.stem.rpartition("-")[2] if ch.isdigit())
+        meta = {"step": int(digits) if digits else None, "world_size": "its"}
+    else:
+        ckpt = _newest(given, sharded)
+        config, state = sharded.load_backbone_state(ckpt, which)
+        model = build_from_config(config)
+        model.load_state_dict(state, strict=True)
+        meta = sharded.read_meta(ckpt)
+    if out is not None:
+        out = Path(out)
+    elif ckpt.parent.name == "checkpoints":
+        out = ckpt.parent.parent / "export" / f"{which}.safetensors"
+    else:
+        out = ckpt.with_suffix(".safetensors")
+    extra = {"steps": meta["step"], "source": str(ckpt), "which": which}
+    found = training_resolution(ckpt)
+    if found is not None:  # so the export, moved anywhere, is still evaluated at its training resolution
+        extra["resolution"] = found[0]
+    return ckpt, save_backbone(model, out, extra=extra), meta
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        ckpt, written, meta = consolidate(args.checkpoint, args.out, args.which)
+    except (OSError, ValueError) as exc:
+        if args.debug:
+            raise
+        print(f"veca consolidate: {exc}", file=sys.stderr)
+        return 2
+    print(f"{ckpt} (step {meta['step']}, written by {meta['world_size']} processes) -> {written}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
