@@ -34,6 +34,8 @@ from torch.utils.data import Dataset
 from eval.common import few_threads_if_small, parse_dataset_spec
 from eval.config import DenseProbeConfig
 from eval.stats import bootstrap_ci, mean_ci, with_ci
+from veca_ssl.data.decode import DECODE_ERRORS, DEFAULT_MAX_PIXELS, Decoder
+from veca_ssl.data.errors import DataError
 from veca_ssl.data.transforms import DenseEvalTransform
 from veca_ssl.progress import track
 from veca_ssl.widths import width_label
@@ -124,14 +126,21 @@ class SegFolderDataset(Dataset):
 
     Items are ``(PIL image, -1, {"mask": uint8 HxW, "depth": float32 HxW})``. ``reduce_zero_label``
     maps label 0 to 255 and shifts the others down by one (ADE20K's "other" class).
+
+    Images are decoded like every other image of the data path (``veca_ssl.data.decode.Decoder``: EXIF
+    orientation, the pixel limit): an unreadable one raises ``UnreadableItem``, so feature extraction
+    leaves it out and lists it (``--max-skip-fraction``). Masks and depth maps are annotations, read
+    as stored; a damaged one is an error naming the file.
     """
 
     _SPLIT_ALIASES = {"train": ("train", "training"), "val": ("val", "validation"), "test": ("test",)}
     _IMAGE_DIRS = ("images", "JPEGImages")
     _MASK_DIRS = ("annotations", "SegmentationClass")
 
-    def __init__(self, root: str | Path, split: str | None = None, reduce_zero_label: bool = False):
+    def __init__(self, root: str | Path, split: str | None = None, reduce_zero_label: bool = False,
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS):
         self.root = Path(root)
+        self.decoder = Decoder(max_pixels)
         if not self.root.is_dir():
             raise FileNotFoundError(f"dense folder dataset not found: {str(self.root)!r}")
         image_dir = self._find(self._IMAGE_DIRS, split)
@@ -169,19 +178,28 @@ class SegFolderDataset(Dataset):
         return len(self.images)
 
     def __getitem__(self, i: int) -> tuple[Image.Image, int, dict[str, np.ndarray]]:
-        return Image.open(self.images[i]).convert("RGB"), -1, self.dense_targets(i)
+        return self.decoder.read(self.images[i]), -1, self.dense_targets(i)
+
+    @staticmethod
+    def _annotation(path: Path) -> np.ndarray:
+        try:
+            with Image.open(path) as img:
+                return np.array(img)
+        except (*DECODE_ERRORS, Image.DecompressionBombError) as err:
+            raise DataError(f"annotation {path} is unreadable ({type(err).__name__}: {err}); fix or remove it "
+                            f"together with its image") from None
 
     def dense_targets(self, i: int) -> dict[str, np.ndarray]:
         dense: dict[str, np.ndarray] = {}
         if self.masks is not None:
-            mask = np.array(Image.open(self.masks[i])).astype(np.int64)
+            mask = self._annotation(self.masks[i]).astype(np.int64)
             if self.reduce_zero_label:
                 mask = np.where(mask == 0, 256, mask) - 1  # 0 → 255 (ignore), k → k-1
             dense["mask"] = mask.clip(0, 255).astype(np.uint8)
         if self.depths is not None:
             p = self.depths[i]
             # .png depth is 16-bit millimetres (NYUv2 convention); .npy is metres.
-            dense["depth"] = (np.load(p) if p.suffix == ".npy" else np.array(Image.open(p)) / 1000.0
+            dense["depth"] = (np.load(p) if p.suffix == ".npy" else self._annotation(p) / 1000.0
                               ).astype(np.float32)
         return dense
 

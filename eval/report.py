@@ -146,6 +146,10 @@ def markdown(rows: Sequence[dict], title: str = "Evaluation", meta: dict | None 
         shown.append(s)
     lines = [f"# {title}", ""]
     lines += [f"- {k}: {v}" for k, v in (meta or {}).items() if v is not None and not isinstance(v, dict)]
+    skips = (meta or {}).get("data_skips") or {}
+    if skips:  # every dataset's count, zero included: "0 unusable" is a fact, a missing line is not
+        lines.append("- images read (unusable, left out): " + ", ".join(
+            f"{name} {s.get('seen', '?')} ({s.get('skipped', 0)})" for name, s in skips.items()))
     if any(k.endswith("_ci_lo") for r in rows for k in r):
         lines.append("- intervals: 95% bootstrap over the test images, one width at a time")
     lines += ["", markdown_table(shown, _columns(shown)), ""]

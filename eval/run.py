@@ -68,7 +68,7 @@ def run_protocols(model: torch.nn.Module, widths: list[Width], cfg: EvalConfig, 
         feats = classification_features(model, widths, cfg, resolution, why, device, progress,
                                         n_last_blocks=max(cfg.linear.n_last_blocks) if linear else 1,
                                         patch_mean=linear)
-        skips.update({k: skip_summary(v) for k, v in feats.items() if next(iter(v.values())).skipped})
+        skips.update({k: skip_summary(v) for k, v in feats.items()})  # zero counts too: "0 of N", not unknown
         for protocol in classification:
             if protocol == "knn":
                 from eval.knn import run_knn
@@ -92,8 +92,7 @@ def run_protocols(model: torch.nn.Module, widths: list[Width], cfg: EvalConfig, 
         tr, te, tr_t, te_t = dense_features(model, widths, cfg.datasets.dense_train, cfg.datasets.dense_test,
                                             resolution, cfg.batch_size, device, cfg.num_workers,
                                             d.reduce_zero_label, progress, cfg.max_skip_fraction)
-        skips.update({f"dense_{k}": skip_summary(v) for k, v in (("train", tr), ("test", te))
-                      if next(iter(v.values())).skipped})
+        skips.update({f"dense_{k}": skip_summary(v) for k, v in (("train", tr), ("test", te))})
         results.append(run_dense(tr, te, tr_t, te_t, d.tasks, d.num_classes, d, device, cfg.seed, cfg.bootstrap,
                                  progress))
     return merge_metrics(*results)
@@ -159,8 +158,7 @@ def _evaluate(cfg: EvalConfig, net: torch.nn.Module, device: torch.device, resol
             "wall_time_s": round(time.perf_counter() - t0, 2)}
     if ref_name:
         meta["reference"] = ref_name
-    if skips:
-        meta["data_skips"] = skips
+    meta["data_skips"] = skips
     meta["config"] = to_mapping(resolved)
     paths: dict[str, Path] = {}
     if is_main_process():

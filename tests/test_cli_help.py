@@ -139,3 +139,13 @@ def test_readme_cites_no_spec_or_missing_files() -> None:
     assert any(r.startswith("configs/") for r in checked)
     for ref in checked:
         assert (ROOT / ref).exists(), f"README cites {ref}, which the repository does not have"
+
+
+def test_bench_refuses_an_unwritable_output_dir_before_measuring(tmp_path, capsys) -> None:
+    from veca_ssl.bench import backbone
+
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SystemExit) as exc:
+        backbone.main(["--quick", "--output-dir", str(tmp_path / "a_file" / "bench")])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "--output-dir" in err and "cannot create it" in err

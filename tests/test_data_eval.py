@@ -89,6 +89,14 @@ def test_extract_cli_lists_skipped_indices_and_eval_reports_them(tmp_path, capsy
                       "--output-dir", str(report), "--max-skip-fraction", "0.3"]) == 0
     skips = json.loads((report / "knn" / "report.json").read_text())["data_skips"]
     assert skips["train"]["skipped_indices"] == list(BAD) and skips["test"]["skipped"] == 3
+    assert "- images read (unusable, left out): train 12 (3), test 12 (3)" in (report / "knn" / "report.md").read_text()
+    # a clean dataset reports its zero: counted, not unknown
+    clean = _folder(tmp_path / "clean", n=6, bad=())
+    assert eval_main(["knn", "--checkpoint", str(ckpt), "--train", f"imagefolder:{clean}", "--test",
+                      f"imagefolder:{clean}", "--resolution", "32", "--no-speed", "--no-progress", "--ks", "1",
+                      "--output-dir", str(tmp_path / "knn_clean")]) == 0
+    skips = json.loads((tmp_path / "knn_clean" / "knn" / "report.json").read_text())["data_skips"]
+    assert {k: (v["seen"], v["skipped"]) for k, v in skips.items()} == {"train": (6, 0), "test": (6, 0)}
     # k=1 on train == test: every kept image finds itself, so no row carries another image's label
     rows = json.loads((report / "knn" / "report.json").read_text())["rows"]
     assert all(r["knn_k1_top1"] == 100.0 for r in rows)

@@ -122,3 +122,17 @@ def test_verify_decodes_sources_and_rereads_every_written_sample(tmp_path, monke
         make_shards(str(src), tmp_path / "verified", shard_size=5, verify=True, overwrite=True, progress=False)
     assert _snapshot(tmp_path / "verified") == before  # nothing was swapped in
     assert os.path.isdir(tmp_path / "verified" / ".make-shards-staging")
+
+
+def test_bad_source_or_destination_is_one_message_and_leaves_nothing(tmp_path):
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "veca_ssl.cli", "data", "make-shards", *args], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=120)
+
+    proc = run(str(tmp_path / "nope"), "dst")
+    assert proc.returncode == 2 and "source" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "dst").exists()  # a source that cannot be read creates no destination
+    (tmp_path / "a_file").write_text("")
+    proc = run("digits", "a_file")
+    assert proc.returncode == 2 and "a_file exists and is not a directory" in proc.stderr, proc.stderr
+    assert proc.stderr.count("\n") == 1

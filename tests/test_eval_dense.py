@@ -155,3 +155,28 @@ def test_eval_targets_are_the_data_paths_dense_transform() -> None:
     nearest = torch.from_numpy(np.array(Image.fromarray(build_dense_dataset(spec)[0][2]["depth"]).resize(
         (16, 16), Image.NEAREST)))
     assert not torch.allclose(ev.targets([0])["depth"][0], nearest)  # the old nearest resize differs
+
+
+def test_unreadable_and_oversized_images_are_left_out_and_listed(tmp_path, capsys) -> None:
+    """Dense eval decodes like the rest of the data path: a corrupt image and one above the pixel limit
+    are skipped and counted (never a traceback); a damaged annotation is one message naming it."""
+    import json
+
+    from eval.cli import main as eval_main
+
+    _write_folder(tmp_path / "d", n=6)
+    (tmp_path / "d/images/training/im1.jpg").write_bytes(b"not a jpeg")
+    Image.new("1", (10_000, 9_000)).save(tmp_path / "d/images/training/im2.jpg".replace(".jpg", ".png"))
+    (tmp_path / "d/images/training/im2.jpg").unlink()  # im2 is now a 90-megapixel PNG (a few kB on disk)
+    args = ["dense", "--model", "veca_tiny", "--patch-size", "8", "--num-cores", "8", "--model-arg", "depth=1", "--train",
+            f"folder:{tmp_path / 'd'}@train", "--test", f"folder:{tmp_path / 'd'}@train", "--resolution", "16",
+            "--no-speed", "--no-progress", "--max-skip-fraction", "0.5", "--output-dir", str(tmp_path / "out")]
+    assert eval_main(args) == 0, capsys.readouterr().err
+    skips = json.loads((tmp_path / "out" / "dense" / "report.json").read_text())["data_skips"]
+    assert skips["dense_train"]["skipped"] == 2 and skips["dense_train"]["skipped_indices"] == [1, 2]
+    assert any("too large" in line for line in skips["dense_train"]["first"])
+
+    (tmp_path / "d/annotations/training/im0.png").write_bytes(b"broken")
+    assert eval_main([*args[:-1], str(tmp_path / "out2")]) == 2
+    err = capsys.readouterr().err
+    assert "annotation" in err and "im0.png" in err and "Traceback" not in err

@@ -129,3 +129,8 @@ def test_cli_prints_the_parity_check_and_fails_cleanly(tmp_path, capsys):
     assert "match no reference family" in capsys.readouterr().err
     assert main(["--checkpoint", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "r")]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
+    (tmp_path / "a_file").write_text("")  # an output path under a file: named, no traceback
+    assert main(["--checkpoint", str(path), "--out", str(tmp_path / "a_file" / "w.safetensors"),
+                 "--resolution", "16"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("veca export: cannot write --out ") and "Traceback" not in err and err.count("\n") == 1

@@ -358,6 +358,23 @@ def test_loading_never_unpickles_objects_and_says_how_to_proceed(tmp_path):
         load_backbone(path)
 
 
+def test_files_that_are_not_checkpoints_are_named_without_advising_to_unpickle(tmp_path):
+    import tarfile
+
+    (tmp_path / "a.txt").write_text("hi")
+    with tarfile.open(tmp_path / "shard-000000.tar", "w") as tar:  # a WebDataset shard given by mistake
+        tar.add(tmp_path / "a.txt", arcname="a.txt")
+    (tmp_path / "noise.pt").write_bytes(torch.randint(0, 256, (2000,), generator=torch.Generator().manual_seed(0),
+                                                      dtype=torch.uint8).numpy().tobytes())
+    for name, why in (("shard-000000.tar", "a tar archive, not a checkpoint"),
+                      ("noise.pt", "not a torch checkpoint file")):
+        with pytest.raises(ValueError) as err:
+            load_backbone(tmp_path / name)
+        text = str(err.value)
+        assert text.startswith(f"cannot read checkpoint {tmp_path / name}: ") and why in text, text
+        assert "weights_only" not in text and "pickled Python objects" not in text, text
+
+
 def test_teacher_space_needs_an_output_projection():
     model = build_backbone("veca_tiny", depth=1)
     with pytest.raises(ValueError, match="has none: use the native features"):

@@ -123,6 +123,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"veca export: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the output cannot be written (a file where a directory must be, permissions)
+        if args.debug:
+            raise
+        print(f"veca export: cannot write --out {args.out!r}: {exc.strerror or exc} ({exc.filename}); give a "
+              f"writable path", file=sys.stderr)
+        return 2
     for line in taken:
         print(line)
     label = "dense" if result.width is None else f"width {result.width}"

@@ -9,6 +9,7 @@ built (and ``--help`` answered) before torch is imported.
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 BENCHES: dict[str, tuple[str, str]] = {
@@ -48,6 +49,14 @@ def check_common_options(p: argparse.ArgumentParser, args: argparse.Namespace) -
         p.error(f"need --warmup >= {MIN_WARMUP} and --repeats >= {MIN_REPEATS} (benchmark hygiene: warm "
                 f"up each shape, report the median and spread), got --warmup {args.warmup} "
                 f"--repeats {args.repeats}")
+    # the rows are written after minutes of measuring: find out now that they could not be
+    out = Path(args.output_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        p.error(f"--output-dir {str(out)!r}: cannot create it ({exc.strerror or exc}); give a writable directory")
+    if not os.access(out, os.W_OK):
+        p.error(f"--output-dir {str(out)!r} is not writable; give a writable directory")
 
 
 def output_path(args: argparse.Namespace, name: str) -> Path:

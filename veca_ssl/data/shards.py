@@ -219,10 +219,14 @@ def make_shards(
     if shard_size < 1:
         raise ValueError(f"--shard-size must be >= 1, got {shard_size}")
     dst = Path(dst).expanduser()
-    dst.mkdir(parents=True, exist_ok=True)
-    finished_swap = finish_commit(dst)
     counter = SkipCounter(max_skip_fraction)
-    ds = _source_dataset(str(src), split, counter, max_pixels)
+    ds = _source_dataset(str(src), split, counter, max_pixels)  # a bad source leaves no destination behind
+    try:
+        dst.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise FileExistsError(f"make-shards: destination {dst} exists and is not a directory; give a directory "
+                              f"path") from None
+    finished_swap = finish_commit(dst)
     old = sorted(p.name for p in dst.glob("shard-*.tar"))
     identity = _identity(str(src), ds, split, shard_size, shuffle, seed, verify, max_pixels)
     previous = json.loads((dst / MANIFEST_NAME).read_text()) if (dst / MANIFEST_NAME).exists() else {}

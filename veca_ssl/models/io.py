@@ -158,20 +158,28 @@ def _torch_load(path: Path, map_location) -> object:
         raise ValueError(f"cannot read checkpoint {path}: {exc}") from None
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        if "weights_only" not in str(exc).lower() and "weights only" not in str(exc).lower():
-            raise ValueError(f"cannot read checkpoint {path}: {exc} (truncated, corrupt, or not a torch file)") \
-                from None
-        found = re.search(r"GLOBAL (\S+)", str(exc))
-        what = f" ({found.group(1)})" if found else ""
-        raise ValueError(
-            f"cannot read checkpoint {path}: it holds pickled Python objects{what} beyond tensors and plain "
-            f"containers, and veca-ssl never unpickles arbitrary objects. Only if you trust the file: open it "
-            f"once in Python with torch's weights_only=False, save its tensors and plain values alone (for a "
-            f"reference VECA checkpoint: {{'student': its state dict, 'config': dict(its config)}}) to a new "
-            f"file, and load that one") from None
     except Exception as exc:
-        raise ValueError(f"cannot read checkpoint {path}: {exc} (truncated, corrupt, or not a torch file)") from None
+        raise ValueError(f"cannot read checkpoint {path}: {_load_failure(exc)}") from None
+
+
+def _load_failure(exc: Exception) -> str:
+    """Why ``torch.load(weights_only=True)`` refused a file, in our words: torch's own message advises
+    ``weights_only=False``, which a user must not be pointed to for a file that is merely damaged."""
+    text = str(exc)
+    found = re.search(r"GLOBAL (\S+)", text)
+    if isinstance(exc, pickle.UnpicklingError) and found:
+        return (f"it holds pickled Python objects ({found.group(1)}) beyond tensors and plain containers, and "
+                f"veca-ssl never unpickles arbitrary objects. Only if you trust the file: open it once in Python "
+                f"with torch's weights_only=False, save its tensors and plain values alone (for a reference "
+                f"VECA checkpoint: {{'student': its state dict, 'config': dict(its config)}}) to a new file, "
+                f"and load that one")
+    if "legacy .tar format" in text:
+        return "a tar archive, not a checkpoint (torch's legacy .tar format or a WebDataset shard)"
+    if "weights_only" in text.lower() or "weights only" in text.lower():
+        text = "unreadable as a torch checkpoint"
+    else:
+        text = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    return f"{text} (truncated, corrupt, or not a torch checkpoint file)"
 
 
 def _foreign(obj: object, source: str, kwargs: dict) -> LoadedBackbone:
