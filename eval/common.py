@@ -149,8 +149,9 @@ def parse_dataset_spec(text: str) -> tuple[str, str | None]:
     return text.strip(), None
 
 
-def build_eval_dataset(text: str, resolution: int) -> torch.utils.data.Dataset:
-    """Build ``SPEC[@SPLIT]`` with the evaluation transform (resize, centre crop, normalise)."""
+def build_eval_dataset(text: str, resolution: int, max_pixels: int | None = None) -> torch.utils.data.Dataset:
+    """Build ``SPEC[@SPLIT]`` with the evaluation transform (resize, centre crop, normalise); images
+    declaring more than ``max_pixels`` pixels are unusable (None: the data path's default limit)."""
     from veca_ssl.data import build_dataset, parse_spec
     from veca_ssl.data.transforms import make_eval_transform
 
@@ -160,6 +161,8 @@ def build_eval_dataset(text: str, resolution: int) -> torch.utils.data.Dataset:
         options = {"shuffle_buffer": 0, "shard_shuffle": False, "endless": False}
     else:
         options = {"dense": False}  # classification items (image, target) even for dense data
+    if max_pixels is not None:
+        options["max_pixels"] = max_pixels
     return build_dataset(spec, split=split, transform=make_eval_transform(resolution), **options)
 
 
@@ -240,7 +243,7 @@ def classification_features(model: torch.nn.Module, widths: list[Width], cfg: Ev
     from veca_ssl.features import extract_features
 
     specs = {k: getattr(cfg.datasets, k) for k in ("train", "test", "val") if getattr(cfg.datasets, k)}
-    datasets = {k: build_eval_dataset(s, resolution) for k, s in specs.items()}
+    datasets = {k: build_eval_dataset(s, resolution, cfg.max_pixels) for k, s in specs.items()}
     for k, ds in datasets.items():
         check_first_label(ds, specs[k])
     warn_if_upsampling(datasets["train"], specs["train"], resolution, why)

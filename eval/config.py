@@ -202,6 +202,10 @@ class EvalConfig(ModelSource):
                                          "(corrupt, too large); below it they are left out of the features and "
                                          "listed in the report, never replaced",
                                    rule=Rule("in [0, 1]", lambda v: 0 <= v <= 1))
+    # = veca_ssl.data.decode.DEFAULT_MAX_PIXELS (PIL's own limit; spelled out so --help imports no PIL/torch;
+    # a test keeps them equal)
+    max_pixels: int = opt(89_478_485, "images whose header declares more pixels are unusable, refused before "
+                                      "decoding (0 = no limit beyond PIL's)", rule=at_least(0))
     device: str = opt("auto", "auto (CUDA when available) | cpu | cuda | cuda:N", metavar="DEVICE")
     output_dir: str = opt("eval_output", "results go to <output-dir>/<run name>/", metavar="DIR")
     name: str | None = opt(None, "run name, the sub-directory of --output-dir", metavar="NAME",
@@ -330,7 +334,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
 def add_run_options(parser: argparse.ArgumentParser, resolution: bool = True, widths: bool = True) -> None:
     """The run options every eval command shares: widths, resolution, batch, device, output, progress."""
     g = parser.add_argument_group("run")
-    names = ["batch_size", "num_workers", "max_skip_fraction", "device", "output_dir", "name", "overwrite", "progress"]
+    names = ["batch_size", "num_workers", "max_skip_fraction", "max_pixels", "device", "output_dir", "name", "overwrite", "progress"]
     names = (["widths"] if widths else []) + (["resolution"] if resolution else []) + names
     add_fields(g, EvalConfig, only=names)
     add_debug_option(parser)

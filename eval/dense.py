@@ -204,17 +204,19 @@ class SegFolderDataset(Dataset):
         return dense
 
 
-def build_dense_dataset(text: str, reduce_zero_label: bool = False) -> Dataset:
-    """``folder:/root[@split]`` (or a directory holding ``images/``), else ``veca_ssl.data.build_dataset``."""
+def build_dense_dataset(text: str, reduce_zero_label: bool = False, max_pixels: int | None = None) -> Dataset:
+    """``folder:/root[@split]`` (or a directory holding ``images/``), else ``veca_ssl.data.build_dataset``;
+    ``max_pixels``: the decoder's pixel limit (None: the data path's default)."""
+    limit = {} if max_pixels is None else {"max_pixels": max_pixels}
     spec, split = parse_dataset_spec(text)
     if spec.startswith("folder:") or (Path(spec).is_dir() and not spec.startswith(("npz:", "synthetic"))):
-        return SegFolderDataset(spec.removeprefix("folder:"), split, reduce_zero_label)
+        return SegFolderDataset(spec.removeprefix("folder:"), split, reduce_zero_label, **limit)
     from veca_ssl.data import build_dataset  # npz: (masks/depth keys), synthetic:, …
 
     if spec.startswith("wds:"):  # shards carry images and class labels, not masks or depth maps
         raise ValueError(f"dense evaluation needs masks or depth maps, which {spec!r} (WebDataset shards of images "
                          "and labels) does not hold; use folder:/root (images/ + masks/ or depth/), npz: or synthetic:")
-    return build_dataset(spec, split=split)
+    return build_dataset(spec, split=split, **limit)
 
 
 class DenseEvalDataset(Dataset):
@@ -407,7 +409,8 @@ def run_dense(train_sets: dict, test_sets: dict, train_targets: dict[str, torch.
 
 def dense_features(model: torch.nn.Module, widths: list, train_spec: str, test_spec: str, resolution: int,
                    batch_size: int, device: torch.device, num_workers: int = 0, reduce_zero_label: bool = False,
-                   progress: bool = False, max_skip_fraction: float | None = 0.01) -> tuple:
+                   progress: bool = False, max_skip_fraction: float | None = 0.01,
+                   max_pixels: int | None = None) -> tuple:
     """Build dense train/test sets, patch features at every width, and the targets of the extracted items.
 
     Targets are stacked for the dataset indices the features came from, so feature row ``i`` and target
@@ -417,7 +420,7 @@ def dense_features(model: torch.nn.Module, widths: list, train_spec: str, test_s
 
     sets = {}
     for name, spec in (("train", train_spec), ("test", test_spec)):
-        ds = DenseEvalDataset(build_dense_dataset(spec, reduce_zero_label), resolution, spec)
+        ds = DenseEvalDataset(build_dense_dataset(spec, reduce_zero_label, max_pixels), resolution, spec)
         ds.targets([0])  # fails early (before extraction) on data without masks/depth
         log.info("extracting dense %s features of %s at %d px", name, spec, resolution)
         feats = extract_features(model, ds, widths, resolution, batch_size, device, with_patches=True,

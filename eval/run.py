@@ -91,7 +91,7 @@ def run_protocols(model: torch.nn.Module, widths: list[Width], cfg: EvalConfig, 
         d = cfg.dense
         tr, te, tr_t, te_t = dense_features(model, widths, cfg.datasets.dense_train, cfg.datasets.dense_test,
                                             resolution, cfg.batch_size, device, cfg.num_workers,
-                                            d.reduce_zero_label, progress, cfg.max_skip_fraction)
+                                            d.reduce_zero_label, progress, cfg.max_skip_fraction, cfg.max_pixels)
         skips.update({f"dense_{k}": skip_summary(v) for k, v in (("train", tr), ("test", te))})
         results.append(run_dense(tr, te, tr_t, te_t, d.tasks, d.num_classes, d, device, cfg.seed, cfg.bootstrap,
                                  progress))

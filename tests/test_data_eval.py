@@ -150,3 +150,20 @@ def test_wds_extraction_lists_a_corrupt_member_by_its_global_index(tmp_path):
     assert fs.indices.tolist() == [0, 1, 2, 3, 5]
     assert [(r["index"], r["kind"]) for r in fs.skipped] == [(4, "unreadable")]
     assert fs.skipped[0]["item"].endswith("shard-000001.tar:000004.png")
+
+
+def test_pixel_limit_is_an_eval_option_with_the_data_paths_default(tmp_path) -> None:
+    from eval.config import EvalConfig
+    from veca_ssl.data.decode import DEFAULT_MAX_PIXELS
+
+    assert EvalConfig().max_pixels == DEFAULT_MAX_PIXELS
+    root = _folder(tmp_path / "f", n=6, bad=())
+    Image.new("RGB", (80, 80)).save(root / "a" / "000.png")  # 6400 pixels: above a limit of 5000, below the default
+    ckpt = save_backbone(_model(), tmp_path / "m.safetensors")
+    args = ["knn", "--checkpoint", str(ckpt), "--train", f"imagefolder:{root}", "--test", f"imagefolder:{root}",
+            "--resolution", "32", "--no-speed", "--no-progress", "--ks", "1", "--max-skip-fraction", "0.5"]
+    assert eval_main([*args, "--output-dir", str(tmp_path / "default")]) == 0
+    assert eval_main([*args, "--max-pixels", "5000", "--output-dir", str(tmp_path / "limited")]) == 0
+    counts = {name: json.loads((tmp_path / name / "knn" / "report.json").read_text())["data_skips"]["train"]["skipped"]
+              for name in ("default", "limited")}
+    assert counts == {"default": 0, "limited": 1}
