@@ -257,6 +257,11 @@ def test_specs_naming_one_set_of_files_train_whole_and_explicit_splits_stay_stri
     spec = make_shards(str(tmp_path / "d" / "train"), tmp_path / "s", shard_size=2, progress=False)["spec"]
     assert len(build_dataset(spec, split="train", split_if_present=True)) == 4
     assert check_spec(spec, "train", split_if_present=True).endswith("shard-{000000..000001}.tar")
+    listed = tmp_path / "list.txt"  # a file list is one set of files too
+    listed.write_text("".join(f"{p}\t0\n" for p in sorted((tmp_path / "d" / "train").rglob("*.*"))))
+    assert len(build_dataset(f"filelist:{listed}", split="train", split_if_present=True)) == 4
+    with pytest.raises(ValueError, match="has no split 'val'|cannot select split"):
+        build_dataset(f"filelist:{listed}", split="val")
     # a folder of splits still applies the split, and refuses to be read as classes "train"/"val"
     assert len(build_dataset(f"imagefolder:{tmp_path}/d", split="train", split_if_present=True)) == 4
     with pytest.raises(ValueError, match=r"folder of splits \(train, val\)"):

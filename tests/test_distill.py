@@ -101,3 +101,22 @@ def test_centered_cosine_against_direct_formula():
     assert torch.allclose(out["distill_patch_mse"], F.mse_loss(sp, tp))  # MSE ignores the centring
     raw = DistillationLoss()(s, sp, t, tp)
     assert not torch.allclose(raw["distill_cls_cos"], out["distill_cls_cos"])
+
+
+def test_distillation_starts_from_init_from_weights(tmp_path, teacher_dir):
+    """model.init_from holds in distillation as in self-supervised training: one start for every mode."""
+    from veca_ssl.models import save_backbone
+    from veca_ssl.train.lock import RunLock
+    from veca_ssl.train.loop import setup
+
+    torch.manual_seed(7)
+    source = build_model(distill_cfg(tmp_path, teacher_dir))
+    path = save_backbone(source, tmp_path / "init.safetensors")
+    cfg = distill_cfg(tmp_path, teacher_dir, f"model.init_from={path}")
+    try:
+        run = setup(cfg)
+        student = run.method.backbone.state_dict()
+    finally:
+        RunLock.release_held(cfg.output_dir)
+    for name, value in source.state_dict().items():
+        assert torch.equal(student[name], value), name
