@@ -212,3 +212,19 @@ def test_a_shipped_eval_config_is_found_by_name_from_any_directory(tmp_path, mon
     assert by_name == by_path and by_name.datasets.test == "digits@val"
     with pytest.raises(EvalConfigError, match=r"eval config not found: 'nope' .*named eval configs: digits"):
         load_config("nope")
+
+
+@pytest.mark.parametrize("argv", [
+    ["extract", "--model", "veca_tiny", "--model-arg", "depth=1", "--patch-size", "8", "--data",
+     "synthetic:n=4,size=16", "--resolution", "16", "--output-dir", "FILE/x"],
+    ["eval", "knn", "--model", "veca_tiny", "--model-arg", "depth=1", "--patch-size", "8", "--train",
+     "synthetic:n=8,size=16@train", "--test", "synthetic:n=8,size=16@val", "--resolution", "16", "--no-speed",
+     "--output-dir", "FILE"],
+    ["data", "inspect", "synthetic:n=4,size=16", "--out", "FILE/grid.png"],
+])
+def test_an_output_path_blocked_by_a_file_is_named_with_the_way_out(argv, tmp_path) -> None:
+    (tmp_path / "FILE").write_text("")
+    proc = subprocess.run([sys.executable, "-m", "veca_ssl.cli", *argv], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "a file is in the way" in proc.stderr and "'FILE" in proc.stderr, proc.stderr

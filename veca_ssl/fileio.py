@@ -204,3 +204,16 @@ def is_disk_full(exc: BaseException) -> bool:
             return True
         exc = exc.__cause__ or exc.__context__
     return False
+
+
+def describe_os_error(exc: OSError) -> str:
+    """One line for an output path that cannot be created, naming the path and the way out; other
+    errors keep their own message. (``[Errno 17] File exists: 'out'`` says neither what was wanted
+    there nor what to do.)"""
+    name = exc.filename
+    if name is not None and isinstance(exc, FileExistsError | NotADirectoryError):
+        return (f"cannot create {str(name)!r}: a file is in the way (a directory is needed there); remove it or "
+                f"choose another output path")
+    if name is not None and isinstance(exc, PermissionError):
+        return f"cannot write {str(name)!r}: permission denied; choose a writable output path"
+    return str(exc)

@@ -87,7 +87,10 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
         return 0
     except (ValueError, OSError, DataError, RuntimeError) as err:
-        print(f"veca data {args.command}: error: {err}", file=sys.stderr)
+        from veca_ssl.fileio import describe_os_error
+
+        text = describe_os_error(err) if isinstance(err, OSError) else err
+        print(f"veca data {args.command}: error: {text}", file=sys.stderr)
         return 2
 
 
