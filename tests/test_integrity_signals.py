@@ -91,3 +91,47 @@ def test_two_gloo_ranks_stop_after_the_same_step(tmp_path):
     assert [CheckpointManager.step_of(p) for p in ckpts.all()] == [step0]
     state = CheckpointManager.load(ckpts.latest())
     assert int(state["step"]) == step0 and all(torch.isfinite(v).all() for v in state["student"].values())
+
+
+def test_sigterm_to_a_streaming_run_with_workers_resumes_bit_exactly(tmp_path):
+    """The cluster path end to end: WebDataset shards read by 2 loader workers for many passes, SIGTERM
+    to the whole process group mid-run, the same command again: the losses and the exported teacher are
+    bit-identical to a run that was never stopped."""
+    import subprocess
+
+    from integrity_cli import ROOT, command
+    from safetensors.torch import load_file
+
+    from veca_ssl.data import make_shards
+
+    spec = make_shards("synthetic:n=96,val_n=8,size=32,classes=4,seed=0", tmp_path / "shards", shard_size=12,
+                       progress=False)["spec"]
+    stream = [f"data.train={spec}", "data.samples_per_epoch=96", "data.num_workers=2", "optim.epochs=20",
+              "train.checkpoint_every=100000", "train.knn_monitor.enabled=false"]  # 240 steps, 20 passes
+    runs = {}
+    for name in ("whole", "stopped"):
+        out = tmp_path / name
+        config = write_config(tmp_path / f"{name}.yaml", *stream, f"output_dir={out}")
+        if name == "whole":
+            assert subprocess.run(command(config), cwd=ROOT, capture_output=True, timeout=300,
+                                  env=dict(os.environ, OMP_NUM_THREADS="1")).returncode == 0
+        else:
+            proc = start(config, logs=tmp_path / "log")
+            try:
+                wait_for(lambda run=out: logged_steps(run) >= 30, [proc])  # past the second pass over the shards
+                os.killpg(proc.pid, signal.SIGTERM)
+                assert proc.wait(timeout=120) == 0
+            finally:
+                kill_group(proc)
+            stdout, stderr = output(tmp_path / "log")
+            found = re.search(r"checkpoint at step (\d+) written", stdout)
+            assert found and 30 <= int(found.group(1)) < 240 and "Traceback" not in stderr, stdout + stderr
+            resumed = subprocess.run(command(config), cwd=ROOT, capture_output=True, text=True, timeout=300,
+                                     env=dict(os.environ, OMP_NUM_THREADS="1"))
+            assert resumed.returncode == 0 and f"at step {found.group(1)}" in resumed.stdout, resumed.stderr
+        losses = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        runs[name] = ({r["step"]: r["loss"] for r in losses if "loss" in r},
+                      load_file(str(out / "export" / "teacher.safetensors")))
+    (whole_losses, whole_teacher), (losses, teacher) = runs["whole"], runs["stopped"]
+    assert len(losses) == 240 and losses == whole_losses
+    assert all(torch.equal(teacher[k], whole_teacher[k]) for k in whole_teacher)
