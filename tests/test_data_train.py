@@ -24,7 +24,9 @@ from veca_ssl.train.loop import train
 from veca_ssl.train.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIGS = sorted((ROOT / "configs" / "experiments").glob("*.yaml"))
+# every shipped config: experiments, the quickstart and the distillation configs (given a stand-in teacher)
+CONFIGS = sorted((ROOT / "configs" / "experiments").glob("*.yaml")) + sorted(
+    p for p in (ROOT / "configs").glob("*.yaml") if p.name != "default.yaml")
 
 
 def _folder(root: Path, n: int, bad: int = 0, classes: int = 2) -> Path:
@@ -172,9 +174,16 @@ def test_every_experiment_config_trains_on_a_folder_and_on_the_printed_shard_spe
     folder = _folder(tmp_path / "train", 16)  # /…/train with class sub-folders, like the issue's /d/train
     assert data_main(["make-shards", str(folder), str(tmp_path / "shards"), "--shard-size", "4"]) == 0
     spec = capsys.readouterr().out.split("use: ")[1].strip()  # exactly what make-shards printed
+    extra = []
+    if OmegaConf.load(config).get("mode") == "distill":  # the config's teacher is the user's: a tiny stand-in
+        from veca_ssl.models import build_backbone, save_backbone
+
+        teacher = build_backbone("vit_tiny", patch_size=8, depth=1, embed_dim=48, num_heads=2)
+        extra = [f"distill.teacher={save_backbone(teacher, tmp_path / 'teacher.safetensors')}"]
     for name, data in (("folder", f"imagefolder:{folder}"), ("shards", spec)):
         # nothing else changes: the wds configs keep their data.samples_per_epoch, the others count the
         # folder or read the count from the manifest make-shards wrote
-        cfg = load_config(config, _tiny_overrides(config) + [f"data.train={data}", f"output_dir={tmp_path / name}"])
+        cfg = load_config(config, _tiny_overrides(config) + extra + [f"data.train={data}",
+                                                                     f"output_dir={tmp_path / name}"])
         summary = train(cfg)
         assert summary["steps"] == 2 and summary["data"]["seen"] == 8, (name, summary)
