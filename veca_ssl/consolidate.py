@@ -30,7 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _newest(path: Path, sharded) -> Path:
+def _newest(path: Path) -> Path:
+    """The sharded checkpoint at ``path``, or the newest one of a run directory."""
+    from veca_ssl.train import sharded_checkpoint as sharded
+
     if sharded.is_sharded_checkpoint(path):
         return path
     for directory in (path / "checkpoints", path):
@@ -44,10 +47,12 @@ def _newest(path: Path, sharded) -> Path:
 
 def _single_file(path: Path) -> Path | None:
     """A single-file training checkpoint at ``path``, or the newest one of a run directory."""
+    from veca_ssl.train.checkpoint import CheckpointManager
+
     if path.is_file():
         return path
     for directory in (path / "checkpoints", path):
-        found = sorted(directory.glob("checkpoint-*.pt")) if directory.is_dir() else []
+        found = CheckpointManager(directory).all()
         if found:
             return found[-1]
     return None
@@ -61,15 +66,13 @@ def consolidate(checkpoint: str | Path, out: str | Path | None = None, which: st
     from veca_ssl.train import sharded_checkpoint as sharded
 
     given = Path(checkpoint)
-    has_sharded = given.is_dir() and any(sharded.all_checkpoints(d) for d in (given / "checkpoints", given)
-                                         if d.is_dir())
+    has_sharded = any(sharded.all_checkpoints(d) for d in (given / "checkpoints", given))
     single = None if sharded.is_sharded_checkpoint(given) or has_sharded else _single_file(given)
     if single is not None:  # a DDP / single-process run: the same export, from its single-file checkpoint
         ckpt, model = single, load_backbone(single, which=which)
-        digits = "".join(ch for ch in single.stem.rpartition("-")[2] if ch.isdigit())
-        meta = {"step": int(digits) if digits else None, "world_size": "its"}
+        meta = {"step": sharded.step_of(single), "world_size": "its"}
     else:
-        ckpt = _newest(given, sharded)
+        ckpt = _newest(given)
         config, state = sharded.load_backbone_state(ckpt, which)
         model = build_from_config(config)
         model.load_state_dict(state, strict=True)

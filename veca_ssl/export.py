@@ -126,8 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:  # the output cannot be written (a file where a directory must be, permissions)
         if args.debug:
             raise
-        print(f"veca export: cannot write --out {args.out!r}: {exc.strerror or exc} ({exc.filename}); give a "
-              f"writable path", file=sys.stderr)
+        from veca_ssl.fileio import describe_os_error
+
+        print(f"veca export: cannot write --out {args.out!r}: {describe_os_error(exc)}", file=sys.stderr)
         return 2
     for line in taken:
         print(line)
