@@ -5,18 +5,15 @@ and every shipped experiment config on an image folder and on the shards make-sh
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from omegaconf import OmegaConf
 from PIL import Image
-from test_train import TINY  # tests/ is on sys.path (no package, pytest prepend mode)
+from test_train import TINY, sigkill_when_written  # tests/ is on sys.path (no package, pytest prepend mode)
 
 from veca_ssl.config import load_config
 from veca_ssl.data import make_shards
@@ -58,15 +55,8 @@ def test_wds_training_runs_several_passes_and_resumes_bit_identically_after_sigk
     killed = tmp_path / "killed"
     cfg_file = tmp_path / "exp.yaml"
     cfg_file.write_text(OmegaConf.to_yaml(OmegaConf.from_dotlist(common + [f"output_dir={killed}"])))
-    cmd = [sys.executable, "-m", "veca_ssl.train.main", "--config", str(cfg_file), "train.checkpoint_every=2"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    target = killed / "checkpoints" / "checkpoint-00000006.pt"  # mid-run, mid-pass (pass 2 of 4)
-    deadline = time.time() + 180
-    while not target.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    # mid-run, mid-pass (pass 2 of 4)
+    sigkill_when_written(cfg_file, killed / "checkpoints" / "checkpoint-00000006.pt", "train.checkpoint_every=2")
     assert not (killed / "export").exists()
     train(load_config(cfg_file, ["train.checkpoint_every=2"]))  # resumes from the latest checkpoint
     a = (straight / "export" / "teacher.safetensors").read_bytes()

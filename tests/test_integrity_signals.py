@@ -97,9 +97,7 @@ def test_sigterm_to_a_streaming_run_with_workers_resumes_bit_exactly(tmp_path):
     """The cluster path end to end: WebDataset shards read by 2 loader workers for many passes, SIGTERM
     to the whole process group mid-run, the same command again: the losses and the exported teacher are
     bit-identical to a run that was never stopped."""
-    import subprocess
-
-    from integrity_cli import ROOT, command
+    from integrity_cli import run
     from safetensors.torch import load_file
 
     from veca_ssl.data import make_shards
@@ -113,8 +111,7 @@ def test_sigterm_to_a_streaming_run_with_workers_resumes_bit_exactly(tmp_path):
         out = tmp_path / name
         config = write_config(tmp_path / f"{name}.yaml", *stream, f"output_dir={out}")
         if name == "whole":
-            assert subprocess.run(command(config), cwd=ROOT, capture_output=True, timeout=300,
-                                  env=dict(os.environ, OMP_NUM_THREADS="1")).returncode == 0
+            assert run(config, timeout=300).returncode == 0
         else:
             proc = start(config, logs=tmp_path / "log")
             try:
@@ -126,8 +123,7 @@ def test_sigterm_to_a_streaming_run_with_workers_resumes_bit_exactly(tmp_path):
             stdout, stderr = output(tmp_path / "log")
             found = re.search(r"checkpoint at step (\d+) written", stdout)
             assert found and 30 <= int(found.group(1)) < 240 and "Traceback" not in stderr, stdout + stderr
-            resumed = subprocess.run(command(config), cwd=ROOT, capture_output=True, text=True, timeout=300,
-                                     env=dict(os.environ, OMP_NUM_THREADS="1"))
+            resumed = run(config, timeout=300)
             assert resumed.returncode == 0 and f"at step {found.group(1)}" in resumed.stdout, resumed.stderr
         losses = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         runs[name] = ({r["step"]: r["loss"] for r in losses if "loss" in r},

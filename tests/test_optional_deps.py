@@ -10,20 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_train import TINY as _TRAIN_TINY  # tests/ is on sys.path (no package, pytest prepend mode)
 
 from veca_ssl.config import ConfigError, load_config
 from veca_ssl.train.loop import train
 from veca_ssl.train.metrics import read_metrics
 
-TINY = [
-    "model.name=veca_tiny", "model.patch_size=8", "model.num_cores=16",
-    "model.overrides={embed_dim: 32, depth: 2, num_heads: 2}",
-    "data.train=synthetic:n=32,size=32,classes=4,seed=0", "data.num_workers=0",
-    "crops.global_size=32", "crops.local_size=16", "crops.num_local=2",
-    "dino.head_out_dim=64", "dino.head_hidden_dim=64", "dino.head_bottleneck_dim=32", "ibot.head_out_dim=64",
-    "optim.batch_size_per_gpu=8", "optim.epochs=2", "optim.warmup_epochs=1", "train.progress=false",
-    "train.log_every=1", "train.checkpoint_every=100",
-]
+# test_train.py's model on 32 images
+TINY = [*_TRAIN_TINY, "data.train=synthetic:n=32,size=32,classes=4,seed=0", "train.checkpoint_every=100"]
 
 
 def test_faiss_backend_without_faiss_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:

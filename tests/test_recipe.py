@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from test_train import TINY as _TRAIN_TINY  # tests/ is on sys.path (no package, pytest prepend mode)
 
 from veca_ssl.config import load_config
 from veca_ssl.data.collate import collate_multicrop
@@ -28,16 +29,9 @@ from veca_ssl.train.optim import ElasticAdamW, clip_grad_norms, param_groups
 
 ROOT = Path(__file__).resolve().parent.parent
 
-TINY = [
-    "model.name=veca_tiny", "model.patch_size=8", "model.num_cores=16",
-    "model.overrides={embed_dim: 32, depth: 2, num_heads: 2}",
-    "data.train=synthetic:n=32,size=32,classes=4,seed=0", "data.num_workers=0",
-    "crops.global_size=32", "crops.local_size=16", "crops.num_local=2",
-    "dino.head_out_dim=64", "dino.head_hidden_dim=64", "dino.head_bottleneck_dim=32", "ibot.head_out_dim=64",
-    "optim.batch_size_per_gpu=8", "optim.epochs=1", "optim.warmup_epochs=0", "optim.base_lr=0.002",
-    "optim.lr_scaling=none", "train.progress=false", "train.log_every=1", "train.checkpoint_every=100",
-    "optim.freeze_last_layer_epochs=0", "deterministic=true",
-]
+# test_train.py's model on 32 images, one epoch
+TINY = [*_TRAIN_TINY, "data.train=synthetic:n=32,size=32,classes=4,seed=0", "optim.epochs=1", "optim.warmup_epochs=0",
+        "train.checkpoint_every=100", "optim.freeze_last_layer_epochs=0", "dino.warmup_teacher_temp_epochs=30"]
 
 
 def tiny_cfg(tmp_path: Path, *extra: str):

@@ -101,6 +101,19 @@ def test_widths_identical_on_two_gloo_processes():
     assert a == b and len(set(a)) == 8
 
 
+def sigkill_when_written(cfg_file: Path, target: Path, *overrides: str, timeout: float = 180) -> None:
+    """``veca train --config cfg_file`` in a subprocess, SIGKILLed as soon as ``target`` (a checkpoint
+    mid-run) exists; fails if the run ended first."""
+    cmd = [sys.executable, "-m", "veca_ssl.train.main", "--config", str(cfg_file), *overrides]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + timeout
+    while not target.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
 def test_resume_after_sigkill_is_bit_identical(tmp_path):
     """N steps straight vs. killed (SIGKILL) after N/2 and resumed: identical weights."""
     common = TINY + ["optim.epochs=2", "train.checkpoint_every=4", "train.keep_last=10"]
@@ -108,21 +121,13 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path):
     train(load_config(None, common + [f"output_dir={straight}"]))
 
     killed = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "veca_ssl.train.main", "--config", "none-placeholder"]
     cfg_file = tmp_path / "exp.yaml"
     from omegaconf import OmegaConf
 
     cfg_file.write_text(OmegaConf.to_yaml(OmegaConf.from_dotlist(common + [f"output_dir={killed}"])))
-    cmd = [sys.executable, "-m", "veca_ssl.train.main", "--config", str(cfg_file),
-           "train.checkpoint_every=2"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    target = killed / "checkpoints" / "checkpoint-00000008.pt"  # total is 16 steps
-    deadline = time.time() + 120
-    while not target.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    # total is 16 steps
+    sigkill_when_written(cfg_file, killed / "checkpoints" / "checkpoint-00000008.pt", "train.checkpoint_every=2",
+                         timeout=120)
     assert not (killed / "export").exists()
     done = [int(p.stem.split("-")[1]) for p in (killed / "checkpoints").glob("checkpoint-*.pt")]
     assert 8 <= max(done) < 16
