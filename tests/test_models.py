@@ -146,6 +146,17 @@ def test_core_bank_prefixes_are_spread_over_the_image():
         assert d.min() > 1.9 / math.sqrt(c) * 0.75, c
 
 
+def test_core_bank_starts_as_the_reference_draws_it():
+    # the reference's chunks are randn(1, 8, D) / sqrt(D): untruncated, std 1/sqrt(D) (timm's 0.02
+    # would give 0.39 here)
+    torch.manual_seed(0)
+    model = build_backbone("veca_small", num_cores=64)
+    cores = model.cores.detach() * math.sqrt(model.embed_dim)
+    assert abs(float(cores.std()) - 1.0) < 0.03
+    assert abs(float(cores.mean())) < 0.03
+    assert float(cores.abs().max()) > 3.5  # tails a 2-sigma truncation would cut off
+
+
 # ---------------------------------------------------------------- resolutions, errors
 @pytest.mark.parametrize("patch_size,size", [(8, (32, 32)), (14, (28, 42)), (16, (48, 16)), (16, (64, 96))])
 def test_any_multiple_of_the_patch_size(patch_size, size):
