@@ -38,7 +38,7 @@ def error_message(exc: BaseException) -> str:
     """The exception as one line (first line of its message, or its type when it has none)."""
     from veca_ssl.fileio import describe_os_error
 
-    text = (describe_os_error(exc) if isinstance(exc, OSError) else str(exc)).strip()
+    text = describe_os_error(exc).strip()
     first = text.splitlines()[0] if text else type(exc).__name__
     if type(exc).__name__ == "OutOfMemoryError":
         first += " — lower --batch-size"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from veca_ssl.cli import HelpFormatter
@@ -30,29 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _newest(path: Path) -> Path:
-    """The sharded checkpoint at ``path``, or the newest one of a run directory."""
-    from veca_ssl.train import sharded_checkpoint as sharded
-
-    if sharded.is_sharded_checkpoint(path):
-        return path
-    for directory in (path / "checkpoints", path):
-        found = sharded.all_checkpoints(directory)
-        if found:
-            return found[-1]
-    raise FileNotFoundError(f"no sharded checkpoint at {path} (expected checkpoint-<step>/ with "
-                            f"{sharded.DCP_METADATA} and {sharded.META_FILE}, or a run directory holding "
-                            f"checkpoints/checkpoint-<step>/)")
-
-
-def _single_file(path: Path) -> Path | None:
-    """A single-file training checkpoint at ``path``, or the newest one of a run directory."""
-    from veca_ssl.train.checkpoint import CheckpointManager
-
-    if path.is_file():
-        return path
-    for directory in (path / "checkpoints", path):
-        found = CheckpointManager(directory).all()
+def _newest_in(run: Path, listing: Callable[[Path], list[Path]]) -> Path | None:
+    """The newest checkpoint ``listing`` finds in ``run/checkpoints/`` or in ``run`` itself."""
+    for directory in (run / "checkpoints", run):
+        found = listing(directory)
         if found:
             return found[-1]
     return None
@@ -64,19 +46,23 @@ def consolidate(checkpoint: str | Path, out: str | Path | None = None, which: st
     from veca_ssl.models.provenance import training_resolution
     from veca_ssl.models.registry import build_from_config
     from veca_ssl.train import sharded_checkpoint as sharded
+    from veca_ssl.train.checkpoint import CheckpointManager
 
     given = Path(checkpoint)
-    has_sharded = any(sharded.all_checkpoints(d) for d in (given / "checkpoints", given))
-    single = None if sharded.is_sharded_checkpoint(given) or has_sharded else _single_file(given)
-    if single is not None:  # a DDP / single-process run: the same export, from its single-file checkpoint
-        ckpt, model = single, load_backbone(single, which=which)
-        meta = {"step": sharded.step_of(single), "world_size": "its"}
-    else:
-        ckpt = _newest(given)
+    ckpt = given if sharded.is_sharded_checkpoint(given) else _newest_in(given, sharded.all_checkpoints)
+    if ckpt is not None:  # an FSDP2 run: whole tensors from the shards, in this process
         config, state = sharded.load_backbone_state(ckpt, which)
         model = build_from_config(config)
         model.load_state_dict(state, strict=True)
         meta = sharded.read_meta(ckpt)
+    else:  # a DDP / single-process run: the same export, from its single-file checkpoint
+        ckpt = given if given.is_file() else _newest_in(given, lambda d: CheckpointManager(d).all())
+        if ckpt is None:
+            raise FileNotFoundError(f"no sharded checkpoint at {given} (expected checkpoint-<step>/ with "
+                                    f"{sharded.DCP_METADATA} and {sharded.META_FILE}, or a run directory holding "
+                                    f"checkpoints/checkpoint-<step>/)")
+        model = load_backbone(ckpt, which=which)
+        meta = {"step": sharded.step_of(ckpt), "world_size": "its"}
     if out is not None:
         out = Path(out)
     elif ckpt.parent.name == "checkpoints":

@@ -206,11 +206,11 @@ def is_disk_full(exc: BaseException) -> bool:
     return False
 
 
-def describe_os_error(exc: OSError) -> str:
+def describe_os_error(exc: BaseException) -> str:
     """One line for an output path that cannot be created, naming the path and the way out; other
-    errors keep their own message. (``[Errno 17] File exists: 'out'`` says neither what was wanted
-    there nor what to do.)"""
-    name = exc.filename
+    errors (OS or not) keep their own message. (``[Errno 17] File exists: 'out'`` says neither what was
+    wanted there nor what to do.)"""
+    name = getattr(exc, "filename", None)
     if name is not None and isinstance(exc, FileExistsError | NotADirectoryError):
         return (f"cannot create {str(name)!r}: a file is in the way (a directory is needed there); remove it or "
                 f"choose another output path")

@@ -89,8 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, DataError, RuntimeError) as err:
         from veca_ssl.fileio import describe_os_error
 
-        text = describe_os_error(err) if isinstance(err, OSError) else err
-        print(f"veca data {args.command}: error: {text}", file=sys.stderr)
+        print(f"veca data {args.command}: error: {describe_os_error(err)}", file=sys.stderr)
         return 2
 
 
