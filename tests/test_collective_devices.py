@@ -185,3 +185,49 @@ def test_the_spy_fails_the_rank_that_hands_a_cpu_tensor_to_an_accelerator_backen
                 and "is on cpu, not placed on the communication device the backend serves (fakeacc:0)" in err), err
     helped = [c for c in _calls(tmp_path, "direct") if c.get("site", "").startswith("<string>:4")]
     assert helped and all(c["placed"] == [True] for c in helped)  # the helper's tensor: placed, accepted
+
+
+# ------------------------------------------------------------------------------- the helpers themselves
+def _helpers_worker() -> dict:
+    import torch
+
+    from veca_ssl import distributed as vd
+
+    rank = vd.get_rank()
+    mine = torch.tensor([rank + 1.0])
+    out = {"device": str(vd.communication_device()), "max": vd.all_reduce(mine, "max").tolist(),
+           "min": vd.all_reduce(mine, "min").tolist(), "untouched": mine.tolist()}
+    strided = torch.full((3, 2), float(rank + 1)).t()  # not contiguous: reduced through a copy, written back
+    out["in_place_same"] = vd.all_reduce_(strided) is strided
+    out["in_place"] = strided.tolist()
+    out["objects"] = vd.all_gather_object({"rank": rank})
+    out["from0"], out["from1"] = vd.broadcast_object(f"r{rank}", src=0), vd.broadcast_object(f"r{rank}", src=1)
+    out["uneven"] = vd.all_gather_tensor(torch.full((rank + 1, 2), float(rank)), uneven=True).tolist()
+    try:
+        vd.all_reduce(mine, "avg")
+    except ValueError as exc:
+        out["bad_op"] = str(exc)
+    vd.barrier()
+    return out
+
+
+def test_helpers_reduce_gather_and_broadcast_on_two_ranks():
+    from veca_ssl.spawn import run_two_process
+
+    for rank, r in enumerate(run_two_process(_helpers_worker)):
+        assert r["device"] == "cpu" and r["max"] == [2.0] and r["min"] == [1.0] and r["untouched"] == [rank + 1.0]
+        assert r["in_place_same"] and r["in_place"] == [[3.0] * 3] * 2
+        assert r["objects"] == [{"rank": 0}, {"rank": 1}] and (r["from0"], r["from1"]) == ("r0", "r1")
+        assert r["uneven"] == [[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]]
+        assert "unknown reduction 'avg'" in r["bad_op"]
+
+
+def test_helpers_are_identities_in_one_process():
+    import torch
+
+    from veca_ssl import distributed as vd
+
+    t = torch.ones(2)
+    assert vd.all_reduce(t, "max") is t and vd.all_reduce_(t) is t and vd.all_gather_tensor(t) is t
+    assert vd.all_gather_object(3) == [3] and vd.broadcast_object("x") == "x"
+    assert vd.communication_device().type == "cpu"
