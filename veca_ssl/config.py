@@ -131,6 +131,8 @@ def load_config(config: str | Path | None = None, overrides: list[str] | None = 
         layers.insert(0, ("model preset " + preset_file.name, _load_yaml(preset_file)))
     cfg = default
     for origin, layer in layers:
+        if OmegaConf.select(layer, "train.amp", default=None) is False:  # YAML reads a bare ``off`` as false
+            OmegaConf.update(layer, "train.amp", "off")
         try:
             _check_keys_and_types(default, layer)
         except ConfigError as exc:

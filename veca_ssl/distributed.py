@@ -4,6 +4,13 @@ Everything here is a no-op (or identity) in single-process mode, so the training
 functions on a laptop CPU, under ``torchrun`` and inside a SLURM job submitted through submitit.
 Wrapping models for data/model parallelism lives in ``veca_ssl.parallelize``; stop signals in
 ``veca_ssl.signals``.
+
+This is the one module that calls ``torch.distributed`` collectives; the rest of the code base calls
+the helpers at the end of this file (``all_reduce``, ``all_reduce_``, ``all_gather_tensor``,
+``all_gather_with_grad``, ``all_gather_object``, ``broadcast_object``, ``barrier``). A helper moves
+the tensor it sends onto the *communication device* (``communication_device()``: the device the
+group's backend serves for tensors -- the rank's GPU under NCCL, the CPU under gloo) and hands the
+result back on the caller's device, so no caller can give a CPU tensor to NCCL.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import logging
 import os
 import random
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,16 +40,22 @@ __all__ = [
     "barrier",
     "cleanup",
     "seed_everything",
+    "communication_device",
+    "all_reduce",
+    "all_reduce_",
     "all_reduce_mean",
     "all_reduce_sum",
     "all_gather_tensor",
     "all_gather_with_grad",
+    "all_gather_object",
+    "broadcast_object",
 ]
 
 
 @dataclass
 class DistInfo:
-    """Where this process sits in the job. ``backend`` is None in single-process mode."""
+    """Where this process sits in the job. ``backend`` is None in single-process mode, else what the
+    process group was initialised with (e.g. ``"cuda:nccl,cpu:gloo"``, ``"gloo"``)."""
 
     rank: int
     world_size: int
@@ -59,6 +73,10 @@ class DistInfo:
 
 
 _INFO: DistInfo | None = None
+
+#: The process group of a CUDA job: NCCL for tensors on the GPUs, gloo for objects and CPU tensors
+#: (``init_process_group``'s per-device form, ``"<device>:<backend>,…"``, available since torch 2.0).
+CUDA_BACKEND = "cuda:nccl,cpu:gloo"
 
 
 def _resolve_device(device: str, local_rank: int) -> torch.device:
@@ -104,8 +122,10 @@ def init_distributed(device: str = "auto", backend: str | None = None, timeout_s
     """Initialise torch.distributed from torchrun / submitit (SLURM or local) variables, or not at all.
 
     Idempotent: later calls return the first result, unless they name an explicit device that
-    contradicts it (then the group is rebuilt on that device). NCCL on CUDA, gloo on CPU unless ``backend``
-    says otherwise; ``torch.cuda.set_device(local_rank)`` before the process group is created so
+    contradicts it (then the group is rebuilt on that device). Backends, unless ``backend`` says
+    otherwise: ``cuda:nccl,cpu:gloo`` on CUDA (tensors over NCCL on the GPU, plus a gloo side channel
+    so that pickled objects and CPU tensors never meet a backend without a CPU implementation),
+    ``gloo`` on CPU. ``torch.cuda.set_device(local_rank)`` before the process group is created so
     NCCL binds each rank to its own GPU. A world size of 1 creates no process group.
     """
     global _INFO
@@ -135,7 +155,7 @@ def init_distributed(device: str = "auto", backend: str | None = None, timeout_s
     for var in ("MASTER_ADDR", "MASTER_PORT"):
         if var not in os.environ:
             raise ValueError(f"{var} is not set for a {world}-process job; launch with torchrun or submitit")
-    backend = backend or ("nccl" if dev.type == "cuda" else "gloo")
+    backend = backend or (CUDA_BACKEND if dev.type == "cuda" else "gloo")
     dist.init_process_group(
         backend=backend,
         init_method="env://",
@@ -165,6 +185,7 @@ def is_main_process() -> bool:
 
 
 def barrier() -> None:
+    """Wait until every rank got here; nothing when single."""
     if is_distributed():
         dist.barrier()
 
@@ -192,13 +213,98 @@ def seed_everything(seed: int, rank: int | None = None) -> int:
 
 
 # ----------------------------------------------------------------------------------------- collectives
-def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum over ranks, returned as a new tensor (the input is left untouched); identity when single."""
+# The only module that calls torch.distributed collectives (tests/test_layering.py enforces it).
+# Every tensor helper puts what it sends on the communication device (``communication_device``) and
+# hands its result back on the caller's device, so a caller never has to know which device the
+# group's backend serves: a flag built on the CPU in a CUDA job goes through NCCL on the GPU, as
+# the same code goes through gloo in a CPU job. Object helpers (pickled Python values) go through
+# whatever torch picks for objects: the CPU side channel of a ``cuda:nccl,cpu:gloo`` group.
+_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+
+
+def _served_devices() -> dict[str, str]:
+    """Device type -> backend of the default process group (``{"cuda": "nccl", "cpu": "gloo"}``)."""
+    config = dist.get_backend_config()  # "cuda:nccl,cpu:gloo"; a plain "gloo" reads "cpu:gloo,cuda:gloo"
+    pairs = (item.split(":", 1) for item in config.split(",") if ":" in item)
+    return {device.strip(): backend.strip() for device, backend in pairs}
+
+
+def communication_device() -> torch.device:
+    """The device of every tensor the helpers below hand to a collective.
+
+    Defined as: the process's own device (``DistInfo.device``: its GPU in a CUDA job, the CPU in a
+    CPU job) when the group has a backend for that device type, else the CPU when the group has a
+    CPU backend. A CUDA job's ``cuda:nccl,cpu:gloo`` group therefore communicates tensors over
+    NCCL on the rank's GPU (the fast path; its CPU side channel carries objects), a CPU job over
+    gloo on the CPU. Single process: the process's device (the helpers send nothing). Raises
+    RuntimeError when the group serves neither (e.g. a plain ``nccl`` group in a CPU process).
+    """
+    if _INFO is not None:
+        own = _INFO.device
+    elif torch.cuda.is_available() and is_distributed() and "cuda" in _served_devices():
+        own = torch.device("cuda", torch.cuda.current_device())
+    else:
+        own = torch.device("cpu")
+    if not is_distributed():
+        return own
+    served = _served_devices()
+    if own.type in served:
+        return own
+    if "cpu" in served:
+        return torch.device("cpu")
+    raise RuntimeError(f"the process group ({dist.get_backend_config()}) serves neither this process's device "
+                       f"({own}) nor the CPU; initialise it with veca_ssl.distributed.init_distributed")
+
+
+def _to_comm(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` as a contiguous tensor on the communication device (itself when it already is one)."""
+    return tensor.to(communication_device()).contiguous()
+
+
+def _comm_empty(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised buffer on the communication device (what a collective writes into)."""
+    return torch.empty(tuple(shape), dtype=dtype, device=communication_device())
+
+
+def _from_comm(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A collective's result handed back on the caller's ``device``."""
+    return tensor.to(device)
+
+
+def _reduce_op(op: str) -> Any:
+    if op not in _OPS:
+        raise ValueError(f"unknown reduction {op!r}; valid: {', '.join(_OPS)}")
+    return _OPS[op]
+
+
+def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """``op`` (``"sum" | "max" | "min"``) over ranks, as a new tensor on ``tensor``'s device (the input
+    is left untouched); identity when single."""
     if not is_distributed():
         return tensor
-    out = tensor.detach().clone()
-    dist.all_reduce(out, op=dist.ReduceOp.SUM)
-    return out
+    src = tensor.detach()
+    buf = _to_comm(src)
+    if buf is src:  # already on the communication device: never reduce the caller's tensor in place
+        buf = buf.clone()
+    dist.all_reduce(buf, op=_reduce_op(op))
+    return _from_comm(buf, tensor.device)
+
+
+@torch.no_grad()
+def all_reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """In place: ``tensor`` becomes the ``op`` over ranks (loss buffers, statistics); returns it."""
+    if not is_distributed():
+        return tensor
+    buf = _to_comm(tensor)
+    dist.all_reduce(buf, op=_reduce_op(op))
+    if buf is not tensor:
+        tensor.copy_(buf)
+    return tensor
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks, returned as a new tensor (the input is left untouched); identity when single."""
+    return all_reduce(tensor, "sum")
 
 
 def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
@@ -207,33 +313,38 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
         return tensor
     if not tensor.is_floating_point():
         raise ValueError(f"all_reduce_mean needs a floating tensor, got {tensor.dtype}; use all_reduce_sum")
-    return all_reduce_sum(tensor) / get_world_size()
+    return all_reduce(tensor, "sum") / get_world_size()
 
 
 @torch.no_grad()
 def all_gather_tensor(tensor: torch.Tensor, uneven: bool = False) -> torch.Tensor:
-    """Concatenate every rank's ``tensor`` along dim 0, in rank order (no gradient).
+    """Concatenate every rank's ``tensor`` along dim 0, in rank order (no gradient), on ``tensor``'s device.
 
     ``uneven=True`` allows different dim-0 sizes per rank (e.g. the last shard of an eval set) at
     the cost of one extra small collective.
     """
     if not is_distributed():
         return tensor
-    tensor = tensor.contiguous()
     world = get_world_size()
+    local = _to_comm(tensor)
     if not uneven:
-        parts = [torch.empty_like(tensor) for _ in range(world)]
-        dist.all_gather(parts, tensor)
-        return torch.cat(parts, dim=0)
-    size = torch.tensor([tensor.shape[0]], device=tensor.device, dtype=torch.long)
-    sizes = [torch.empty_like(size) for _ in range(world)]
+        parts = [_comm_empty(local.shape, local.dtype) for _ in range(world)]
+        dist.all_gather(parts, local)
+        return _from_comm(torch.cat(parts, dim=0), tensor.device)
+    size = _to_comm(torch.tensor([local.shape[0]], dtype=torch.long))
+    sizes = [_comm_empty(size.shape, size.dtype) for _ in range(world)]
     dist.all_gather(sizes, size)
-    counts = [int(s.item()) for s in sizes]
-    padded = tensor.new_zeros((max(counts), *tensor.shape[1:]))
-    padded[: tensor.shape[0]] = tensor
-    parts = [torch.empty_like(padded) for _ in range(world)]
+    counts = torch.cat(sizes).tolist()  # one host read: the buffers' shapes depend on it
+    padded = _comm_empty((max(counts), *local.shape[1:]), local.dtype)
+    padded[: local.shape[0]] = local
+    parts = [_comm_empty(padded.shape, padded.dtype) for _ in range(world)]
     dist.all_gather(parts, padded)
-    return torch.cat([p[:n] for p, n in zip(parts, counts)], dim=0)
+    return _from_comm(torch.cat([p[:n] for p, n in zip(parts, counts)], dim=0), tensor.device)
+
+
+def _reduce_scatter_available() -> bool:
+    """gloo has no reduce-scatter; NCCL (and the other accelerator backends) do."""
+    return _served_devices().get(communication_device().type) not in (None, "gloo")
 
 
 class _GatherWithGrad(torch.autograd.Function):
@@ -241,21 +352,21 @@ class _GatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, tensor: torch.Tensor) -> torch.Tensor:
-        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, tensor)
-        ctx.rank, ctx.rows = dist.get_rank(), tensor.shape[0]
-        return torch.cat(parts, dim=0)
+        local = _to_comm(tensor)
+        parts = [_comm_empty(local.shape, local.dtype) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, local)
+        ctx.rank, ctx.rows, ctx.device = dist.get_rank(), tensor.shape[0], tensor.device
+        return _from_comm(torch.cat(parts, dim=0), tensor.device)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.contiguous()
-        if dist.get_backend() == "nccl":  # reduce-scatter moves 1/W of the data of an all-reduce
-            out = torch.empty((ctx.rows, *grad.shape[1:]), dtype=grad.dtype, device=grad.device)
-            dist.reduce_scatter_tensor(out, grad, op=dist.ReduceOp.SUM)
-            return out
-        grad = grad.clone()  # gloo has no reduce-scatter; never modify autograd's buffer in place
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
+        if _reduce_scatter_available():  # reduce-scatter moves 1/W of the data of an all-reduce
+            full = _to_comm(grad)
+            out = _comm_empty((ctx.rows, *grad.shape[1:]), grad.dtype)
+            dist.reduce_scatter_tensor(out, full, op=dist.ReduceOp.SUM)
+            return _from_comm(out, ctx.device)
+        summed = all_reduce(grad, "sum")  # a new tensor: autograd's buffer is never modified in place
+        return summed[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
 
 
 def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
@@ -268,3 +379,21 @@ def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     if not is_distributed():
         return tensor
     return _GatherWithGrad.apply(tensor.contiguous())
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's picklable ``obj``, in rank order; ``[obj]`` when single."""
+    if not is_distributed():
+        return [obj]
+    out: list[Any] = [None] * get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s picklable ``obj`` on every rank (the others pass anything, e.g. None)."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]

@@ -31,6 +31,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from veca_ssl import distributed as vd
 from veca_ssl.data.errors import SkipCounter, UnreadableItem
 from veca_ssl.data.wds import Skipped
 from veca_ssl.progress import track
@@ -133,11 +134,7 @@ def _collate_rows(items: list) -> tuple[torch.Tensor | None, torch.Tensor, torch
 
 def _gather_objects(local: list) -> list:
     """Concatenate every rank's list (rank order); the list itself when not distributed."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return local
-    parts: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, local)
-    return [x for p in parts for x in p]
+    return [x for p in vd.all_gather_object(local) for x in p]
 
 
 def _shard_range(n: int) -> range:
@@ -151,19 +148,7 @@ def _shard_range(n: int) -> range:
 
 def _all_gather_rows(t: torch.Tensor) -> torch.Tensor:
     """Concatenate every rank's ``t`` along dim 0 in rank order (ranks may hold different counts)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return t
-    comm_device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    local = t.to(comm_device).contiguous()
-    n = torch.tensor([local.shape[0]], device=comm_device)
-    counts = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
-    dist.all_gather(counts, n)
-    max_n = int(max(int(c) for c in counts))
-    padded = torch.zeros((max_n, *local.shape[1:]), dtype=local.dtype, device=comm_device)
-    padded[: local.shape[0]] = local
-    parts = [torch.zeros_like(padded) for _ in counts]
-    dist.all_gather(parts, padded)
-    return torch.cat([p[: int(c)] for p, c in zip(parts, counts)]).to(t.device)
+    return vd.all_gather_tensor(t, uneven=True)
 
 
 def _prepare(images: torch.Tensor, resolution: tuple[int, int], device: torch.device) -> torch.Tensor:

@@ -22,7 +22,7 @@ otherwise ranks would average gradients of different sub-networks.
 
 What works on sharded parameters: the EMA update (``torch._foreach_*`` on DTensors), gradient
 clipping (``clip_grad_norm_`` on DTensor gradients returns a replicated DTensor norm), the centring
-(plain collectives on unsharded loss buffers), and everything that needs whole weights (k-NN monitor,
+(``veca_ssl.distributed`` collectives on unsharded loss buffers), and everything that needs whole weights (k-NN monitor,
 export, distillation report) through ``gather_full_module``: one collective, a plain copy on every rank.
 """
 
@@ -80,8 +80,10 @@ def resolve_plan(cfg: Any, info: DistInfo) -> ParallelPlan:
                          f"{info.world_size} independent models; use train.parallel=ddp (replicated) or "
                          f"train.parallel=fsdp2 (sharded)")
     mode = requested if info.is_distributed else "none"
-    amp = str(cfg.train.amp)
-    bf16 = info.device.type == "cuda" and amp in ("auto", "bf16")
+    from veca_ssl.method.base import bf16_autocast
+
+    # bf16 compute (autocast) shards gather bf16 parameters and reduce fp32 gradients, on any device
+    bf16 = bf16_autocast(str(cfg.train.amp), info.device)
     return ParallelPlan(mode=mode, compile=compile_mode, grad_checkpointing=bool(cfg.model.grad_checkpointing),
                         param_dtype=torch.bfloat16 if (bf16 and mode == "fsdp2") else None)
 
@@ -179,7 +181,8 @@ def device_mesh(info: DistInfo) -> Any:
 
 def mp_policy_for(param_dtype: torch.dtype | None) -> Any:
     """bf16 gathered parameters with fp32 gradient reduction (the sharded master weights, the optimiser
-    and the EMA stay fp32), or plain fp32 when ``param_dtype`` is None (CPU: gloo, no bf16 speed-up)."""
+    and the EMA stay fp32), or plain fp32 when ``param_dtype`` is None (``train.amp`` resolves to fp32:
+    ``off``, or ``auto`` on a CPU)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
     if param_dtype is None:

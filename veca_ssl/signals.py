@@ -1,7 +1,8 @@
 """Preemption and stop signals: turn SIGUSR1/SIGUSR2/SIGTERM/SIGINT into a flag the loop polls.
 
 ``install_preemption_handler()`` installs the handlers; the loop polls ``checkpoint_requested()``
-(synchronised across ranks) once per step, saves a checkpoint and returns.
+once per step -- this rank's flag, which travels to the other ranks with the step's losses
+(``veca_ssl.train.readout``) -- saves a checkpoint and returns.
 ``launchers.slurm.TrainJob`` then lets submitit requeue the job, which resumes from the output dir.
 
 Schedulers and terminals signal the whole process group: ``scancel``/time limits, ``timeout``,
@@ -23,7 +24,6 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from veca_ssl import distributed as _dist
 
@@ -121,12 +121,10 @@ def checkpoint_requested(sync: bool = True) -> bool:
     local = bool(_PREEMPT["requested"])
     if not (sync and _dist.is_distributed()):
         return local
-    device = _dist._INFO.device if _dist._INFO is not None and dist.get_backend() == "nccl" else torch.device("cpu")
-    flag = torch.tensor([int(local)], dtype=torch.int32, device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    if flag.item():
+    requested = bool(_dist.all_reduce(torch.tensor([int(local)], dtype=torch.int32), "max").item())
+    if requested:
         _PREEMPT["requested"] = True
-    return bool(flag.item())
+    return requested
 
 
 def ignore_in_worker(worker_id: int = 0) -> None:

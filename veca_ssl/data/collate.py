@@ -36,6 +36,11 @@ def collate_multicrop(samples: Sequence[dict[str, Any]], local_size: int | None 
         ``masks`` (2B,N) bool, crop-major like ``global_crops``.
         ``mask_weights`` (2B,N) float: ``1 / (masked tokens of that image)`` at masked tokens, else 0,
         so summing a per-token loss times the weights averages within each image first (iBOT/DINOv2).
+        ``mask_indices`` (M,) long: the positions of the M masked tokens in ``masks.flatten()``, in
+        ``masks[masks]`` order; ``masked_patch_weights`` (M,) their weights; ``n_masked_patches`` (int) M.
+        Computed here, on the CPU, as DINOv2's collate does (``mask_indices_list``, ``masks_weight``,
+        ``n_masked_patches``): the training step gathers masked tokens with ``index_select`` instead of
+        a boolean mask, whose output size the host would have to wait for on an accelerator.
         ``labels`` (B,) long.
         ``data_seen`` (int) and ``data_skips`` (list of skip records): what the batch cost — attempts
         and the unusable items replaced to make it — so the main process can count skips over all
@@ -59,6 +64,7 @@ def collate_multicrop(samples: Sequence[dict[str, Any]], local_size: int | None 
         masks = torch.stack(mask_rows).to(torch.bool)
     counts = masks.sum(dim=1, keepdim=True).clamp(min=1).to(torch.float32)
     mask_weights = masks.to(torch.float32) / counts
+    mask_indices = masks.flatten().nonzero().flatten()
     labels = torch.tensor([int(s["label"]) for s in samples], dtype=torch.long)
     skips = [rec for s in samples for rec in s.get("skips", ())]
     return {
@@ -66,6 +72,9 @@ def collate_multicrop(samples: Sequence[dict[str, Any]], local_size: int | None 
         "local_crops": local_crops,
         "masks": masks,
         "mask_weights": mask_weights,
+        "mask_indices": mask_indices,
+        "masked_patch_weights": mask_weights.flatten().index_select(0, mask_indices),
+        "n_masked_patches": int(mask_indices.numel()),
         "labels": labels,
         "data_seen": len(samples) + len(skips),
         "data_skips": skips,

@@ -18,13 +18,14 @@ over all ranks, so the result is exactly the one a single process would compute 
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
+
+from veca_ssl import distributed as vd
 
 
 def _distributed() -> bool:
     """Whether reductions must run across ranks."""
-    return dist.is_available() and dist.is_initialized()
+    return vd.is_distributed()
 
 
 def _check_logits(name: str, logits: torch.Tensor) -> None:
@@ -80,10 +81,11 @@ def update_center(center: torch.Tensor, teacher_logits: torch.Tensor, momentum: 
     if not 0.0 <= momentum <= 1.0:
         raise ValueError(f"center momentum must be in [0, 1], got {momentum}")
     batch_sum = teacher_logits.float().sum(dim=0, keepdim=True)
-    count = torch.tensor([float(teacher_logits.shape[0])], device=teacher_logits.device)
+    # new_full: a fill on the device, not a host-to-device copy of a Python list (which waits for it)
+    count = batch_sum.new_full((1,), float(teacher_logits.shape[0]))
     if _distributed():
-        dist.all_reduce(batch_sum)
-        dist.all_reduce(count)
+        vd.all_reduce_(batch_sum)
+        vd.all_reduce_(count)
         # No .item() check here (it would stall the CUDA stream every step): an empty global batch
         # yields a zero mean instead of NaN.
         count = count.clamp_min(1.0)
@@ -125,22 +127,22 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, temp: float, n_iterations: int 
     scaled = teacher_logits.float() / temp
     # A global constant shift cancels in the first normalisation (Q /= sum(Q)) and keeps exp() finite.
     # It must be the same constant on every rank, hence the MAX reduction.
-    shift = scaled.max() if scaled.numel() else scaled.new_tensor(float("-inf"))
+    shift = scaled.max() if scaled.numel() else scaled.new_full((), float("-inf"))
     if _distributed():
-        dist.all_reduce(shift, op=dist.ReduceOp.MAX)
+        vd.all_reduce_(shift, "max")
     q = torch.exp(scaled - shift).t()  # (K, B_local): prototypes as rows, as in the SwAV paper.
     n_prototypes = q.shape[0]
     tiny = torch.finfo(q.dtype).tiny
-    batch = torch.tensor([float(q.shape[1])], device=q.device)
+    batch = q.new_full((1,), float(q.shape[1]))
     total = q.sum()
     if _distributed():
-        dist.all_reduce(batch)
-        dist.all_reduce(total)
+        vd.all_reduce_(batch)
+        vd.all_reduce_(total)
     q /= total
     for _ in range(n_iterations):
         prototype_sums = q.sum(dim=1, keepdim=True)
         if _distributed():
-            dist.all_reduce(prototype_sums)
+            vd.all_reduce_(prototype_sums)
         # clamp: a prototype whose mass underflowed to 0 stays 0 instead of turning into NaN.
         q /= prototype_sums.clamp_min(tiny)
         q /= n_prototypes

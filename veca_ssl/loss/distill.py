@@ -9,6 +9,7 @@ same pixels.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -38,6 +39,18 @@ def _bilinear_matrix(positions: torch.Tensor, n_in: int) -> torch.Tensor:
     weights.index_put_((rows, low), 1.0 - frac, accumulate=True)
     weights.index_put_((rows, high), frac, accumulate=True)
     return weights
+
+
+@functools.lru_cache(maxsize=32)
+def _resampling_matrices(s_h: int, s_w: int, t_h: int, t_w: int, step_h: float, step_w: float,
+                         device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The row and column interpolation matrices of :func:`resample_patch_grid`, built in float64 (exact to
+    the output dtype's precision) and kept on ``device``: a training step resamples every batch, and a
+    fresh host-to-device copy each time would make the host wait for the accelerator."""
+    with torch.inference_mode(False):  # cached: ordinary tensors even when first built under inference mode
+        rows = _bilinear_matrix((torch.arange(s_h, dtype=torch.float64) + 0.5) * step_h - 0.5, t_h)
+        cols = _bilinear_matrix((torch.arange(s_w, dtype=torch.float64) + 0.5) * step_w - 0.5, t_w)
+        return rows.to(device=device, dtype=dtype), cols.to(device=device, dtype=dtype)
 
 
 def resample_patch_grid(
@@ -109,11 +122,8 @@ def resample_patch_grid(
         if (t_h, t_w) == (s_h, s_w) and (pt_h, pt_w) == (ps_h, ps_w):
             return teacher_patches
         step_h, step_w = ps_h / pt_h, ps_w / pt_w
-    # Interpolation matrices in float64 so the weights are exact to the output dtype's precision.
-    rows = _bilinear_matrix((torch.arange(s_h, dtype=torch.float64) + 0.5) * step_h - 0.5, t_h)
-    cols = _bilinear_matrix((torch.arange(s_w, dtype=torch.float64) + 0.5) * step_w - 0.5, t_w)
-    rows = rows.to(device=teacher_patches.device, dtype=teacher_patches.dtype)
-    cols = cols.to(device=teacher_patches.device, dtype=teacher_patches.dtype)
+    rows, cols = _resampling_matrices(s_h, s_w, t_h, t_w, step_h, step_w, teacher_patches.device,
+                                      teacher_patches.dtype)
     batch, _, dim = teacher_patches.shape
     grid = teacher_patches.reshape(batch, t_h, t_w * dim)
     # Separable bilinear: contract teacher rows, then teacher columns.

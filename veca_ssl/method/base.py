@@ -33,6 +33,13 @@ from veca_ssl.models.base import Backbone
 from veca_ssl.train.ema import ema_update_
 
 
+def bf16_autocast(amp: str, device: torch.device) -> bool:
+    """Whether ``train.amp`` runs the forwards under bf16 autocast on ``device``: ``bf16`` on any device
+    (CPU autocast too, so CPU runs exercise the GPU's precision path), ``auto`` on CUDA only, ``off``
+    never. Weights, gradients, the optimiser and the EMA stay fp32 either way."""
+    return str(amp) == "bf16" or (str(amp) == "auto" and torch.device(device).type == "cuda")
+
+
 def teacher_mode(teacher: nn.Module) -> nn.Module:
     """Put an EMA teacher in its target-producing mode, in place; returns it.
 

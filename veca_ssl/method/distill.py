@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from veca_ssl.loss import DistillationLoss
 from veca_ssl.loss.distill import resample_patch_grid
-from veca_ssl.method.base import Method, ema_copy
+from veca_ssl.method.base import Method, bf16_autocast, ema_copy
 from veca_ssl.models import load_backbone
 from veca_ssl.models.base import Backbone
 
@@ -86,12 +86,13 @@ class ElasticDistillation(Method):
 
     @torch.no_grad()
     def get_teacher_output(self, images: Tensor) -> dict:
-        """Frozen-teacher features, micro-batched, bf16 on CUDA, at the teacher's resolution."""
+        """Frozen-teacher features, micro-batched, at the teacher's resolution; in bf16 on CUDA (the
+        reference's recipe, whatever ``train.amp`` says) and wherever ``train.amp`` asks for bf16."""
         size = self.teacher_size(images.shape[-1])
         if images.shape[-2:] != (size, size):
             images = F.interpolate(images, size=(size, size), mode="bicubic", align_corners=False)
         chunk = self.cfg.distill.teacher_batch_size or images.shape[0]
-        use_bf16 = images.device.type == "cuda"
+        use_bf16 = images.device.type == "cuda" or bf16_autocast(self.cfg.train.amp, images.device)
         cls, patches, grid = [], [], None
         for part in images.split(chunk):
             with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=use_bf16):

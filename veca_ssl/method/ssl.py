@@ -30,7 +30,9 @@ class StudentTeacherNet(nn.Module):
         self.backbone, self.dino_head, self.ibot_head = backbone, dino_head, ibot_head
 
     def forward(self, global_crops: Tensor, local_crops: Tensor, masks: Tensor | None,
-                widths: Sequence[int | None]) -> list[dict]:
+                widths: Sequence[int | None], mask_indices: Tensor | None = None) -> list[dict]:
+        """Per width: image features, DINO logits of every crop and, with ``masks``, iBOT logits of the
+        masked patches (``mask_indices``: their positions in ``masks.flatten()``, see ``masked_patches``)."""
         outs = []
         patch_head = self.ibot_head or self.dino_head
         for c in widths:
@@ -42,9 +44,30 @@ class StudentTeacherNet(nn.Module):
             n_global = global_crops.shape[0]
             out = {"cls": g["cls"], "global_logits": logits[:n_global], "local_logits": logits[n_global:]}
             if masks is not None:
-                out["patch_logits"] = patch_head(g["patches"][masks])
+                out["patch_logits"] = patch_head(masked_patches(g["patches"], masks, mask_indices))
             outs.append(out)
         return outs
+
+
+def with_mask_index(batch: dict) -> dict:
+    """``batch`` with ``mask_indices``, ``masked_patch_weights`` and ``n_masked_patches`` when it has iBOT
+    ``masks``: the collate computes them on the CPU (``veca_ssl.data.collate``); a batch built by hand
+    gets them here (a host sync on an accelerator)."""
+    masks = batch.get("masks")
+    if masks is None or "mask_indices" in batch:
+        return batch
+    indices = masks.flatten().nonzero().flatten()
+    return {**batch, "mask_indices": indices, "n_masked_patches": int(indices.numel()),
+            "masked_patch_weights": batch["mask_weights"].flatten().index_select(0, indices)}
+
+
+def masked_patches(patches: Tensor, masks: Tensor, mask_indices: Tensor | None) -> Tensor:
+    """The rows of ``patches`` (B, N, D) where ``masks`` (B, N) is True, in ``patches[masks]`` order, as
+    (M, D). With ``mask_indices`` (their positions in ``masks.flatten()``) this is an ``index_select``:
+    the same values in the same order, without a boolean mask whose output size the host must wait for."""
+    if mask_indices is None:
+        return patches[masks]
+    return patches.flatten(0, 1).index_select(0, mask_indices)
 
 
 def build_heads(cfg, embed_dim: int) -> tuple[DINOHead, DINOHead | None]:
@@ -73,6 +96,7 @@ class ElasticDINO(Method):
         self.dino_loss = DINOLoss(cfg.dino.head_out_dim, cfg.dino.student_temp, cfg.dino.center_momentum)
         self.ibot_loss = iBOTPatchLoss(ibot_dim, cfg.dino.student_temp, cfg.dino.center_momentum)
         self.koleo_loss = KoLeoLoss()
+        self._mask_index: tuple[Tensor, Tensor, int] | None = None  # set by forward, see get_teacher_output
 
     def loss_modules(self) -> dict[str, nn.Module]:
         return {"dino": self.dino_loss, "ibot": self.ibot_loss}
@@ -88,7 +112,9 @@ class ElasticDINO(Method):
     @torch.no_grad()
     def get_teacher_output(self, global_crops: Tensor, masks: Tensor | None,
                            teacher_temp: float) -> tuple[Tensor, Tensor | None]:
-        """Teacher probabilities for the global crops (full width) and the masked patches.
+        """Teacher probabilities for the global crops (full width) and the masked patches. The masked
+        patches are gathered with the collate's index (:func:`with_mask_index`) of the batch that
+        ``forward`` is processing, or with one derived from ``masks`` when called on other masks.
 
         With EMA centring, the centres are updated here from this batch's teacher logits, after the
         targets were computed with the previous centres (DINOv2 applies the same update lazily, before
@@ -98,8 +124,13 @@ class ElasticDINO(Method):
         g = teacher.backbone.forward_features(global_crops)  # full width (None = all cores)
         cls_logits = teacher.dino_head(g["cls"]).float()
         patch_logits = None
-        if masks is not None and masks.any():
-            patch_logits = (teacher.ibot_head or teacher.dino_head)(g["patches"][masks]).float()
+        if masks is not None:
+            known = self._mask_index if self._mask_index is not None and self._mask_index[0] is masks else None
+            indices = known[1] if known is not None else masks.flatten().nonzero().flatten()
+            n_masked = known[2] if known is not None else int(indices.numel())
+            if n_masked > 0:
+                patch_logits = (teacher.ibot_head or teacher.dino_head)(
+                    masked_patches(g["patches"], masks, indices)).float()
         if self.cfg.dino.centering == "sinkhorn_knopp":
             cls_probs = self.dino_loss.sinkhorn_knopp_teacher(cls_logits, teacher_temp)
             patch_probs = (self.ibot_loss.sinkhorn_knopp_teacher(patch_logits, teacher_temp)
@@ -115,12 +146,15 @@ class ElasticDINO(Method):
 
     def get_student_output(self, batch: dict, widths: Sequence[int | None]) -> list[dict]:
         """Per width: the image features and DINO logits of every crop, iBOT logits of masked patches."""
-        return self.engine(batch["global_crops"], batch["local_crops"], batch.get("masks"), widths)
+        batch = with_mask_index(batch)
+        return self.engine(batch["global_crops"], batch["local_crops"], batch.get("masks"), widths,
+                           batch.get("mask_indices"))
 
     def compute_losses(self, batch: dict, widths: Sequence[int | None], student_outs: list[dict],
                        t_cls: Tensor, t_patch: Tensor | None) -> dict[str, Tensor]:
         cfg = self.cfg
         n_global_views, n_local = 2, cfg.crops.num_local
+        batch = with_mask_index(batch)
         masks = batch.get("masks")
         teacher_views = list(t_cls.chunk(n_global_views))
         terms: dict[str, Tensor] = {}
@@ -131,7 +165,7 @@ class ElasticDINO(Method):
                 views += list(out["local_logits"].chunk(n_local))
             dino = self.dino_loss(views, teacher_views)
             if t_patch is not None:
-                weights = batch["mask_weights"][masks]
+                weights = batch["masked_patch_weights"]
                 ibot = self.ibot_loss.forward_masked(out["patch_logits"], t_patch, masks, weights)
             else:  # keep the head in the graph so DDP sees a (zero) gradient for it
                 ibot = out["patch_logits"].sum() * 0.0 if "patch_logits" in out else total * 0.0
@@ -150,10 +184,19 @@ class ElasticDINO(Method):
 
         Reads ``batch["global_crops"]`` (2B, 3, H, W: view-major), ``batch["local_crops"]``
         (n_local·B, 3, h, w, possibly empty), and for iBOT ``batch["masks"]`` (2B, N) bool with
-        ``batch["mask_weights"]`` (2B, N). Returns ``"loss"`` (the weighted total over the widths) and
-        the detached terms ``"dino"``, ``"ibot"``, ``"koleo"`` (summed over widths), plus per width
-        ``"dino_C{c}"`` etc. when the step trains several widths.
+        ``batch["mask_weights"]`` (2B, N) and the collate's ``mask_indices``, ``masked_patch_weights``,
+        ``n_masked_patches`` (derived from the masks when absent: :func:`with_mask_index`). Returns
+        ``"loss"`` (the weighted total over the widths) and the detached terms ``"dino"``, ``"ibot"``,
+        ``"koleo"`` (summed over widths), plus per width ``"dino_C{c}"`` etc. when the step trains
+        several widths.
         """
-        t_cls, t_patch = self.get_teacher_output(batch["global_crops"], batch.get("masks"), teacher_temp)
+        batch = with_mask_index(batch)
+        masks = batch.get("masks")
+        # the collate's index of these masks, for get_teacher_output (which keeps DINOv3's signature)
+        self._mask_index = (masks, batch["mask_indices"], batch["n_masked_patches"]) if masks is not None else None
+        try:
+            t_cls, t_patch = self.get_teacher_output(batch["global_crops"], masks, teacher_temp)
+        finally:
+            self._mask_index = None
         student_outs = self.get_student_output(batch, widths)
         return self.compute_losses(batch, widths, student_outs, t_cls, t_patch)

@@ -5,7 +5,7 @@ The loop uses four things from here::
     dataset = build_train_dataset(cfg)
     data = TrainData(cfg, dataset, patch_size, info, start_sample, state=checkpoint.get("data"))
     batch = next(data)                          # batches exactly as an uninterrupted run would see them
-    record.update(data.log_record())            # at log time, on every rank (one small all-reduce)
+    record.update(data.log_record(counts))      # at log time, on every rank (counts: summed over ranks)
     checkpoint["data"] = data.state(); summary["data"] = data.summary()
 
 Map-style data is addressed by global sample position (``InfiniteSampler``): resuming at
@@ -168,18 +168,25 @@ class TrainData:
         total.enforce = True
         return total
 
-    def log_record(self) -> dict[str, Any]:
+    def local_counts(self) -> tuple[int, int]:
+        """Samples this process has seen and skipped in this run (the training step sums them over the
+        ranks together with its losses, in its one exchange)."""
+        return self.local.seen, self.local.skipped
+
+    def log_record(self, global_counts: tuple[int, int] | None = None) -> dict[str, Any]:
         """Global skip counts for the metrics record (collective: call on every rank); raises
-        :class:`~veca_ssl.data.errors.DataSkipError` on every rank when the threshold is passed."""
+        :class:`~veca_ssl.data.errors.DataSkipError` on every rank when the threshold is passed.
+
+        ``global_counts``: :meth:`local_counts` summed over the ranks, when the caller has them already;
+        otherwise they are all-reduced here."""
         if self.info.world_size > 1:
-            counts = torch.tensor([self.local.seen, self.local.skipped], dtype=torch.float64,
-                                  device=self.info.device)
-            seen, skipped = (int(v) for v in dist.all_reduce_sum(counts).tolist())
+            if global_counts is None:
+                counts = torch.tensor(self.local_counts(), dtype=torch.float64)
+                global_counts = tuple(int(v) for v in dist.all_reduce_sum(counts).tolist())
+            seen, skipped = (int(v) for v in global_counts)
             records: list[dict[str, str]] = []
-            if skipped:
-                gathered: list[Any] = [None] * self.info.world_size
-                torch.distributed.all_gather_object(gathered, self.local.first)
-                records = [r for part in gathered for r in part]
+            if skipped:  # the first unusable items of every rank (pickled: the CPU side channel)
+                records = [r for part in dist.all_gather_object(self.local.first) for r in part]
             self.totals = self._global([seen, skipped], records)
         self.totals.check()
         new = [r for r in self.totals.first if r["item"] not in self._reported]

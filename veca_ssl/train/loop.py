@@ -1,8 +1,9 @@
 """The training loop: ``train(cfg)`` = ``setup`` -> ``train_step`` for every step -> ``finish``.
 
 One step, top to bottom (nanoGPT-style):
-  schedules -> widths -> forward (the method returns a dict of losses) -> finite check -> backward
-  -> clip -> optimiser step -> EMA teacher update -> log -> checkpoint.
+  schedules -> widths -> forward (the method returns a dict of losses) -> backward -> clip -> one
+  read of everything the host needs (``veca_ssl.train.readout``) -> finite check -> optimiser step
+  -> EMA teacher update -> log -> checkpoint.
 Everything a bit-exact resume needs is in the checkpoint; the data position is derived from the step
 because samples are addressed by their global position (``InfiniteSampler``).
 """
@@ -23,7 +24,7 @@ from tqdm import tqdm
 from veca_ssl import distributed as dist
 from veca_ssl import fileio, signals
 from veca_ssl.config import ConfigError, build_model
-from veca_ssl.method.base import Method
+from veca_ssl.method.base import Method, bf16_autocast
 from veca_ssl.method.distill import ElasticDistillation
 from veca_ssl.method.ssl import ElasticDINO
 from veca_ssl.method.widths import WidthPolicy, training_widths
@@ -38,7 +39,8 @@ from veca_ssl.train.lock import RunLock
 from veca_ssl.train.metrics import MetricLogger, MetricsWriteError
 from veca_ssl.train.monitor import KnnMonitor
 from veca_ssl.train.multires import FixedSchedule, MultiResSchedule, parse_phases
-from veca_ssl.train.optim import ElasticAdamW, build_optimizer, clip_grad_norms, set_schedules
+from veca_ssl.train.optim import ElasticAdamW, build_optimizer, clip_grad_norms_, set_schedules, total_norm
+from veca_ssl.train.readout import StepReadout, read_step
 from veca_ssl.train.rundir import on_main, open_run_dir, resume_point_after_divergence
 from veca_ssl.train.schedules import cosine_schedule, scaled_lr, teacher_temperature
 
@@ -57,19 +59,21 @@ def build_method(cfg: DictConfig, backbone: Backbone) -> Method:
     return ElasticDINO(cfg, backbone)
 
 
-def check_finite(run: Run, losses: dict, step: int) -> None:
-    """Stop every rank at the same step when any rank's loss is NaN/Inf (before backward, so no
-    rank waits forever in a gradient all-reduce), naming the checkpoint a rerun resumes from."""
-    bad = [k for k, v in losses.items() if not math.isfinite(float(v.detach()))]
-    flag = torch.tensor([float(bool(bad))])
-    if run.info.world_size > 1:
-        flag = dist.all_reduce_sum(flag)
-    if not flag.item():
+def check_finite(run: Run, readout: StepReadout, step: int) -> None:
+    """Stop every rank at the same step when any rank's loss is NaN/Inf, before the optimiser step and
+    the EMA update (weights and checkpoints stay the last finite ones), naming the checkpoint a rerun
+    resumes from. Every rank knows every rank's terms from the step's one read: all raise together."""
+    bad_ranks = readout.non_finite_ranks
+    if not bad_ranks:
         return
-    terms = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in losses.items())
+    rank = run.info.rank if run.info.rank in bad_ranks else bad_ranks[0]
+    values = readout.rank_losses[rank]
+    bad = [k for k, v in values.items() if not math.isfinite(v)]
+    terms = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
 
     def report() -> str:
-        what = f"{', '.join(bad)} (all terms: {terms})" if bad else "on another rank"
+        where = "" if rank == 0 else f"on rank {rank}: "
+        what = f"{where}{', '.join(bad)} (all terms: {terms})"
         good, moved = resume_point_after_divergence(run.checkpoints, step, run.logger.path)
         lines = [f"non-finite loss at step {step + 1}: {what}."]
         lines += [f"Set aside {old.name} as {new.name} ({reason})." for old, new, reason in moved]
@@ -90,8 +94,9 @@ def _to_device(batch: dict, device: torch.device) -> dict:
 
 
 def _autocast(cfg: DictConfig, device: torch.device):
-    use_bf16 = cfg.train.amp == "bf16" or (cfg.train.amp == "auto" and device.type == "cuda")
-    if not use_bf16:
+    """bf16 autocast (CPU or CUDA, the run's device type) for the student and teacher forwards when
+    ``train.amp`` asks for it; the weights, the optimiser and the EMA stay fp32."""
+    if not bf16_autocast(cfg.train.amp, device):
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
@@ -220,12 +225,17 @@ def train_step(run: Run, step: int) -> tuple[bool, dict | None]:
 
     with _autocast(cfg, run.info.device):
         losses = method(batch, widths, teacher_temp)
-    check_finite(run, losses, step)
 
+    # backward and clipping on every rank before anything is read: a non-finite loss only makes
+    # non-finite gradients, and every rank reaches the gradient all-reduce, so none waits forever
     run.optimizer.zero_grad(set_to_none=True)
     losses["loss"].backward()
     max_norm = cfg.optim.clip_grad if cfg.optim.clip_grad > 0 else float("inf")
-    grad_norms = clip_grad_norms(method.student, max_norm)  # each sub-module on its own (DINOv2)
+    grad_norms = clip_grad_norms_(method.student, max_norm)  # each sub-module on its own (DINOv2)
+    # the step's one host read (one collective when distributed): losses of every rank, gradient norms,
+    # skip counts, the stop flag -- all ranks learn the same and decide the same
+    readout = read_step(losses, grad_norms, signals.checkpoint_requested(sync=False), run.data.local_counts())
+    check_finite(run, readout, step)
     run.optimizer.set_widths(widths)  # core chunks outside the width stay untouched
     run.optimizer.step()
     method.update_teacher(momentum)
@@ -236,18 +246,21 @@ def train_step(run: Run, step: int) -> tuple[bool, dict | None]:
         n_steps = done % cfg.train.log_every or cfg.train.log_every
         images = run.schedule.samples_before(done) - run.schedule.samples_before(done - n_steps)
         images_per_s, run.t_last = images / max(now - run.t_last, 1e-9), now
-        record = {k: float(v.detach()) for k, v in losses.items()}
+        record = dict(readout.losses)  # averaged over the ranks
         record.update(lr=lr, wd=wd, momentum=momentum, teacher_temp=teacher_temp, epoch=epoch,
                       width=float(widths[0]) if widths[0] is not None else 0.0,
-                      grad_norm=grad_norms.pop("total"), images_per_s=images_per_s,
+                      grad_norm=total_norm(readout.grad_norms), images_per_s=images_per_s,
                       resolution=float(batch["global_crops"].shape[-1]))
-        record.update(run.data.log_record())  # global skip counts (all ranks); stops on too many skips
-        record.update({f"grad_norm_{k}": v for k, v in grad_norms.items()})
+        # global skip counts (all ranks); stops on too many skips
+        record.update(run.data.log_record((readout.seen, readout.skipped)))
+        record.update({f"grad_norm_{k}": v for k, v in readout.grad_norms.items()})
         run.logger.log(done, record)
     if run.monitor is not None and done % cfg.train.knn_monitor.every == 0 and done != run.stop_at:
         # every rank: feature extraction splits the data over the ranks (whole EMA weights on each)
         run.logger.log(done, run.monitor.evaluate(method.full_teacher().backbone))
-    stop = signals.checkpoint_requested()
+    stop = readout.stop
+    if stop:
+        signals.request_checkpoint()  # ranks the signal did not reach know it too (e.g. for a requeue)
     if done % cfg.train.checkpoint_every == 0 or done == run.stop_at or stop:
         run.last_checkpoint = _save_checkpoint(run, done)
     return stop, record

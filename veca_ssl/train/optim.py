@@ -136,8 +136,9 @@ class ElasticAdamW(torch.optim.AdamW):
             raise ValueError(f"width {rows} is not a multiple of the core chunk {k}")
         state = self.state[p]
         if not state:
-            # one step count per chunk, the same on every rank (a plain tensor, also under FSDP2)
-            state["step"] = torch.zeros(p.shape[0] // k, dtype=torch.float32, device=p.device)
+            # one step count per chunk, the same on every rank (a plain tensor, also under FSDP2), on the
+            # CPU as torch.optim.AdamW keeps its step counts: reading one never waits for the GPU
+            state["step"] = torch.zeros(p.shape[0] // k, dtype=torch.float32)
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         # FSDP2 shards dim 0: this rank holds global rows [lo, hi); a chunk may straddle two ranks
@@ -145,13 +146,17 @@ class ElasticAdamW(torch.optim.AdamW):
         lo, hi = _local_rows(p)
         lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
         beta1, beta2 = group["betas"]
+        counts = state["step"]
+        if counts.device.type != "cpu":  # written by an older version on the parameter's device
+            counts = state["step"] = counts.cpu()
+        counts[: rows // k] += 1
+        steps = counts.tolist()  # a CPU tensor: no device sync
         for c in range(rows // k):
-            state["step"][c] += 1
             a, b = max(c * k, lo), min((c + 1) * k, hi)
             if a >= b:
                 continue
             sl = slice(a - lo, b - lo)
-            step = float(state["step"][c])
+            step = steps[c]
             # the operations of torch.optim.AdamW's single-tensor path, in its order
             param[sl].mul_(1 - lr * wd)
             exp_avg[sl].lerp_(grad[sl], 1 - beta1)
@@ -201,19 +206,33 @@ def set_schedules(optimizer: torch.optim.Optimizer, lr: float, wd: float, freeze
         g["weight_decay"] = wd * g["wd_mult"]
 
 
-def clip_grad_norms(student: nn.Module, max_norm: float) -> dict[str, float]:
+def clip_grad_norms_(student: nn.Module, max_norm: float) -> dict[str, torch.Tensor]:
     """Clip the gradient of each sub-module of ``student`` (backbone, DINO head, iBOT head,
     projections) to ``max_norm`` on its own, as DINOv2 and DINOv3 do; returns each one's norm before
-    clipping, and their root-sum-square under ``"total"``.
+    clipping as a 0-dim tensor on the gradients' device (the training step reads them together with
+    its losses; nothing here waits for the device).
 
     One global norm would let the heads' gradients (several times the backbone's at the start of
     training) set the backbone's clip factor. ``max_norm=inf`` only measures (grads are multiplied
     by exactly 1).
     """
-    norms: dict[str, float] = {}
+    norms: dict[str, torch.Tensor] = {}
     for name, child in student.named_children():
         params = [p for p in child.parameters() if p.grad is not None]
         if params:
-            norms[name] = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-    norms["total"] = sum(v * v for v in norms.values()) ** 0.5
+            norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+            # FSDP2: a replicated DTensor (its full value on every rank); the plain tensor holding it
+            norms[name] = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    return norms
+
+
+def total_norm(norms: dict[str, float]) -> float:
+    """The root-sum-square of the sub-modules' gradient norms (the norm of the whole gradient)."""
+    return sum(v * v for v in norms.values()) ** 0.5
+
+
+def clip_grad_norms(student: nn.Module, max_norm: float) -> dict[str, float]:
+    """:func:`clip_grad_norms_` read on the host as floats, plus their root-sum-square under ``"total"``."""
+    norms = {name: float(v) for name, v in clip_grad_norms_(student, max_norm).items()}
+    norms["total"] = total_norm(norms)
     return norms

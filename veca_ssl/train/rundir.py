@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
-import torch.distributed as torch_dist
 from omegaconf import DictConfig, OmegaConf
 
 from veca_ssl import distributed as dist
@@ -56,13 +55,11 @@ def on_main(info: dist.DistInfo, fn: Callable[[], T]) -> T:
         except Exception as exc:
             error = exc
     if info.world_size > 1 and dist.is_distributed():
-        box = [(result, error)]
         try:
-            torch_dist.broadcast_object_list(box, src=0)
+            result, error = dist.broadcast_object((result, error), src=0)
         except Exception:  # an exception that does not pickle: send its message
-            box = [(result, RuntimeError(str(error)) if error is not None else None)]
-            torch_dist.broadcast_object_list(box, src=0)
-        result, error = box[0]
+            result, error = dist.broadcast_object((result, RuntimeError(str(error)) if error is not None else None),
+                                                  src=0)
     if error is not None:
         raise error
     return result

@@ -41,6 +41,7 @@ from typing import Any
 import torch
 import torch.distributed as tdist
 
+from veca_ssl import distributed as vd
 from veca_ssl import fileio
 from veca_ssl.train.checkpoint import CheckpointError, rng_state, set_rng_state
 
@@ -212,7 +213,7 @@ def _load_here(state: dict, reader: Any) -> None:
 
 def _barrier() -> None:
     if _dist():
-        tdist.barrier()
+        vd.barrier()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -260,21 +261,15 @@ def save(directory: str | Path, step: int, method: Any, optimizer: torch.optim.O
                 for p in sorted(tmp.glob(f"__{rank}_*.distcp"))}
     except Exception as exc:
         raise CheckpointError(f"cannot write sharded checkpoint {final}: {_first_line(exc)}") from exc
-    gathered: list[Any] = [None] * (tdist.get_world_size() if _dist() else 1)
-    if _dist():
-        tdist.all_gather_object(gathered, mine)
-    else:
-        gathered = [mine]
+    gathered: list[Any] = vd.all_gather_object(mine)
     error = None
     if rank == 0:
         try:
             _finalise(directory, tmp, final, step, gathered, meta, keep_last, keep_every)
         except Exception as exc:
             error = f"cannot write sharded checkpoint {final}: {_first_line(exc)}"
-    if _dist():  # every rank learns rank 0's outcome: all stop together, none waits in a collective
-        box = [error]
-        tdist.broadcast_object_list(box, src=0)
-        error = box[0]
+    # every rank learns rank 0's outcome: all stop together, none waits in a collective
+    error = vd.broadcast_object(error, src=0)
     if error is not None:
         raise CheckpointError(error)
     return final
