@@ -39,6 +39,11 @@ DEFAULT_CAPABILITY = (9, 0)
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
+# Conditions stricter than PyTorch's gates (SDPA would run the kernel, at a cost): a head dim that is
+# not a multiple of 8 (flash pads q, k, v with a copy) and an attention mask (the memory-efficient
+# kernel reads it as a materialised (L, S) bias). Their reasons start with these names.
+POLICY_RULES = ("pad_last_dim<8>", "no materialised bias")
+
 
 @dataclass(frozen=True)
 class SDPACall:
@@ -516,6 +521,6 @@ def print_attention_kernels(backbone, device: torch.device | str,
         print(probe_attention(backbone, device, image_size=image_size, autocast=autocast).describe(), flush=True)
 
 
-__all__ = ["SDPACall", "KERNELS", "DEFAULT_CAPABILITY", "kernel_blockers", "capture_sdpa", "SDPA_OPS",
+__all__ = ["SDPACall", "KERNELS", "DEFAULT_CAPABILITY", "POLICY_RULES", "kernel_blockers", "capture_sdpa", "SDPA_OPS",
            "kernel_family", "classify_events", "KernelReport", "probe_attention", "attention_kernels",
            "print_attention_kernels"]
