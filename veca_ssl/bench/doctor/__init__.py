@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="knn: queries (default: 10000 with faiss on a GPU, 1000 with faiss-cpu)")
     p.add_argument("--train-steps", type=int, default=20, help="resume checks: steps of each run")
     p.add_argument("--train-timeout", type=float, default=600, help="resume checks: seconds allowed per run")
+    p.add_argument("--threads", type=int, default=0,
+                   help="intra-op CPU threads; 0 = the policy of veca train (the cores this process may use; "
+                        "OMP_NUM_THREADS wins when set)")
     p.add_argument("--warmup", type=int, default=MIN_WARMUP, help=f"throughput: untimed calls, >= {MIN_WARMUP}")
     p.add_argument("--repeats", type=int, default=MIN_REPEATS, help=f"throughput: timed calls, >= {MIN_REPEATS}")
     return p
@@ -92,6 +95,8 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error("--only and --skip leave no check to run")
     if bad := [r for r in args.resolutions or [] if r < 16 or r % 16]:
         p.error(f"--resolutions {bad[0]}: use positive multiples of the patch size 16 (e.g. 224, 512)")
+    if args.threads < 0:
+        p.error(f"--threads must be >= 0 (0 = automatic), got {args.threads}")
     for name in ("batch_size", "step_batch", "knn_bank", "knn_queries", "train_steps"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -176,15 +181,21 @@ def main(argv: list[str] | None = None) -> int:
     from veca_ssl.bench.doctor import report
     from veca_ssl.bench.doctor.checks import Context
     from veca_ssl.bench.doctor.rules import SKIP, exit_code, skip_reason
+    from veca_ssl.threads import apply_thread_policy
 
     device = _device(parser, args.device)
     machine = _machine(device)
+    # PyTorch's default of one thread per core of the machine oversubscribes a shared one (several
+    # times slower steps, see veca_ssl.threads); the doctor measures with what veca train would use
+    threads = apply_thread_policy(args.threads, 0)
     out = Path(args.output_dir)
     ctx = Context(device, machine, args, out / "work")
     header = {"host": socket.gethostname(), "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "device": str(device), "python": platform.python_version(),
+              "device": str(device), "threads": threads.threads, "threads_reason": threads.reason,
+              "python": platform.python_version(),
               "command": "veca doctor " + " ".join(sys.argv[1:] if argv is None else argv)}
-    print(f"veca doctor: {header['device']} on {header['host']}; writing to {out}", flush=True)
+    print(f"veca doctor: {header['device']} on {header['host']}, {threads.threads} intra-op CPU thread(s) "
+          f"({threads.reason}); writing to {out}", flush=True)
     results = []
     for name in CHECKS:
         if (args.only and name not in args.only) or name in args.skip:
