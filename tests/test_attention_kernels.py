@@ -16,15 +16,8 @@ import torch.nn.functional as F
 
 from veca_ssl.models import build_backbone, list_backbones
 from veca_ssl.models.fixed_width import fixed_width
-from veca_ssl.models.sdpa import (
-    SDPACall,
-    attention_kernels,
-    capture_sdpa,
-    classify_events,
-    kernel_blockers,
-    kernel_family,
-    probe_attention,
-)
+from veca_ssl.models.kernels import attention_kernels, classify_events, kernel_family, probe_attention
+from veca_ssl.models.sdpa import SDPACall, capture_sdpa, kernel_blockers
 
 CAPABILITIES = [(8, 0), (8, 6), (9, 0)]  # A100, consumer Ampere (its flash-backward rule), H100/H200
 SIZE = (48, 80)  # non-square: 3 x 5 patches of 16 px

@@ -69,7 +69,7 @@ def print_kernels(family: str, patch_size: int, device: str, dtype=None, attn_ba
     at ``dtype`` (``veca_ssl.models.sdpa.probe_attention``), so a table's numbers come with the kernel
     behind them."""
     from veca_ssl.models import build_backbone
-    from veca_ssl.models.sdpa import probe_attention
+    from veca_ssl.models.kernels import probe_attention
 
     for name, backend in ((f"vit_{family}", "auto"), (f"veca_{family}", attn_backend)):
         model = build_backbone(name, patch_size=patch_size, depth=1, attn_backend=backend)

@@ -21,7 +21,8 @@ q, k, v of one dtype (bf16 under autocast: VECA's RoPE rotation is computed in f
 stride 1 in the head dim (views of the fused qkv projection), head dim 64 in every preset (a
 multiple of 8, <= 256), no mask and no bias — so on a GPU flash attention (or the memory-efficient
 kernel) runs, never the math fallback. ``veca_ssl.models.sdpa`` states those conditions with their
-sources, the tests check every preset's calls against them, and training logs the kernel that ran.
+sources, the tests check every preset's calls against them, and training logs the kernel that ran
+(``veca_ssl.models.kernels``).
 """
 
 from __future__ import annotations

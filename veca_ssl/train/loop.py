@@ -30,7 +30,7 @@ from veca_ssl.method.widths import WidthPolicy, training_widths
 from veca_ssl.models import save_backbone
 from veca_ssl.models.base import Backbone
 from veca_ssl.models.init import initial_backbone
-from veca_ssl.models.sdpa import print_attention_kernels
+from veca_ssl.models.kernels import print_attention_kernels
 from veca_ssl.parallelize import parallelize_method
 from veca_ssl.train import sharded_checkpoint
 from veca_ssl.train.checkpoint import CheckpointManager, rng_state, set_rng_state

@@ -138,7 +138,8 @@ def check_attention(ctx: Context) -> Result:
     inputs against the flash / memory-efficient conditions (on a GPU also against PyTorch's own
     ``can_use_*_attention``)."""
     from veca_ssl.models import build_backbone
-    from veca_ssl.models.sdpa import DEFAULT_CAPABILITY, capture_sdpa, kernel_blockers, probe_attention
+    from veca_ssl.models.kernels import probe_attention
+    from veca_ssl.models.sdpa import DEFAULT_CAPABILITY, capture_sdpa, kernel_blockers
 
     family = ctx.args.step_family
     capability = torch.cuda.get_device_capability(ctx.device) if ctx.cuda else DEFAULT_CAPABILITY

@@ -213,11 +213,12 @@ def stop_and_resume(ctx: Context, device: str, world: int, name: str) -> Result:
         for job in jobs:
             job.kill()
     problems, counts = compare_runs(whole, stopped)
-    backend = "single process" if world == 1 else ("NCCL" if device == "cuda" else "gloo")
+    backend = None if world == 1 else ("NCCL" if device == "cuda" else "gloo")
     nums = {"device": device, "processes": world, "backend": backend, "steps": steps, "stopped_at": stopped_at,
             **counts}
-    summary = (f"veca train, {steps} steps on {device} ({world} process{'es' if world > 1 else ''}, {backend}): "
-               f"SIGTERM to the process group at step {stopped_at}, resumed; ")
+    procs = "1 process" if world == 1 else f"{world} processes, {backend}"
+    summary = (f"veca train, {steps} steps on {device} ({procs}): SIGTERM to the process group at step "
+               f"{stopped_at}, resumed; ")
     if problems:
         return Result(name, FAIL, summary + "NOT bit-exact", "; ".join(problems[:3]), nums)
     return Result(name, PASS, summary + f"bit-exact ({counts['losses_compared']} losses, exported teacher, final "
