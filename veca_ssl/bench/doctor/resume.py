@@ -93,6 +93,13 @@ class Job:
         return "\n".join(f"--- rank {i} ---\n{log.read_text(errors='replace')}" for i, log in enumerate(self.logs))
 
 
+def _in_group(leader: int) -> dict:
+    """Popen arguments that put the child in process group ``leader`` (0: a new group it leads)."""
+    if sys.version_info >= (3, 11):
+        return {"process_group": leader}  # set between fork and exec without running Python code
+    return {"preexec_fn": lambda: os.setpgid(0, leader)}
+
+
 def start(config: Path, output_dir: Path, device: str, world: int, logs: Path) -> Job:
     """``veca train --config config output_dir=…`` as ``world`` ranks in a new process group."""
     from veca_ssl.spawn import find_free_port
@@ -110,7 +117,7 @@ def start(config: Path, output_dir: Path, device: str, world: int, logs: Path) -
         paths.append(path)
         with open(path, "w") as log:
             procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=rank_env,
-                                          preexec_fn=lambda pg=leader: os.setpgid(0, pg)))
+                                          **_in_group(leader)))
     return Job(procs, paths)
 
 
