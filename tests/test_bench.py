@@ -47,3 +47,19 @@ def test_bench_backbone_and_train_run_end_to_end(tmp_path, capsys):
                        "--output-dir", str(tmp_path)]) == 0
     assert len(json.loads((tmp_path / "train.json").read_text())) == 4
     assert "speedup_vs_dense" in capsys.readouterr().out
+
+
+def test_bench_train_times_chosen_widths_with_memory_and_names_the_kernels(tmp_path, capsys):
+    from veca_ssl.bench import train
+
+    assert train.main(["--family", "tiny", "--resolutions", "32", "--batch-size", "2", "--widths", "16",
+                       "--no-nested", "--memory", "--bf16", "--output-dir", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "train.json").read_text())
+    assert [(r["model"], r["cores"]) for r in rows] == [("vit_tiny (dense)", None), ("veca_tiny C64", 64),
+                                                        ("veca_tiny C16", 16)]
+    assert all(r["peak_mem_mb"] > 0 and len(r["times_ms"]) == 5 for r in rows)
+    out = capsys.readouterr().out
+    assert "vit_tiny: attention: attn_backend=auto -> sdpa, ran flash" in out and "bfloat16 autocast" in out
+    with pytest.raises(SystemExit) as exc:
+        train.main(["--widths", "12", "--output-dir", str(tmp_path)])
+    assert exc.value.code == 2 and "--widths [12]" in capsys.readouterr().err

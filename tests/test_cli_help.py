@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 HELP_COMMANDS = [[], ["train"], ["submit"], ["submit", "train"], ["submit", "eval"], ["data"],
                  ["data", "make-shards"], ["data", "inspect"], ["bench"], ["bench", "backbone"],
                  ["bench", "data"], ["bench", "train"], ["bench", "knn"], ["bench", "ddp"], ["export"],
-                 ["consolidate"]]
+                 ["consolidate"], ["doctor"]]
 
 _HELP_SCRIPT = """
 import contextlib, io, json, sys
@@ -67,13 +67,14 @@ def test_help_cites_no_spec_sections_and_lists_every_bench(helps: dict) -> None:
 def _parsers() -> dict[str, argparse.ArgumentParser]:
     from launchers.submit import build_parser as submit_parser
     from veca_ssl.bench import BENCHES
+    from veca_ssl.bench.doctor import build_parser as doctor_parser
     from veca_ssl.consolidate import build_parser as consolidate_parser
     from veca_ssl.data.cli import _parser as data_parser
     from veca_ssl.export import build_parser as export_parser
     from veca_ssl.train.main import build_parser as train_parser
 
     out = {"train": train_parser(), "submit train": submit_parser("train"), "submit eval": submit_parser("eval"),
-           "export": export_parser(), "consolidate": consolidate_parser()}
+           "export": export_parser(), "consolidate": consolidate_parser(), "doctor": doctor_parser()}
     data = data_parser()
     sub = next(a for a in data._actions if isinstance(a, argparse._SubParsersAction))
     out.update({f"data {name}": p for name, p in sub.choices.items()})

@@ -27,6 +27,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("veca_ssl.data.cli", "dataset tools: make-shards | inspect"),
     "consolidate": ("veca_ssl.consolidate",
                     "convert a sharded (FSDP2) training checkpoint into the single-file backbone export"),
+    "doctor": ("veca_ssl.bench.doctor", "check this machine end to end (versions, attention kernels, bf16, "
+                                        "speed and memory goals, compile, faiss, stop/resume): one table"),
 }
 
 

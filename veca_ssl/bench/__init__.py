@@ -64,6 +64,18 @@ def output_path(args: argparse.Namespace, name: str) -> Path:
     return Path(args.output_dir) / f"{name}.json"
 
 
+def print_kernels(family: str, patch_size: int, device: str, dtype=None, attn_backend: str = "auto") -> None:
+    """One line per network of a VECA-vs-dense bench: the attention kernel its blocks run on ``device``
+    at ``dtype`` (``veca_ssl.models.sdpa.probe_attention``), so a table's numbers come with the kernel
+    behind them."""
+    from veca_ssl.models import build_backbone
+    from veca_ssl.models.kernels import probe_attention
+
+    for name, backend in ((f"vit_{family}", "auto"), (f"veca_{family}", attn_backend)):
+        model = build_backbone(name, patch_size=patch_size, depth=1, attn_backend=backend)
+        print(f"{name}: {probe_attention(model, device, dtype).describe()}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     from veca_ssl.cli import dispatch
 

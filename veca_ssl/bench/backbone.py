@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import statistics
 
-from veca_ssl.bench import add_common_options, bench_parser, check_common_options, output_path
+from veca_ssl.bench import add_common_options, bench_parser, check_common_options, output_path, print_kernels
 
 MEMORY_RESOLUTION_MB = 1.0  # run-to-run spread of the CPU high-water mark (measured: 2.0–3.4 MB, same call)
 
@@ -195,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"veca bench backbone: family={args.family} patch={args.patch_size} device={args.device} "
           f"threads={torch.get_num_threads()} batch={args.batch_size} warmup={args.warmup} "
           f"repeats={args.repeats} (median, min–max); allocator: glibc heap reuse while timing", flush=True)
+    print_kernels(args.family, args.patch_size, args.device, getattr(torch, args.dtype), args.attn_backend)
     rows = run(args)
     cols = ["resolution", "model", "qk_pairs_per_layer", "gflops", "latency_ms", "latency_min_ms",
             "latency_max_ms", "images_per_s", "peak_mem_mb", "speedup_vs_dense", "x_limit"]

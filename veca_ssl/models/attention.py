@@ -13,8 +13,16 @@ Backends (``attn_backend``):
   ``math``        explicit matmul + softmax, same two-part pattern: PyTorch's FLOP counter sees every
                   product, so the analytic FLOP count can be tested against it.
   ``xformers``    ``xformers.ops.memory_efficient_attention`` (CUDA only, optional dependency).
-  ``auto``        xformers on CUDA when installed, else ``sdpa``.
+  ``auto``        ``sdpa`` on every device (see :func:`resolve_backend` for why not xformers).
   ``none``        attention removed (output = values): the limit VECA can approach, for benchmarks.
+
+Both SDPA calls of the core pattern (and the dense ViT's one) hand the fused kernels what they take:
+q, k, v of one dtype (bf16 under autocast: VECA's RoPE rotation is computed in fp32 and cast back),
+stride 1 in the head dim (views of the fused qkv projection), head dim 64 in every preset (a
+multiple of 8, <= 256), no mask and no bias — so on a GPU flash attention (or the memory-efficient
+kernel) runs, never the math fallback. ``veca_ssl.models.sdpa`` states those conditions with their
+sources, the tests check every preset's calls against them, and training logs the kernel that ran
+(``veca_ssl.models.kernels``).
 """
 
 from __future__ import annotations
@@ -64,7 +72,13 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend not in ATTN_BACKENDS:
         raise ValueError(f"unknown attn_backend {backend!r}; valid: {', '.join(ATTN_BACKENDS)}")
     if backend == "auto":
-        return "xformers" if device.type == "cuda" and _xformers_ops() is not None else "sdpa"
+        # SDPA everywhere, also on CUDA with xformers installed: SDPA's flash kernel is PyTorch's own
+        # FlashAttention-2 (cuDNN's on recent Hopper set-ups), the dense ViT baseline runs the same
+        # kernel (like-for-like speed comparisons), torch.compile traces it without a graph break,
+        # and its kernel choice is what veca_ssl.models.sdpa checks and the profiler reports. Both
+        # libraries run FlashAttention/CUTLASS kernels for these shapes; xformers stays selectable
+        # (attn_backend=xformers) for a measured comparison (veca bench backbone --attn-backend).
+        return "sdpa"
     if backend == "xformers" and (device.type != "cuda" or _xformers_ops() is None):
         raise ValueError("attn_backend='xformers' needs CUDA and `pip install veca-ssl[gpu]`; use 'sdpa'")
     return backend

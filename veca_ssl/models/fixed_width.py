@@ -40,10 +40,15 @@ def slice_to_width(model: VECA, width: int) -> VECA:
 
 
 def _rotate_pairs(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate channel pairs (2j, 2j+1) of (B, H, T, d) by angles with tables (B, 1, T, d/2)."""
+    """Rotate channel pairs (2j, 2j+1) of (B, H, T, d) by angles with tables (B, 1, T, d/2).
+
+    Computed in the tables' fp32 and cast back to ``x``'s dtype, as the elastic model's
+    ``apply_rope_pairs``: under bf16 autocast q and k would otherwise reach SDPA as fp32 next to a
+    bf16 v, which no fused kernel takes (autocast then copies them back to bf16 inside SDPA).
+    """
     pairs = x.unflatten(-1, (-1, 2))
     a, b = pairs[..., 0], pairs[..., 1]
-    return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2)
+    return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2).to(x.dtype)
 
 
 class FixedWidthVECA(nn.Module):

@@ -31,6 +31,7 @@ from veca_ssl.method.widths import WidthPolicy, training_widths
 from veca_ssl.models import save_backbone
 from veca_ssl.models.base import Backbone
 from veca_ssl.models.init import initial_backbone
+from veca_ssl.models.kernels import print_attention_kernels
 from veca_ssl.parallelize import parallelize_method
 from veca_ssl.train import sharded_checkpoint
 from veca_ssl.train.checkpoint import CheckpointManager, rng_state, set_rng_state
@@ -160,6 +161,7 @@ def setup(cfg: DictConfig) -> Run:
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     optimizer = build_optimizer(method.student, backbone.depth, cfg.optim)
+    print_attention_kernels(backbone, info.device, _autocast(cfg, info.device), cfg.crops.global_size, info.rank == 0)
 
     # rank 0 locks the directory, cleans it and picks a verified resume point (``train`` releases the
     # lock on any error); the other ranks load the checkpoint it picked
