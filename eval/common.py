@@ -314,6 +314,20 @@ def run_logging(run_dir: Path | None, terminal: bool) -> Iterator[Path | None]:
 
 # --------------------------------------------------------------------------------------------- threads
 @contextlib.contextmanager
+def thread_policy(requested: int, num_workers: int) -> Iterator[str]:
+    """Run with ``veca train``'s thread policy (``veca_ssl.threads``) for ``--num-threads requested`` and
+    ``num_workers`` loader workers, then restore the previous count; yields the line that says so."""
+    from veca_ssl.threads import apply_thread_policy, describe_plan
+
+    previous = torch.get_num_threads()
+    plan = apply_thread_policy(requested, num_workers, option="--num-threads")
+    try:
+        yield describe_plan(plan, "--num-threads N")
+    finally:
+        torch.set_num_threads(previous)
+
+
+@contextlib.contextmanager
 def few_threads_if_small(flops_per_step: float, threshold: float = 1e9) -> Iterator[None]:
     """Run a loop of small steps (probe training) with one intra-op thread, then restore.
 

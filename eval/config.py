@@ -198,6 +198,9 @@ class EvalConfig(ModelSource):
                                  rule=at_least(1))
     batch_size: int = opt(64, "images per forward pass (extraction and throughput)", rule=at_least(1))
     num_workers: int = opt(0, "DataLoader worker processes", rule=at_least(0))
+    num_threads: int = opt(0, "intra-op CPU threads of extraction, probes and timing; 0 = veca train's policy: the "
+                              "cores this process may use minus its loader workers, at least 1 (OMP_NUM_THREADS, when "
+                              "set, wins)", default_text="0 (auto)", rule=at_least(0))
     max_skip_fraction: float = opt(0.01, "stop when more than this fraction of a dataset's images is unusable "
                                          "(corrupt, too large); below it they are left out of the features and "
                                          "listed in the report, never replaced",
@@ -334,7 +337,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
 def add_run_options(parser: argparse.ArgumentParser, resolution: bool = True, widths: bool = True) -> None:
     """The run options every eval command shares: widths, resolution, batch, device, output, progress."""
     g = parser.add_argument_group("run")
-    names = ["batch_size", "num_workers", "max_skip_fraction", "max_pixels", "device", "output_dir", "name", "overwrite", "progress"]
+    names = ["batch_size", "num_workers", "num_threads", "max_skip_fraction", "max_pixels", "device", "output_dir", "name", "overwrite", "progress"]
     names = (["widths"] if widths else []) + (["resolution"] if resolution else []) + names
     add_fields(g, EvalConfig, only=names)
     add_debug_option(parser)

@@ -13,9 +13,17 @@ the peak a step adds, for each parallel form, eager and (with ``--compile``) wit
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 
-from veca_ssl.bench import add_common_options, bench_parser, check_common_options, output_path
+from veca_ssl.bench import (
+    add_common_options,
+    apply_threads,
+    bench_parser,
+    check_common_options,
+    output_path,
+    stamp,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,14 +79,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.parallel:
         from veca_ssl.bench.train_parallel import parallel_benchmark
 
+        apply_threads(args, "train", processes=args.processes)
         print(f"veca bench train --parallel: veca_{args.family}/{args.patch_size} C=full, batch {args.batch_size} "
               f"per process, {args.processes} processes, warmup={args.warmup} repeats={args.repeats}", flush=True)
-        rows = parallel_benchmark(args)
+        rows = stamp(parallel_benchmark(args), threads=int(os.environ["OMP_NUM_THREADS"]))
         print(markdown_table(rows))
         print("results: " + ", ".join(str(p) for p in write_rows(rows, output_path(args, "train"))))
         return 0
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else "cpu" if args.device == "auto" else args.device)
+    apply_threads(args, "train")
     print(f"veca bench train: family={args.family} batch={args.batch_size} device={device} "
           f"threads={torch.get_num_threads()} warmup={args.warmup} repeats={args.repeats}", flush=True)
 
@@ -111,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"resolution": res, "model": name, "step_ms": med * 1e3, "min_ms": min(t) * 1e3,
                          "max_ms": max(t) * 1e3, "images_per_s": args.batch_size / med,
                          "speedup_vs_dense": dense / med})
+        stamp(rows)  # the threads and load average this resolution was timed at
         print(f"[{res}px] done", flush=True)
     print(markdown_table(rows))
     print("results: " + ", ".join(str(p) for p in write_rows(rows, output_path(args, "train"))))
