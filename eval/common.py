@@ -259,12 +259,19 @@ def classification_features(model: torch.nn.Module, widths: list[Width], cfg: Ev
 
 
 # --------------------------------------------------------------------------------------------- output
-def guard_output(run_dir: Path, overwrite: bool) -> None:
-    """Refuse to replace an earlier run's report unless ``overwrite`` (a message naming the file)."""
+#: How each way of configuring an evaluation spells the options a refused output directory needs.
+OUTPUT_TERMS = {"cli": ("--overwrite", "--output-dir", "--name"),
+                "yaml": ("overwrite=true", "output_dir=DIR", "name=NAME")}
+
+
+def guard_output(run_dir: Path, overwrite: bool, terms: str = "cli") -> None:
+    """Refuse to replace an earlier run's report unless ``overwrite`` (a message naming the file and the
+    options that fix it, as ``terms`` spells them: ``cli`` flags, or ``yaml`` keys for ``veca eval all``)."""
     existing = [run_dir / f for f in REPORT_FILES if (run_dir / f).exists()]
     if existing and not overwrite:
-        raise FileExistsError(f"{existing[0]} already holds an earlier run's results; pass --overwrite to replace "
-                              "it, or choose another --output-dir or --name")
+        again, out, name = OUTPUT_TERMS[terms]
+        raise FileExistsError(f"{existing[0]} already holds an earlier run's results; pass {again} to replace "
+                              f"it, or choose another {out} or {name}")
     if run_dir.exists() and not run_dir.is_dir():
         raise NotADirectoryError(f"output path {str(run_dir)!r} exists and is not a directory")
 

@@ -289,11 +289,12 @@ def check(cfg: EvalConfig) -> EvalConfig:
 # --------------------------------------------------------------------------------------------- YAML
 def resolve_path(name: str | Path) -> Path:
     """A file as given, or a named eval config shipped with the package (``digits`` is
-    ``configs/eval/digits.yaml``, in a checkout and in an installed wheel alike)."""
+    ``configs/eval/digits.yaml``, in a checkout and in an installed wheel alike; the path
+    ``configs/eval/digits.yaml`` itself means that file from any directory)."""
     from veca_ssl import CONFIG_DIR
+    from veca_ssl.config import packaged_config_candidates
 
-    path = Path(name)
-    for cand in (path, CONFIG_DIR / "eval" / path, CONFIG_DIR / "eval" / f"{path}.yaml"):
+    for cand in packaged_config_candidates(name, "eval"):  # configs/eval/digits.yaml works from anywhere too
         if cand.is_file():
             return cand
     named = sorted(p.stem for p in (CONFIG_DIR / "eval").glob("*.yaml"))
