@@ -70,3 +70,17 @@ def test_readme_lists_every_extra_in_setup_cfg() -> None:
     listing = listing[:listing.index("\n\n")]
     for extra in sorted(set(cfg["options.extras_require"]) - {"test"}):  # [test]: the README's test command
         assert f"`[{extra}]`" in listing, f"README's extras list lacks [{extra}]"
+
+
+def test_export_veca_reference_refusal_exits_non_zero(run_without_tensorboard, tmp_path) -> None:
+    """The README's `veca export --checkpoint outputs/run --format veca-reference …` on a run whose width
+    no reference family has: refused with one line and exit 2, nothing written."""
+    out, _ = run_without_tensorboard
+    proc = subprocess.run([sys.executable, "-m", "veca_ssl.cli", "export", "--checkpoint", str(out), "--format",
+                           "veca-reference", "--out", str(tmp_path / "veca_ref.pt")], capture_output=True, text=True,
+                          timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "veca export: cannot write the reference layout: embed_dim=32, num_heads=2, SwiGLU hidden 85 match no "
+        "reference family (small 384-d/6 heads, splus 384-d/6 heads, base 768-d/12 heads, large 1024-d/16 heads)"]
+    assert not list(tmp_path.iterdir())

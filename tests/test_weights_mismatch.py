@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from veca_ssl.models import build_backbone, load_backbone, save_backbone
-from veca_ssl.models.io import CHECKPOINT_FORMAT, WeightsMismatchError
+from veca_ssl.models.io import CHECKPOINT_FORMAT
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -63,6 +63,8 @@ def test_export_eval_and_extract_name_the_tensors_that_do_not_fit(tmp_path: Path
 
 
 def test_missing_and_unexpected_tensors_are_named_too(tmp_path: Path) -> None:
+    from veca_ssl.models.io import WeightsMismatchError
+
     (tmp_path / "deeper").mkdir()
     with pytest.raises(WeightsMismatchError) as info:  # the sidecar has a block the file lacks
         load_backbone(_export_with_sidecar(tmp_path / "deeper", depth=3))
