@@ -68,21 +68,23 @@ def check_common_options(p: argparse.ArgumentParser, args: argparse.Namespace) -
         p.error(f"--output-dir {str(out)!r} is not writable; give a writable directory")
 
 
-def apply_threads(args: argparse.Namespace, name: str, processes: int = 1) -> str:
+def apply_threads(args: argparse.Namespace, name: str, processes: int = 1) -> int:
     """Apply ``veca train``'s thread policy for ``--num-threads`` to this process, or, for a bench that
-    starts ``processes`` > 1 processes, through ``OMP_NUM_THREADS`` to each of them (``veca_ssl.spawn``
-    applies the policy in every process it starts); print and return the line saying so."""
+    starts ``processes`` > 1 processes itself, through ``OMP_NUM_THREADS`` to each of them
+    (``veca_ssl.spawn`` applies the policy in every process it starts; under torchrun each process is
+    one rank and applies it to itself). Prints the line saying so; returns the threads per process."""
     from veca_ssl.threads import apply_thread_policy, describe_plan, plan_threads
 
-    if processes > 1:
+    if processes > 1 and "LOCAL_WORLD_SIZE" not in os.environ:
         env = dict(os.environ, LOCAL_WORLD_SIZE=str(processes))
         plan = plan_threads(args.num_threads, 0, env=env, option="--num-threads")
         os.environ["OMP_NUM_THREADS"] = str(plan.threads)  # inherited by the processes the bench starts
         line = f"{describe_plan(plan, '--num-threads N')} in each of {processes} processes"
     else:
-        line = describe_plan(apply_thread_policy(args.num_threads, 0, option="--num-threads"), "--num-threads N")
+        plan = apply_thread_policy(args.num_threads, 0, option="--num-threads")
+        line = describe_plan(plan, "--num-threads N")
     print(f"veca bench {name}: {line}", flush=True)
-    return line
+    return plan.threads
 
 
 def stamp(rows: list[dict], threads: int | None = None) -> list[dict]:

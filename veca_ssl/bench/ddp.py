@@ -9,7 +9,6 @@ cores (``--num-threads``), modes interleaved step by step; rank 0's median and m
 from __future__ import annotations
 
 import argparse
-import os
 
 from veca_ssl.bench import (
     add_common_options,
@@ -34,8 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     from veca_ssl.bench.ddp_worker import ddp_overhead_benchmark
     from veca_ssl.tables import markdown_table, write_rows
 
-    apply_threads(args, "ddp", processes=2)
-    rows = stamp(ddp_overhead_benchmark(args.repeats, warmup=args.warmup), threads=int(os.environ["OMP_NUM_THREADS"]))
+    threads = apply_threads(args, "ddp", processes=2)
+    rows = stamp(ddp_overhead_benchmark(args.repeats, warmup=args.warmup), threads=threads)
     print(markdown_table(rows))
     print("results: " + ", ".join(str(p) for p in write_rows(rows, output_path(args, "ddp"))))
     return 0

@@ -13,7 +13,6 @@ the peak a step adds, for each parallel form, eager and (with ``--compile``) wit
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 
 from veca_ssl.bench import (
@@ -79,10 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.parallel:
         from veca_ssl.bench.train_parallel import parallel_benchmark
 
-        apply_threads(args, "train", processes=args.processes)
+        threads = apply_threads(args, "train", processes=args.processes)
         print(f"veca bench train --parallel: veca_{args.family}/{args.patch_size} C=full, batch {args.batch_size} "
               f"per process, {args.processes} processes, warmup={args.warmup} repeats={args.repeats}", flush=True)
-        rows = stamp(parallel_benchmark(args), threads=int(os.environ["OMP_NUM_THREADS"]))
+        rows = stamp(parallel_benchmark(args), threads=threads)
         print(markdown_table(rows))
         print("results: " + ", ".join(str(p) for p in write_rows(rows, output_path(args, "train"))))
         return 0
