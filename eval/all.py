@@ -12,6 +12,7 @@ overrides go on top; an unknown key is an error naming it. The report goes to
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from eval.options import ArgumentParser, HelpFormatter, add_debug_option
 
@@ -34,6 +35,42 @@ def build_parser() -> ArgumentParser:
     return p
 
 
+def producer_of(path: str) -> str | None:
+    """The shipped training config whose ``output_dir`` holds ``path`` (``quickstart`` for
+    ``outputs/quickstart/export/teacher.safetensors``), or None."""
+    import yaml
+
+    from veca_ssl import CONFIG_DIR
+
+    target = Path(path)
+    for file in sorted(CONFIG_DIR.glob("*.yaml")):
+        try:
+            out = (yaml.safe_load(file.read_text()) or {}).get("output_dir")
+        except (OSError, yaml.YAMLError, AttributeError):
+            continue
+        if out and (target == Path(out) or Path(out) in target.parents):
+            return file.stem
+    return None
+
+
+def check_config_checkpoint(cfg, config: str, overrides: list[str]) -> None:
+    """A ``checkpoint`` the YAML names that does not exist here: one message naming the key and the file,
+    and how to get it (the training command that writes it) or replace it (``checkpoint=PATH``)."""
+    if cfg.checkpoint is None or Path(cfg.checkpoint).exists():
+        return
+    if any(o.split("=", 1)[0].strip() == "checkpoint" for o in overrides):
+        return  # the user's own path: check_paths names it
+    from eval.config import resolve_path
+
+    producer = producer_of(cfg.checkpoint)
+    run = (f"run `veca train --config {producer}` in this directory first (it writes {cfg.checkpoint}), or "
+           if producer else "")
+    raise FileNotFoundError(
+        f"checkpoint={cfg.checkpoint} (set in {resolve_path(config)}) does not exist in {Path.cwd()}: {run}pass "
+        f"checkpoint=PATH (a run directory, checkpoint or export), or checkpoint=null model=PRESET for a "
+        f"random-init baseline")
+
+
 def main(argv: list[str] | None = None) -> int:
     from eval.cli import run_user_command
 
@@ -44,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
 
         args = build_parser().parse_args(argv)
         cfg = load_config(args.config, args.overrides)
+        check_config_checkpoint(cfg, args.config, args.overrides)
+        from eval.common import guard_output
+
+        guard_output(cfg.run_dir, cfg.overwrite, "yaml")  # in the terms this command takes (key=value)
         from eval.run import evaluate  # torch: only after the config checked
 
         evaluate(cfg)

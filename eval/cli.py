@@ -95,7 +95,7 @@ def check_argv(argv: Sequence[str]) -> None:
     else:
         raise ValueError(f"unknown protocol {protocol!r}; valid: {', '.join(COMMANDS)}")
     check_paths(cfg)
-    guard_output(cfg.run_dir, cfg.overwrite)
+    guard_output(cfg.run_dir, cfg.overwrite, "yaml" if protocol == "all" else "cli")
 
 
 def usage() -> str:

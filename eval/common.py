@@ -259,12 +259,19 @@ def classification_features(model: torch.nn.Module, widths: list[Width], cfg: Ev
 
 
 # --------------------------------------------------------------------------------------------- output
-def guard_output(run_dir: Path, overwrite: bool) -> None:
-    """Refuse to replace an earlier run's report unless ``overwrite`` (a message naming the file)."""
+#: How each way of configuring an evaluation spells the options a refused output directory needs.
+OUTPUT_TERMS = {"cli": ("--overwrite", "--output-dir", "--name"),
+                "yaml": ("overwrite=true", "output_dir=DIR", "name=NAME")}
+
+
+def guard_output(run_dir: Path, overwrite: bool, terms: str = "cli") -> None:
+    """Refuse to replace an earlier run's report unless ``overwrite`` (a message naming the file and the
+    options that fix it, as ``terms`` spells them: ``cli`` flags, or ``yaml`` keys for ``veca eval all``)."""
     existing = [run_dir / f for f in REPORT_FILES if (run_dir / f).exists()]
     if existing and not overwrite:
-        raise FileExistsError(f"{existing[0]} already holds an earlier run's results; pass --overwrite to replace "
-                              "it, or choose another --output-dir or --name")
+        again, out, name = OUTPUT_TERMS[terms]
+        raise FileExistsError(f"{existing[0]} already holds an earlier run's results; pass {again} to replace "
+                              f"it, or choose another {out} or {name}")
     if run_dir.exists() and not run_dir.is_dir():
         raise NotADirectoryError(f"output path {str(run_dir)!r} exists and is not a directory")
 
@@ -313,6 +320,20 @@ def run_logging(run_dir: Path | None, terminal: bool) -> Iterator[Path | None]:
 
 
 # --------------------------------------------------------------------------------------------- threads
+@contextlib.contextmanager
+def thread_policy(requested: int, num_workers: int) -> Iterator[str]:
+    """Run with ``veca train``'s thread policy (``veca_ssl.threads``) for ``--num-threads requested`` and
+    ``num_workers`` loader workers, then restore the previous count; yields the line that says so."""
+    from veca_ssl.threads import apply_thread_policy, describe_plan
+
+    previous = torch.get_num_threads()
+    plan = apply_thread_policy(requested, num_workers, option="--num-threads")
+    try:
+        yield describe_plan(plan, "--num-threads N")
+    finally:
+        torch.set_num_threads(previous)
+
+
 @contextlib.contextmanager
 def few_threads_if_small(flops_per_step: float, threshold: float = 1e9) -> Iterator[None]:
     """Run a loop of small steps (probe training) with one intra-op thread, then restore.

@@ -198,6 +198,9 @@ class EvalConfig(ModelSource):
                                  rule=at_least(1))
     batch_size: int = opt(64, "images per forward pass (extraction and throughput)", rule=at_least(1))
     num_workers: int = opt(0, "DataLoader worker processes", rule=at_least(0))
+    num_threads: int = opt(0, "intra-op CPU threads of extraction, probes and timing; 0 = veca train's policy: the "
+                              "cores this process may use minus its loader workers, at least 1 (OMP_NUM_THREADS, when "
+                              "set, wins)", default_text="0 (auto)", rule=at_least(0))
     max_skip_fraction: float = opt(0.01, "stop when more than this fraction of a dataset's images is unusable "
                                          "(corrupt, too large); below it they are left out of the features and "
                                          "listed in the report, never replaced",
@@ -286,11 +289,12 @@ def check(cfg: EvalConfig) -> EvalConfig:
 # --------------------------------------------------------------------------------------------- YAML
 def resolve_path(name: str | Path) -> Path:
     """A file as given, or a named eval config shipped with the package (``digits`` is
-    ``configs/eval/digits.yaml``, in a checkout and in an installed wheel alike)."""
+    ``configs/eval/digits.yaml``, in a checkout and in an installed wheel alike; the path
+    ``configs/eval/digits.yaml`` itself means that file from any directory)."""
     from veca_ssl import CONFIG_DIR
+    from veca_ssl.config import packaged_config_candidates
 
-    path = Path(name)
-    for cand in (path, CONFIG_DIR / "eval" / path, CONFIG_DIR / "eval" / f"{path}.yaml"):
+    for cand in packaged_config_candidates(name, "eval"):  # configs/eval/digits.yaml works from anywhere too
         if cand.is_file():
             return cand
     named = sorted(p.stem for p in (CONFIG_DIR / "eval").glob("*.yaml"))
@@ -334,7 +338,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
 def add_run_options(parser: argparse.ArgumentParser, resolution: bool = True, widths: bool = True) -> None:
     """The run options every eval command shares: widths, resolution, batch, device, output, progress."""
     g = parser.add_argument_group("run")
-    names = ["batch_size", "num_workers", "max_skip_fraction", "max_pixels", "device", "output_dir", "name", "overwrite", "progress"]
+    names = ["batch_size", "num_workers", "num_threads", "max_skip_fraction", "max_pixels", "device", "output_dir", "name", "overwrite", "progress"]
     names = (["widths"] if widths else []) + (["resolution"] if resolution else []) + names
     add_fields(g, EvalConfig, only=names)
     add_debug_option(parser)

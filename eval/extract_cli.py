@@ -67,7 +67,7 @@ def build_parser() -> ArgumentParser:
     g = p.add_argument_group("extraction")
     add_fields(g, ExtractOptions, required=("data", "output_dir"))
     r = p.add_argument_group("run")
-    add_fields(r, EvalConfig, only=("resolution", "batch_size", "num_workers", "device", "progress",
+    add_fields(r, EvalConfig, only=("resolution", "batch_size", "num_workers", "num_threads", "device", "progress",
                                     "max_skip_fraction", "max_pixels"))
     add_debug_option(p)
     return p
@@ -119,13 +119,15 @@ def main(argv: list[str] | None = None) -> int:
             resolve_device,
             resolve_resolution,
             run_logging,
+            thread_policy,
             warn_if_upsampling,
         )
         from eval.extract import MANIFEST, extract_to_shards
         from veca_ssl.progress import progress_enabled
 
         check_checkpoint(common.checkpoint)
-        with run_logging(None, terminal=sys.stderr.isatty()):
+        with run_logging(None, terminal=sys.stderr.isatty()), \
+                thread_policy(common.num_threads, common.num_workers) as threads:
             width = from_selection(opts.width_from, common) if opts.width_from else opts.width
             device = resolve_device(common.device)
             model = load_model(common, common.seed)
@@ -143,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         unusable = f" ({skipped} unusable, left out and listed in the manifest)" if skipped else ""
         print(f"{len(manifest['shards'])} shard(s), {manifest['count']} images{unusable}, width {manifest['width']}, "
               f"{resolution} px ({why}): {state} → {opts.output_dir}/{MANIFEST}")
+        print(f"threads: {threads}")
         return 0
 
     return run_user_command("veca extract", body, argv)

@@ -31,6 +31,7 @@ from eval.common import (
     resolve_device,
     resolve_resolution,
     run_logging,
+    thread_policy,
 )
 from eval.config import EvalConfig, ModelSource, check, to_mapping
 from eval.report import build_rows, merge_metrics, write_report
@@ -99,12 +100,24 @@ def run_protocols(model: torch.nn.Module, widths: list[Width], cfg: EvalConfig, 
 
 
 def _rows(model: torch.nn.Module, widths: list[Width], cfg: EvalConfig, resolution: int, why: str,
-          device: torch.device, progress: bool, reference: bool = False, skips: dict | None = None) -> list[dict]:
+          device: torch.device, progress: bool, reference: bool = False, skips: dict | None = None,
+          timing: dict | None = None) -> list[dict]:
+    """The report rows of ``model``; with speed on, ``timing`` gets the conditions of the measurement
+    (threads, load average before and after: other work on the machine changes latency)."""
+    from veca_ssl.threads import conditions_text, timing_conditions
+
     metrics = run_protocols(model, widths, cfg, resolution, why, device, progress, skips)
-    if cfg.speed.enabled:
-        log.info("measuring latency and throughput at %d px, widths %s", resolution, widths)
-    return build_rows(model, metrics, resolution, cfg.batch_size, device, cfg.speed.enabled, cfg.speed.warmup,
+    before = timing_conditions() if cfg.speed.enabled else None
+    if before is not None:
+        log.info("measuring latency and throughput at %d px, widths %s (%s)", resolution, widths,
+                 conditions_text(before))
+    rows = build_rows(model, metrics, resolution, cfg.batch_size, device, cfg.speed.enabled, cfg.speed.warmup,
                       cfg.speed.repeats, reference=reference)
+    if before is not None and timing is not None and not timing:
+        after = timing_conditions()
+        timing.update(text=conditions_text(before, after), threads=before["threads"], cores=before["cores"],
+                      load_average=[before["load_average"], after["load_average"]])
+    return rows
 
 
 def evaluate(config: EvalConfig, model: torch.nn.Module | None = None) -> EvalResult:
@@ -126,7 +139,9 @@ def evaluate(config: EvalConfig, model: torch.nn.Module | None = None) -> EvalRe
     net = (model if model is not None else load_model(cfg, cfg.seed)).eval().to(device)
     resolution, why = resolve_resolution(cfg, net)
     widths = resolve_widths(net, cfg.widths)
-    with run_logging(run_dir if is_main_process() else None, terminal=sys.stderr.isatty()):
+    with run_logging(run_dir if is_main_process() else None, terminal=sys.stderr.isatty()), \
+            thread_policy(cfg.num_threads, cfg.num_workers) as threads:
+        log.info("threads: %s", threads)
         try:
             return _evaluate(cfg, net, device, resolution, why, widths, progress, t0)
         except Exception:
@@ -140,7 +155,8 @@ def _evaluate(cfg: EvalConfig, net: torch.nn.Module, device: torch.device, resol
     log.info("evaluating %s: %s at %d px (%s), widths %s, on %s", model_description(cfg, net),
              ", ".join(cfg.protocols), resolution, why, [w for w in widths], device)
     skips: dict = {}  # unusable images left out of each dataset's features (listed in the report)
-    rows = _rows(net, widths, cfg, resolution, why, device, progress, skips=skips)
+    timing: dict = {}  # threads and load average while the speed was measured
+    rows = _rows(net, widths, cfg, resolution, why, device, progress, skips=skips, timing=timing)
     ref_name = None
     if cfg.reference is not None:
         ref_model = load_model(cfg.reference, cfg.seed).to(device)
@@ -158,6 +174,9 @@ def _evaluate(cfg: EvalConfig, net: torch.nn.Module, device: torch.device, resol
             "wall_time_s": round(time.perf_counter() - t0, 2)}
     if ref_name:
         meta["reference"] = ref_name
+    if timing:
+        meta["timing"] = timing.pop("text")  # the report's line; the numbers in timing_conditions
+        meta["timing_conditions"] = timing
     meta["data_skips"] = skips
     meta["config"] = to_mapping(resolved)
     paths: dict[str, Path] = {}

@@ -20,7 +20,8 @@ the chosen width ringed) next to the report or into ``--output-dir``.
   ``higher_is_better``;
 - ``quality``, ``quality_ci`` ([low, high] or null), ``widest`` (``width``, ``quality``);
 - ``gflops``, ``latency_ms``, ``images_per_s`` of the choice, measured at ``resolution`` and
-  ``batch_size`` on ``device`` (``latency_source``: ``measured`` here, or ``report``), ``host``;
+  ``batch_size`` on ``device`` (``latency_source``: ``measured`` here, or ``report``), ``host``, with
+  ``threads`` intra-op threads at ``load_average`` ([before, after] the measurement, 1 minute);
 - ``checkpoint``/``model`` (what was measured), ``report`` (the path read);
 - ``candidates``: every width with the same fields and ``eligible``.
 """
@@ -85,6 +86,9 @@ class SelectOptions:
                                            "resolution, 1 image) instead of measuring here")
     speed_warmup: int = opt(3, "untimed warm-up calls per width", rule=at_least(0))
     speed_repeats: int = opt(10, "timed calls per width (median used, min-max shown)", rule=at_least(1))
+    num_threads: int = opt(0, "intra-op CPU threads of the measurement; 0 = veca train's policy: the cores this "
+                              "process may use, at least 1 (OMP_NUM_THREADS, when set, wins)",
+                           default_text="0 (auto)", rule=at_least(0))
     output_dir: str | None = opt(None, "where selection.{json,md,png} go", metavar="DIR",
                                  default_text="the report's directory")
     overwrite: bool = opt(False, "replace an earlier selection.json in that directory")
@@ -195,15 +199,30 @@ def candidates_from_report(doc: dict, metric: str | None) -> tuple[list[dict], s
 
 
 def measure_candidates(candidates: list[dict], src: ModelSource, seed: int, resolution: int, batch_size: int,
-                       device: str, warmup: int, repeats: int) -> str:
-    """Replace each candidate's latency/GFLOPs by a measurement here at ``resolution`` and ``batch_size``.
+                       device: str, warmup: int, repeats: int, num_threads: int = 0,
+                       conditions: dict | None = None) -> str:
+    """Replace each candidate's latency/GFLOPs by a measurement here at ``resolution`` and ``batch_size``,
+    with ``veca train``'s thread policy (``--num-threads``).
 
     Latency is one forward of a batch (median of ``repeats``, min–max kept); returns the device used.
+    ``conditions`` gets the threads and the load average of the measurement (``text``, ``threads``,
+    ``cores``, ``load_average`` [before, after]).
     """
+    from eval.common import thread_policy
+
+    conditions = {} if conditions is None else conditions
+    with thread_policy(num_threads, 0) as threads:
+        conditions["policy"] = threads
+        return _measure(candidates, src, seed, resolution, batch_size, device, warmup, repeats, conditions)
+
+
+def _measure(candidates: list[dict], src: ModelSource, seed: int, resolution: int, batch_size: int,
+             device: str, warmup: int, repeats: int, conditions: dict) -> str:
     import torch
 
     from eval.common import load_model, resolve_device
     from eval.report import gflops, time_forward
+    from veca_ssl.threads import conditions_text, timing_conditions
 
     dev = resolve_device(device)
     model = load_model(src, seed).to(dev)
@@ -212,6 +231,7 @@ def measure_candidates(candidates: list[dict], src: ModelSource, seed: int, reso
         raise EvalConfigError(f"--resolution {resolution} is not a multiple of the patch size {patch}")
     budgets = tuple(getattr(model, "budgets", ()) or ())
     x = torch.randn(batch_size, 3, resolution, resolution, device=dev)
+    before = timing_conditions()
     for c in candidates:
         width = c["num_cores"] or None
         if budgets and width not in budgets:
@@ -220,6 +240,9 @@ def measure_candidates(candidates: list[dict], src: ModelSource, seed: int, reso
         stats = time_forward(model, width, x, warmup, repeats)
         c.update(latency_ms=stats.median * 1e3, latency_min_ms=stats.min * 1e3, latency_max_ms=stats.max * 1e3,
                  images_per_s=batch_size / stats.median, gflops=gflops(model, width, resolution))
+    after = timing_conditions()
+    conditions.update(text=conditions_text(before, after), threads=before["threads"], cores=before["cores"],
+                      load_average=[before["load_average"], after["load_average"]])
     return str(dev)
 
 
@@ -260,8 +283,8 @@ def build_parser() -> ArgumentParser:
     add_fields(g, SelectOptions, only=("report", "metric", "tolerance", "max_latency_ms", "max_gflops"),
                required=("report",))
     m = p.add_argument_group("measurement (model: the report's, unless --checkpoint/--model)")
-    add_fields(m, SelectOptions, only=("resolution", "batch_size", "device", "latency_from_report", "speed_warmup",
-                                       "speed_repeats"))
+    add_fields(m, SelectOptions, only=("resolution", "batch_size", "device", "num_threads", "latency_from_report",
+                                       "speed_warmup", "speed_repeats"))
     add_fields(m, ModelSource, prefix="model.")
     o = p.add_argument_group("output")
     add_fields(o, SelectOptions, only=("output_dir", "overwrite"))
@@ -292,6 +315,8 @@ def run_select(opts: SelectOptions, src: ModelSource | None = None, seed: int = 
         if opts.batch_size != 1:
             raise EvalConfigError("--latency-from-report: the report's latency is of one image; drop --batch-size")
         device, source, batch = doc.get("device"), "report", 1
+        conditions = {"text": doc.get("timing") or "threads and load average not recorded in the report",
+                      **(doc.get("timing_conditions") or {})}
     else:
         if src is None or (src.checkpoint is None and src.model is None):
             src = from_mapping(ModelSource, {k: config.get(k) for k in ("checkpoint", "model", "patch_size",
@@ -304,14 +329,16 @@ def run_select(opts: SelectOptions, src: ModelSource | None = None, seed: int = 
         check_source(src)
         if resolution is None:
             raise EvalConfigError("the report has no resolution; pass --resolution")
+        conditions = {}
         device = measure_candidates(candidates, src, seed, int(resolution), opts.batch_size, opts.device,
-                                    opts.speed_warmup, opts.speed_repeats)
+                                    opts.speed_warmup, opts.speed_repeats, opts.num_threads, conditions)
         source, batch = "measured", opts.batch_size
     hib = higher_is_better(metric)
     chosen, rule = select_width(candidates, metric, hib, opts.tolerance, opts.max_latency_ms, opts.max_gflops)
     widest = max(candidates, key=lambda c: c["num_cores"])
     text = table(candidates, metric, chosen, widest["quality"])
-    where = f"{resolution} px, batch {batch}, {device} ({'measured here' if source == 'measured' else 'from the report'})"
+    where = (f"{resolution} px, batch {batch}, {device} ({'measured here' if source == 'measured' else 'from the report'}"
+             f"; {conditions['text']})")
     selection = {
         "format": SELECTION_FORMAT, "version": SELECTION_VERSION,
         "width": chosen["num_cores"] or None, "width_label": chosen["width"], "rule": rule,
@@ -324,6 +351,7 @@ def run_select(opts: SelectOptions, src: ModelSource | None = None, seed: int = 
         "gflops": chosen.get("gflops"), "latency_ms": chosen.get("latency_ms"),
         "images_per_s": chosen.get("images_per_s"), "resolution": resolution, "batch_size": batch,
         "device": device, "latency_source": source, "host": platform.node(),
+        "threads": conditions.get("threads"), "load_average": conditions.get("load_average"),
         "checkpoint": (src.checkpoint if source == "measured" and src is not None else config.get("checkpoint")),
         "model": (src.model if source == "measured" and src is not None else config.get("model")),
         "report": str(report_path),
@@ -333,7 +361,9 @@ def run_select(opts: SelectOptions, src: ModelSource | None = None, seed: int = 
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps(selection, indent=2) + "\n")
-    md = f"# Width selection: {chosen['width']}\n\n- rule: {rule}\n- speed: {where}\n- report: {report_path}\n\n{text}\n"
+    threads = f"- threads: {conditions['policy']}\n" if "policy" in conditions else ""
+    md = (f"# Width selection: {chosen['width']}\n\n- rule: {rule}\n- speed: {where}\n{threads}- report: "
+          f"{report_path}\n\n{text}\n")
     (out_dir / "selection.md").write_text(md)
     rows = [{"width": c["width"], "reference": False, metric: c["quality"], "gflops": c.get("gflops"),
              "latency_ms": c.get("latency_ms"),

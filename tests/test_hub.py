@@ -108,3 +108,74 @@ def test_veca_intermediate_layers_take_a_width_and_core_zero_as_class_token():
     assert torch.allclose(patches.flatten(2).transpose(1, 2), final["patches"], atol=1e-6)
     dicts = veca.get_intermediate_features(x, n=[0, 2], num_cores=16)
     assert [d["cores"].shape[1] for d in dicts] == [16, 16] and dicts[0]["grid"] == (2, 4)
+
+
+# ---------------------------------------------------------------- DINOv2/DINOv3 hub idioms, eval mode
+def test_dinov2_hub_idioms_as_typed(tmp_path):
+    repo_dir = ROOT
+    model = torch.hub.load(repo_dir, 'veca_small', source='local', pretrained=False)  # DINOv2's idiom
+    assert isinstance(model, PRESETS["veca_small"].cls) and not model.training  # eval mode, as load_backbone
+    image = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():  # no coordinate augmentation in eval mode: the same image, the same features
+        assert torch.equal(model.forward_features(image)["cls"], model.forward_features(image)["cls"])
+    with pytest.raises(ValueError, match=r"^veca_small: pretrained=True, but veca-ssl bundles no weights and "
+                                         r"downloads nothing; pass weights=<path> .*, or pretrained=False"):
+        torch.hub.load(repo_dir, 'veca_small', source='local', pretrained=True)
+    with pytest.raises(ValueError, match=r"weights='LVD142M' is not a local file"):  # DINOv2's weights enum name
+        torch.hub.load(repo_dir, 'veca_small', source='local', weights='LVD142M')
+    with pytest.raises(ValueError, match=r"is a URL; veca-ssl downloads nothing"):
+        torch.hub.load(repo_dir, 'veca_small', source='local', weights='https://example.org/veca_s.pth')
+    torch.manual_seed(0)
+    path = save_backbone(build_backbone("veca_tiny"), tmp_path / "tiny.safetensors")
+    loaded = torch.hub.load(repo_dir, 'veca_tiny', source='local', weights=str(path))  # DINOv3's idiom
+    assert not loaded.training and loaded.depth == 12
+    with pytest.raises(ValueError, match=r"pretrained=False but weights="):
+        torch.hub.load(repo_dir, 'veca_tiny', source='local', pretrained=False, weights=str(path))
+    # DINOv2's model keywords, on the dense baseline they describe
+    vit = torch.hub.load(repo_dir, 'vit_small', source='local', pretrained=False, img_size=518, patch_size=14,
+                         init_values=1.0, ffn_layer="mlp", block_chunks=0, num_register_tokens=4,
+                         interpolate_antialias=True, interpolate_offset=0.0, drop_path_rate=0.1)
+    cfg = vit.config
+    assert (cfg["patch_size"], cfg["pos_embed_grid"], cfg["layerscale_init"], cfg["ffn_layer"], cfg["num_registers"],
+            cfg["pos_interp_antialias"], cfg["drop_path_rate"]) == (14, 37, 1.0, "mlp", 4, True, 0.1)
+    with pytest.raises(ValueError, match="VECA has no register tokens"):
+        torch.hub.load(repo_dir, 'veca_tiny', source='local', num_register_tokens=4)
+
+
+def test_hubconf_docstring_examples_run():
+    """What hubconf.py shows runs on this torch, as written (the repository path filled in), and what it
+    says of torch.hub.list/help holds."""
+    import ast
+    import inspect
+    import re
+    import textwrap
+
+    doc = ast.get_docstring(ast.parse((Path(ROOT) / "hubconf.py").read_text()))
+    first = doc.index("::\n")
+    block = re.match(r"\n((?:    .*\n|\n)+)", doc[first + 2:] + "\n").group(1)
+    code = textwrap.dedent(block).replace('"path/to/veca-ssl"', repr(ROOT))
+    assert "torch.hub.load(repo_dir" in code
+    scope: dict = {}
+    exec(compile(code, "hubconf.py docstring", "exec"), scope)  # noqa: S102 - our own documentation
+    assert not scope["model"].training and scope["model"].depth == 4
+    # torch.hub.list/help take a GitHub repository and no source=: the docstring must not show them with one
+    assert not re.search(r"torch\.hub\.(list|help)\([^)]*source=", doc)
+    for fn in (torch.hub.list, torch.hub.help):
+        assert "source" not in inspect.signature(fn).parameters
+
+
+def test_load_backbone_returns_eval_mode_and_the_same_features_twice(tmp_path):
+    from veca_ssl.models import load_backbone, read_backbone
+
+    torch.manual_seed(0)
+    path = save_backbone(build_backbone("veca_tiny", patch_size=8, num_cores=16), tmp_path / "w.safetensors")
+    images = torch.randn(2, 3, 32, 32)
+    for model in (load_backbone(path), read_backbone(path).model,
+                  torch.hub.load(ROOT, "veca_tiny", source="local", weights=str(path))):
+        assert not model.training
+        with torch.no_grad():
+            first, second = model.forward_features(images), model.forward_features(images)
+        assert torch.equal(first["cls"], second["cls"]) and torch.equal(first["patches"], second["patches"])
+        model.train()  # training mode is still one call away, with its coordinate augmentation
+        with torch.no_grad():
+            assert not torch.equal(model.forward_features(images)["patches"], model.forward_features(images)["patches"])

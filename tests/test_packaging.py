@@ -94,3 +94,22 @@ def test_optional_dependencies_are_extras_and_gpu_has_one_faiss() -> None:
     faiss_builds = [r for r in extras["gpu"] if r.startswith("faiss")]
     assert len(faiss_builds) == 1 and faiss_builds[0].startswith("faiss-gpu")
     assert "eval_output/" in (REPO / ".gitignore").read_text().split()
+
+
+_README_PATHS = """
+from eval.config import load_config as load_eval_config
+from veca_ssl.config import load_config
+exp = load_config("configs/experiments/veca_s16_imagenet.yaml", ["data.train=digits"])  # as the README writes it
+ev = load_eval_config("configs/eval/digits.yaml")
+print(exp.model.name, exp.model.num_cores, ev.datasets.test)
+"""
+
+
+def test_readme_config_paths_work_from_any_directory(wheel: Path, tmp_path: Path) -> None:
+    """`--config configs/experiments/….yaml` (every README example) outside a checkout: the path resolves
+    inside the installed package, as the bare names do (a checkout's own configs: test_config_paths)."""
+    site = tmp_path / "site-packages"
+    zipfile.ZipFile(wheel).extractall(site)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    assert _run_python(_README_PATHS, site, elsewhere).split() == ["veca_small", "64", "digits@val"]

@@ -51,3 +51,62 @@ def test_veca_train_applies_the_policy_at_start_up(overrides, env, expected) -> 
     m = re.search(r"veca train: (\d+) intra-op CPU threads? \((.*)\)", proc.stdout)
     assert m is not None, proc.stdout[:500]
     assert int(m.group(1)) == want, m.group(0)
+
+
+# ------------------------------------------------------------- the same policy where evaluation times
+def test_every_command_that_times_or_extracts_takes_num_threads() -> None:
+    from eval.config import build_parser as protocol_parser
+    from eval.extract_cli import build_parser as extract_parser
+    from eval.selection import build_parser as select_parser
+    from veca_ssl.bench import backbone, ddp, knn, train
+
+    parsers = [protocol_parser(p) for p in ("knn", "linear", "logreg", "dense")]
+    parsers += [extract_parser(), select_parser()] + [m.build_parser() for m in (backbone, ddp, knn, train)]
+    for parser in parsers:
+        action = parser._option_string_actions.get("--num-threads")
+        assert action is not None and action.metavar in (None, "N"), parser.prog  # one spelling everywhere
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs Linux CPU affinity")
+def test_eval_select_extract_and_bench_apply_the_policy_and_state_it(tmp_path, capsys) -> None:
+    import json
+
+    cores = sorted(os.sched_getaffinity(0))[:2]
+    want = max(1, len(cores) - 1)  # auto: the cores minus the one loader worker
+    child_env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    model = ["--model", "veca_tiny", "--patch-size", "8", "--num-cores", "16", "--model-arg", "depth=1",
+             "--model-arg", "embed_dim=32", "--model-arg", "num_heads=2", "--resolution", "16"]
+    out = tmp_path / "ev"
+    proc = subprocess.run([sys.executable, "-m", "veca_ssl.cli", "eval", "knn", *model, "--train", "digits@train",
+                           "--test", "digits@val", "--num-workers", "1", "--no-progress", "--bootstrap", "0",
+                           "--output-dir", str(out)], env=child_env, capture_output=True, text=True, timeout=180,
+                          preexec_fn=lambda: os.sched_setaffinity(0, cores))
+    assert proc.returncode == 0, proc.stderr
+    line = (f"threads: {want} intra-op CPU thread{'s' if want > 1 else ''} (auto: {len(cores)} cores available - 1 "
+            f"loader worker); --num-threads N to choose")
+    assert line in proc.stderr.splitlines()
+    report = json.loads((out / "knn" / "report.json").read_text())
+    timing = report["timing_conditions"]
+    assert timing["threads"] == want and timing["cores"] == len(cores) and len(timing["load_average"]) == 2
+    assert re.search(rf"^- timing: {want} intra-op threads?, load average \d+\.\d\d(–\d+\.\d\d)? \(1 min, "
+                     rf"{len(cores)} cores\)$", (out / "knn" / "report.md").read_text(), re.M)
+
+    from eval.extract_cli import main as extract_main
+    from eval.selection import main as select_main
+    from veca_ssl.bench.knn import main as knn_main
+
+    assert select_main(["--report", str(out / "knn"), "--num-threads", "1", "--speed-repeats", "2"]) == 0
+    selection = json.loads((out / "knn" / "selection.json").read_text())
+    assert selection["threads"] == 1 and len(selection["load_average"]) == 2
+    printed = capsys.readouterr().out
+    assert "(measured here; 1 intra-op thread, load average " in printed
+    assert "- threads: 1 intra-op CPU thread (--num-threads=1); --num-threads N to choose" in printed
+    assert extract_main([*model, "--data", "digits@val", "--output-dir", str(tmp_path / "fe"), "--num-threads", "1",
+                         "--no-progress"]) == 0
+    assert "threads: 1 intra-op CPU thread (--num-threads=1); --num-threads N to choose" in capsys.readouterr().out
+    assert knn_main(["--bank", "300", "--queries", "40", "--dim", "8", "--classes", "4", "--backends", "floor,torch",
+                     "--num-threads", "1", "--output-dir", str(tmp_path / "bench")]) == 0
+    assert "veca bench knn: 1 intra-op CPU thread (--num-threads=1)" in capsys.readouterr().out
+    rows = json.loads((tmp_path / "bench" / "knn.json").read_text())
+    rows = rows["rows"] if isinstance(rows, dict) else rows
+    assert [r["threads"] for r in rows] == [1, 1] and all(isinstance(r["load_avg"], float) for r in rows)

@@ -32,11 +32,24 @@ class ConfigError(ValueError):
     """A configuration problem found before training starts."""
 
 
-def resolve_config_path(name: str | Path) -> Path:
-    """A path as given, or a name under the repository's ``configs/`` (``quickstart`` works)."""
+def packaged_config_candidates(name: str | Path, subdir: str = "") -> list[Path]:
+    """Where a config named ``name`` may be: the path as given, then inside the shipped configs
+    (``CONFIG_DIR/<subdir>``) as a name (``quickstart``, ``experiments/x``, with or without ``.yaml``) or
+    as the path the README writes, ``configs/<subdir>/…``, which means the shipped copy wherever the
+    command runs (a checkout's ``configs/`` when run there, the installed package's elsewhere)."""
     path = Path(name)
-    candidates = [path, CONFIG_DIR / path, CONFIG_DIR / f"{path}.yaml"]
-    for cand in candidates:
+    base = CONFIG_DIR / subdir if subdir else CONFIG_DIR
+    out = [path, base / path, base / f"{path}.yaml"]
+    parts = path.parts
+    if not path.is_absolute() and len(parts) > 1 and parts[0] == "configs":
+        out.append(CONFIG_DIR / Path(*parts[1:]))  # configs/experiments/x.yaml -> CONFIG_DIR/experiments/x.yaml
+    return out
+
+
+def resolve_config_path(name: str | Path) -> Path:
+    """A path as given, or a name under the shipped ``configs/`` (``quickstart`` works), or the path the
+    README writes (``configs/experiments/….yaml``) from any directory."""
+    for cand in packaged_config_candidates(name):
         if cand.is_file():
             return cand
     raise ConfigError(f"config file not found: {name} (looked in the current directory and {CONFIG_DIR})")
@@ -426,6 +439,18 @@ def _check_dataset(key: str, spec: Any, split: str | None) -> None:
         raise ConfigError(f"{key}={spec}: {exc}") from None
 
 
+def _refuses_new_entries(directory: Path) -> str | None:
+    """Why ``directory`` takes no new directory, or None. Permission bits are not the whole story: root
+    passes ``os.access``, and /proc, /sys and read-only mounts refuse anyway, so create one and remove it."""
+    probe = directory / f".veca-probe-{os.getpid()}"
+    try:
+        probe.mkdir()
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    probe.rmdir()
+    return None
+
+
 def _check_output_dir(value: Any) -> None:
     """``output_dir`` exists as a writable directory, or can be created (checked, not created)."""
     if not value or not str(value).strip():
@@ -436,6 +461,8 @@ def _check_output_dir(value: Any) -> None:
             raise ConfigError(f"output_dir={value} exists and is not a directory; choose another output_dir")
         if not os.access(path, os.W_OK | os.X_OK):
             raise ConfigError(f"output_dir={value} is not writable by this user; choose another output_dir")
+        if (why := _refuses_new_entries(path)) is not None:
+            raise ConfigError(f"output_dir={value} takes no new files ({why}); choose another output_dir")
         return
     ancestor = path.absolute().parent
     while not ancestor.exists():
@@ -444,6 +471,9 @@ def _check_output_dir(value: Any) -> None:
         raise ConfigError(f"output_dir={value} cannot be created: {ancestor} is a file, not a directory")
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise ConfigError(f"output_dir={value} cannot be created: {ancestor} is not writable by this user")
+    if (why := _refuses_new_entries(ancestor)) is not None:
+        raise ConfigError(f"output_dir={value} cannot be created: {ancestor} refuses new directories ({why}); "
+                          f"choose another output_dir")
 
 
 def _check_paths(cfg: DictConfig) -> None:

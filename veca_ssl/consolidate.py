@@ -27,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                "or <checkpoint>.safetensors next to a lone checkpoint)")
     p.add_argument("--which", default="teacher", choices=["teacher", "student"],
                    help="the EMA teacher (what training exports) or the student")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing export at the output path (e.g. the one a finished run wrote)")
     p.add_argument("--debug", action="store_true", help="show the full Python traceback of an error")
     return p
 
@@ -40,8 +42,28 @@ def _newest_in(run: Path, listing: Callable[[Path], list[Path]]) -> Path | None:
     return None
 
 
-def consolidate(checkpoint: str | Path, out: str | Path | None = None, which: str = "teacher") -> tuple[Path, Path, dict]:
-    """Write the export of ``checkpoint``; returns ``(checkpoint read, export written, its meta)``."""
+def _refuse_existing(out: Path, overwrite: bool) -> None:
+    """FileExistsError naming an export (weights or sidecar) at ``out`` and what it holds, unless ``overwrite``."""
+    weights = out.with_suffix(".safetensors")
+    found = [p for p in (weights, weights.with_suffix(".json")) if p.exists()]
+    if not found or overwrite:
+        return
+    held = ""
+    try:
+        import json
+
+        step = json.loads(weights.with_suffix(".json").read_text()).get("steps")
+        held = f" (the weights of step {step})" if step is not None else ""
+    except (OSError, ValueError, AttributeError):
+        pass
+    raise FileExistsError(f"{found[0]} already exists{held}; pass --overwrite to replace it, or --out PATH to write "
+                          f"elsewhere")
+
+
+def consolidate(checkpoint: str | Path, out: str | Path | None = None, which: str = "teacher",
+                overwrite: bool = False) -> tuple[Path, Path, dict]:
+    """Write the export of ``checkpoint``; returns ``(checkpoint read, export written, its meta)``.
+    An existing export at the output path is replaced only with ``overwrite`` (FileExistsError)."""
     from veca_ssl.models import load_backbone, save_backbone
     from veca_ssl.models.provenance import training_resolution
     from veca_ssl.models.registry import build_from_config
@@ -69,6 +91,7 @@ def consolidate(checkpoint: str | Path, out: str | Path | None = None, which: st
         out = ckpt.parent.parent / "export" / f"{which}.safetensors"
     else:
         out = ckpt.with_suffix(".safetensors")
+    _refuse_existing(out, overwrite)
     extra = {"steps": meta["step"], "source": str(ckpt), "which": which}
     found = training_resolution(ckpt)
     if found is not None:  # so the export, moved anywhere, is still evaluated at its training resolution
@@ -79,7 +102,7 @@ def consolidate(checkpoint: str | Path, out: str | Path | None = None, which: st
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        ckpt, written, meta = consolidate(args.checkpoint, args.out, args.which)
+        ckpt, written, meta = consolidate(args.checkpoint, args.out, args.which, args.overwrite)
     except (OSError, ValueError) as exc:
         if args.debug:
             raise

@@ -15,11 +15,13 @@ FORMATS = ("safetensors", "torchscript", "onnx", "veca-reference")  # = veca_ssl
 EPILOG = """formats:
   safetensors     the bank cut to --width (+ .json config); load_backbone() reads it, any resolution
   torchscript     torch.jit.trace of the fixed-width network: images -> (cls, patches); fixed input shape
-  onnx            the same graph as ONNX (pip install 'veca-ssl[onnx]'); fixed input shape
+  onnx            the same network as ONNX (pip install 'veca-ssl[onnx]'): any batch, height and width
+                  (multiples of the patch size; a dense ViT with a learned position table: any batch)
   veca-reference  the VECA reference code's checkpoint ({"student", "config"}) for its load_model()
 
 The export is read back and compared with the elastic model at the same width on a seeded input of
---batch-size images at --resolution; the command fails (exit 1) when the difference exceeds --tolerance.
+--batch-size images at --resolution (ONNX: also on a larger batch at another resolution); the command
+fails (exit 1) when the difference exceeds --tolerance.
 --width-from takes the width `veca select` chose, and its resolution and batch size unless given;
 otherwise the resolution is the checkpoint's training resolution when it records one (else 224). A
 safetensors export records that resolution, so evaluation defaults to it.
@@ -133,8 +135,14 @@ def main(argv: list[str] | None = None) -> int:
     for line in taken:
         print(line)
     label = "dense" if result.width is None else f"width {result.width}"
-    shape = "x".join(map(str, result.input_shape))
+    shapes = result.checked_shapes or (result.input_shape,)
+    shape = " and ".join("x".join(map(str, s)) for s in shapes)
     print(f"exported {type(model).__name__} at {label} ({result.space} features, {result.fmt}) -> {result.path}")
+    if result.dynamic_axes:
+        spatial = f" (multiples of {model.patch_size})" if "height" in result.dynamic_axes else ""
+        print(f"  input axes of any size: {', '.join(result.dynamic_axes)}{spatial}")
+    elif args.format == "torchscript":
+        print(f"  input shape fixed at {'x'.join(map(str, result.input_shape))} (traced)")
     for note in result.notes:
         print(f"  note: {note}")
     par = result.parity

@@ -4,7 +4,10 @@ A bar alone is lost in batch jobs (no terminal) and log files; log lines alone a
 terminal. :func:`track` gives both: the bar when ``bar`` is true and stderr is a terminal, and
 ``INFO`` lines on the ``veca_ssl.progress`` logger — at most one per ``min_interval_s`` for each tenth
 of the work done, at least one per ``max_interval_s``, and one when the loop ends — which the
-command decides where to write (a log file, stderr in batch jobs).
+command decides where to write (a log file, stderr in batch jobs). Training, which logs nothing through
+``logging``, gives :class:`LogLines` an ``emit`` that prints: in a batch job its stderr gets these lines
+at that rate instead of a bar's carriage-return updates (one every few milliseconds, all kept by a
+log file).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
 from tqdm import tqdm
@@ -35,18 +38,27 @@ def _duration(seconds: float) -> str:
 
 
 class LogLines:
-    """Decides when a loop of ``total`` units (None: unknown) logs a progress line."""
+    """Decides when a loop of ``total`` units (None: unknown) logs a progress line.
+
+    ``initial``: units already done before this process started (a resumed run); the rate and the ETA
+    count only this process's. ``emit`` takes each line (default: ``INFO`` on ``veca_ssl.progress``).
+    """
 
     def __init__(self, desc: str, total: int | None, unit: str, min_interval_s: float = 5.0,
-                 max_interval_s: float = 60.0) -> None:
+                 max_interval_s: float = 60.0, initial: int = 0,
+                 emit: Callable[[str], None] | None = None) -> None:
         self.desc, self.total, self.unit = desc, total, unit
         self.min_interval_s, self.max_interval_s = min_interval_s, max_interval_s
         self.start = self.last = time.perf_counter()
-        self.done = 0
-        self.logged_tenth = 0
+        self.initial = self.done = initial
+        self.logged_tenth = math.floor(10 * initial / total) if total else 0
+        self.emit = emit or log.info
+        self.postfix = ""
 
-    def update(self, n: int = 1) -> None:
+    def update(self, n: int = 1, postfix: str | None = None) -> None:
         self.done += n
+        if postfix is not None:
+            self.postfix = postfix
         now = time.perf_counter()
         since = now - self.last
         tenth = math.floor(10 * self.done / self.total) if self.total else 0
@@ -58,19 +70,21 @@ class LogLines:
     def _line(self, now: float) -> None:
         self.last = now
         elapsed = now - self.start
-        rate = self.done / elapsed if elapsed > 0 else float("nan")
+        rate = (self.done - self.initial) / elapsed if elapsed > 0 else float("nan")
+        extra = f", {self.postfix}" if self.postfix else ""
         if self.total:
             eta = (self.total - self.done) / rate if rate > 0 else float("nan")
-            log.info("%s: %d/%d %s (%.0f%%), %.3g %s/s, elapsed %s, ETA %s", self.desc, self.done, self.total,
-                     self.unit, 100 * self.done / self.total, rate, self.unit, _duration(elapsed),
-                     _duration(eta) if math.isfinite(eta) else "?")
+            self.emit(f"{self.desc}: {self.done}/{self.total} {self.unit} ({100 * self.done / self.total:.0f}%), "
+                      f"{rate:.3g} {self.unit}/s, elapsed {_duration(elapsed)}, "
+                      f"ETA {_duration(eta) if math.isfinite(eta) else '?'}{extra}")
         else:
-            log.info("%s: %d %s, %.3g %s/s, elapsed %s", self.desc, self.done, self.unit, rate, self.unit,
-                     _duration(elapsed))
+            self.emit(f"{self.desc}: {self.done} {self.unit}, {rate:.3g} {self.unit}/s, "
+                      f"elapsed {_duration(elapsed)}{extra}")
 
     def close(self) -> None:
         elapsed = time.perf_counter() - self.start
-        log.info("%s: done in %.1f s (%d x %s)", self.desc, elapsed, self.done, self.unit)
+        extra = f", {self.postfix}" if self.postfix else ""
+        self.emit(f"{self.desc}: done in {elapsed:.1f} s ({self.done - self.initial} x {self.unit}){extra}")
 
 
 def track(iterable: Iterable[T], desc: str, total: int | None = None, unit: str = "it", bar: bool = True,

@@ -31,7 +31,10 @@ def _spawned_worker(rank: int, world: int, port: int, fn: Callable[..., Any], ar
         LOCAL_RANK=str(rank),
         LOCAL_WORLD_SIZE=str(world),
     )
-    torch.set_num_threads(1)  # N processes share the machine's cores: avoid oversubscription
+    # N processes share the machine's cores: each takes its share (veca train's policy; OMP_NUM_THREADS wins)
+    from veca_ssl.threads import plan_threads
+
+    torch.set_num_threads(plan_threads(0, 0).threads)
     try:
         init_distributed(device="cpu", backend="gloo", timeout_s=120)
         # plain pickle bytes: tensors sent as-is would live in this process's shared memory,

@@ -1,4 +1,5 @@
-"""Intra-op thread policy of a training process (``train.num_threads``).
+"""Intra-op thread policy of every command that trains, times or extracts (``train.num_threads`` of
+``veca train``; ``--num-threads`` of ``veca eval``, ``veca select``, ``veca extract`` and ``veca bench``).
 
 PyTorch starts one intra-op thread per physical core of the machine, whatever share of it the process
 actually has. On a shared or busy machine that oversubscribes the cores: the OpenMP threads of a
@@ -12,8 +13,10 @@ than with fewer threads. The policy gives each rank the cores it can count on:
     threads            = cores of this rank - its DataLoader workers (each worker runs one thread),
                          at least 1
 
-``train.num_threads=N`` (N >= 1) sets N threads outright; ``0`` (the default) applies the policy,
-except when ``OMP_NUM_THREADS`` is set in the environment, which is then respected as the user's choice.
+``train.num_threads=N`` / ``--num-threads N`` (N >= 1) sets N threads outright; ``0`` (the default)
+applies the policy, except when ``OMP_NUM_THREADS`` is set in the environment, which is then respected
+as the user's choice. Timings are printed with :func:`timing_conditions`: the threads in effect and the
+machine's load average when they were measured, since other processes on the cores change them.
 """
 
 from __future__ import annotations
@@ -58,14 +61,15 @@ def ranks_per_node(env: Mapping[str, str]) -> int:
 
 
 def plan_threads(requested: int, num_workers: int, env: Mapping[str, str] | None = None,
-                 cores: int | None = None) -> ThreadPlan:
-    """The thread count for ``train.num_threads=requested`` with ``num_workers`` DataLoader workers.
+                 cores: int | None = None, option: str = "train.num_threads") -> ThreadPlan:
+    """The thread count for ``option=requested`` (``train.num_threads``, ``--num-threads``) with
+    ``num_workers`` DataLoader workers.
 
     Pure (``env`` and ``cores`` default to this process's), so the rule is testable on any machine.
     """
     env = os.environ if env is None else env
     if requested > 0:
-        return ThreadPlan(requested, f"train.num_threads={requested}")
+        return ThreadPlan(requested, f"{option}={requested}")
     if (omp := _int(env, "OMP_NUM_THREADS")) is not None and omp > 0:
         return ThreadPlan(omp, f"OMP_NUM_THREADS={omp} from the environment")
     cores = available_cores() if cores is None else cores
@@ -81,14 +85,52 @@ def plan_threads(requested: int, num_workers: int, env: Mapping[str, str] | None
     return ThreadPlan(threads, f"auto: {how}{workers}")
 
 
-def apply_thread_policy(requested: int, num_workers: int) -> ThreadPlan:
+def apply_thread_policy(requested: int, num_workers: int, option: str = "train.num_threads") -> ThreadPlan:
     """Set torch's intra-op threads by :func:`plan_threads`; returns the plan with the count in effect."""
     import torch
 
-    plan = plan_threads(requested, num_workers)
+    plan = plan_threads(requested, num_workers, option=option)
     if torch.get_num_threads() != plan.threads:
         torch.set_num_threads(plan.threads)
     return ThreadPlan(torch.get_num_threads(), plan.reason)
 
 
-__all__ = ["ThreadPlan", "available_cores", "ranks_per_node", "plan_threads", "apply_thread_policy"]
+def describe_plan(plan: ThreadPlan, option: str) -> str:
+    """``"1 intra-op CPU thread (auto: 2 cores available - 1 loader worker); --num-threads N to choose"``."""
+    return (f"{plan.threads} intra-op CPU thread{'s' if plan.threads != 1 else ''} ({plan.reason}); "
+            f"{option} to choose")
+
+
+def load_average() -> float | None:
+    """The machine's 1-minute load average (runnable processes), None where the OS gives none."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def timing_conditions(threads: int | None = None) -> dict:
+    """What a timing depends on beyond the model, sampled now: ``threads`` (torch's intra-op threads
+    unless given), ``cores`` (this process's) and ``load_average`` (1 minute)."""
+    if threads is None:
+        import torch
+
+        threads = torch.get_num_threads()
+    load = load_average()
+    return {"threads": int(threads), "cores": available_cores(),
+            "load_average": None if load is None else round(load, 2)}
+
+
+def conditions_text(before: dict, after: dict | None = None) -> str:
+    """``"1 thread, load average 2.31 (1 min, 2 cores)"`` — a range when it changed while measuring."""
+    load = "unknown"
+    lo = before.get("load_average")
+    hi = (after or before).get("load_average")
+    if lo is not None and hi is not None:
+        load = f"{lo:.2f}" if abs(hi - lo) < 0.005 else f"{lo:.2f}–{hi:.2f}"
+    t = before["threads"]
+    return f"{t} intra-op thread{'s' if t != 1 else ''}, load average {load} (1 min, {before['cores']} cores)"
+
+
+__all__ = ["ThreadPlan", "available_cores", "ranks_per_node", "plan_threads", "apply_thread_policy",
+           "describe_plan", "load_average", "timing_conditions", "conditions_text"]

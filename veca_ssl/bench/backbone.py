@@ -21,7 +21,15 @@ from __future__ import annotations
 import argparse
 import statistics
 
-from veca_ssl.bench import add_common_options, bench_parser, check_common_options, output_path, print_kernels
+from veca_ssl.bench import (
+    add_common_options,
+    apply_threads,
+    bench_parser,
+    check_common_options,
+    output_path,
+    print_kernels,
+    stamp,
+)
 
 MEMORY_RESOLUTION_MB = 1.0  # run-to-run spread of the CPU high-water mark (measured: 2.0–3.4 MB, same call)
 
@@ -125,6 +133,7 @@ def run(args) -> list[dict]:
                                                                or mem / 2**20 >= MEMORY_RESOLUTION_MB),
                 "speedup_vs_dense": vs_dense, "x_limit": vs_limit, "times_ms": [x * 1e3 for x in t],
             })
+        stamp(rows)  # the threads and load average this resolution was timed at
         print(f"[{res}px] done", flush=True)
     return rows
 
@@ -192,13 +201,14 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    apply_threads(args, "backbone")
     print(f"veca bench backbone: family={args.family} patch={args.patch_size} device={args.device} "
           f"threads={torch.get_num_threads()} batch={args.batch_size} warmup={args.warmup} "
           f"repeats={args.repeats} (median, min–max); allocator: glibc heap reuse while timing", flush=True)
     print_kernels(args.family, args.patch_size, args.device, getattr(torch, args.dtype), args.attn_backend)
     rows = run(args)
     cols = ["resolution", "model", "qk_pairs_per_layer", "gflops", "latency_ms", "latency_min_ms",
-            "latency_max_ms", "images_per_s", "peak_mem_mb", "speedup_vs_dense", "x_limit"]
+            "latency_max_ms", "images_per_s", "peak_mem_mb", "speedup_vs_dense", "x_limit", "threads", "load_avg"]
     print(markdown_table(rows, cols))
     print("peak_mem_mb: memory one forward adds above what was resident (activations and workspaces; "
           "weights and input excluded)")

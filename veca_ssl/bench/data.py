@@ -205,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="global sample of the resume benchmark (0 = skip it)")
     p.add_argument("--resume-shards", type=int, default=20, help="shards of the synthetic resume set")
     p.add_argument("--resume-shard-size", type=int, default=1000, help="samples per synthetic shard")
-    add_common_options(p, "data")
+    add_common_options(p, "data", threads=False)  # per-core throughput: one thread by definition
     return p
 
 

@@ -2,15 +2,22 @@
 gradient sync), and DDP with ``find_unused_parameters`` / ``static_graph``.
 
 Nested core widths need neither: the core bank is one parameter sliced to ``[:C]``, so the cores
-beyond the budget get exactly-zero gradient rows rather than missing ones. Two processes with one
-thread each, modes interleaved step by step; rank 0's median and min–max over the timed steps.
+beyond the budget get exactly-zero gradient rows rather than missing ones. Two processes, each with its share of the
+cores (``--num-threads``), modes interleaved step by step; rank 0's median and min–max over the timed steps.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from veca_ssl.bench import add_common_options, bench_parser, check_common_options, output_path
+from veca_ssl.bench import (
+    add_common_options,
+    apply_threads,
+    bench_parser,
+    check_common_options,
+    output_path,
+    stamp,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     from veca_ssl.bench.ddp_worker import ddp_overhead_benchmark
     from veca_ssl.tables import markdown_table, write_rows
 
-    rows = ddp_overhead_benchmark(args.repeats, warmup=args.warmup)
+    threads = apply_threads(args, "ddp", processes=2)
+    rows = stamp(ddp_overhead_benchmark(args.repeats, warmup=args.warmup), threads=threads)
     print(markdown_table(rows))
     print("results: " + ", ".join(str(p) for p in write_rows(rows, output_path(args, "ddp"))))
     return 0

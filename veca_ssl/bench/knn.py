@@ -19,7 +19,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from veca_ssl.bench import add_common_options, bench_parser, check_common_options, output_path
+from veca_ssl.bench import (
+    add_common_options,
+    apply_threads,
+    bench_parser,
+    check_common_options,
+    output_path,
+    stamp,
+)
 
 
 def _floor(bank, queries, k: int, chunk: int) -> None:
@@ -70,6 +77,7 @@ def run(n_bank: int = 100_000, n_queries: int = 10_000, dim: int = 384, classes:
             "s_per_10k_queries": stats.median * 10_000 / n_queries,
             "vs_floor": stats.median / floor_s if floor_s else None,
         })
+        stamp(rows)  # the threads and load average this backend was timed at
     return rows
 
 
@@ -98,13 +106,14 @@ def main(argv: list[str] | None = None) -> int:
     from veca_ssl.tables import markdown_table, write_rows
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    apply_threads(args, "knn")
     rows = run(args.bank, args.queries, args.dim, args.classes, args.chunk_size, device, args.warmup,
                args.repeats, backends)
     for r in rows:
         r["time"] = f"{r['seconds']:.3f} ({r['min_s']:.3f}–{r['max_s']:.3f})"
     print(f"k-NN bench: bank {args.bank}×{args.dim}, {args.queries} queries, k ≤ 200, "
           f"{torch.get_num_threads()} threads, device {device}")
-    print(markdown_table(rows, ["backend", "time", "s_per_10k_queries", "vs_floor"]))
+    print(markdown_table(rows, ["backend", "time", "s_per_10k_queries", "vs_floor", "threads", "load_avg"]))
     print("results: " + ", ".join(str(p) for p in write_rows(rows, output_path(args, "knn"))))
     return 0
 

@@ -15,7 +15,15 @@ from __future__ import annotations
 import argparse
 import statistics
 
-from veca_ssl.bench import add_common_options, bench_parser, check_common_options, output_path, print_kernels
+from veca_ssl.bench import (
+    add_common_options,
+    apply_threads,
+    bench_parser,
+    check_common_options,
+    output_path,
+    print_kernels,
+    stamp,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,6 +123,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                          "speedup_vs_dense": dense / med,
                          "peak_mem_mb": None if mem is None else mem / 2**20,
                          "times_ms": [x * 1e3 for x in t]})
+        stamp(rows)  # the threads and load average this resolution was timed at
         print(f"[{res}px] done", flush=True)
     return rows
 
@@ -138,17 +147,20 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"veca bench train --parallel: veca_{args.family}/{args.patch_size} C=full, batch {args.batch_size} "
               f"per process, {args.processes} processes, warmup={args.warmup} repeats={args.repeats}", flush=True)
-        rows = parallel_benchmark(args)
+        threads = apply_threads(args, "train", processes=args.processes)
+        rows = stamp(parallel_benchmark(args), threads=threads)
         print(markdown_table(rows))
         print("results: " + ", ".join(str(p) for p in write_rows(rows, output_path(args, "train"))))
         return 0
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    apply_threads(args, "train")
     print(f"veca bench train: family={args.family} batch={args.batch_size} device={args.device} "
           f"threads={torch.get_num_threads()} warmup={args.warmup} repeats={args.repeats}", flush=True)
     print_kernels(args.family, args.patch_size, args.device, torch.bfloat16 if args.bf16 else None)
     rows = run(args)
-    cols = ["resolution", "model", "step_ms", "min_ms", "max_ms", "images_per_s", "speedup_vs_dense"]
+    cols = ["resolution", "model", "step_ms", "min_ms", "max_ms", "images_per_s", "speedup_vs_dense", "threads",
+            "load_avg"]
     print(markdown_table(rows, cols + (["peak_mem_mb"] if args.memory else [])))
     print("results: " + ", ".join(str(p) for p in write_rows(rows, output_path(args, "train"))))
     return 0

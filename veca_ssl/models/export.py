@@ -9,14 +9,21 @@ Formats (``FORMATS``):
   ``veca-reference``  the VECA reference code's checkpoint layout (``{"student", "config"}``), which its
                       ``load_model`` reads; the whole bank unless a width is given
 
-Traced graphs (TorchScript, ONNX) are fixed to the example input's shape (batch and resolution):
-the patch grid and the RoPE tables are computed from it at trace time. Every export is read back
-and compared with the elastic model at the same width on the same input (``Parity``).
+The TorchScript trace is fixed to the example input's shape (batch and resolution): the patch grid
+and the RoPE tables are computed from it at trace time. The ONNX graph is exported through
+``torch.export`` with a dynamic batch axis and dynamic height and width (multiples of the patch
+size), the grid and RoPE tables computed in the graph — except for a dense ViT with a learned
+position table, whose interpolation to the grid branches on the grid size in Python (no
+interpolation at the table's own size): its height and width stay those of the example input.
+Every export is read back and compared with the elastic model at the same width on the same input
+(``Parity``); an ONNX graph also on a larger batch, and at another resolution when it has dynamic
+height and width, so a shape fixed inside the graph fails the check instead of the first deployment.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,6 +66,10 @@ class ExportResult:
     space: str
     parity: Parity
     notes: list[str] = field(default_factory=list)
+    #: input axes the artefact accepts at any size (ONNX: ``batch``, ``height``, ``width``); empty: fixed
+    dynamic_axes: tuple[str, ...] = ()
+    #: every input shape the parity check ran on
+    checked_shapes: tuple[tuple[int, ...], ...] = ()
 
 
 def _diff(a: Tensor, b: Tensor) -> float:
@@ -117,6 +128,13 @@ def export_backbone(model: Backbone, out: str | Path, fmt: str = "safetensors", 
     else:
         module = fixed_width(model, width, space)
         path = out
+        if fmt == "onnx":
+            def reference(x: Tensor) -> tuple[Tensor, Tensor]:
+                ref = model.forward_features(x, num_cores=width, space=space)
+                return ref["cls"], ref["patches"]
+
+            parity, axes, shapes, onnx_notes = _export_onnx(module, images, path, reference, p)
+            return ExportResult(path, fmt, width, tuple(images.shape), space, parity, onnx_notes, axes, shapes)
         if fmt == "torchscript":
             with warnings.catch_warnings():  # shape-dependent Python values are constants: by design
                 warnings.simplefilter("ignore", torch.jit.TracerWarning)
@@ -125,24 +143,70 @@ def export_backbone(model: Backbone, out: str | Path, fmt: str = "safetensors", 
                 torch.jit.save(traced, str(tmp))
             cls, patches = torch.jit.load(str(path))(images)
             parity = Parity(_diff(expected["cls"], cls), _diff(expected["patches"], patches))
-        else:
-            parity = _export_onnx(module, images, path, expected["cls"], expected["patches"])
-    return ExportResult(path, fmt, width, tuple(images.shape), space, parity, notes)
+    return ExportResult(path, fmt, width, tuple(images.shape), space, parity, notes,
+                        checked_shapes=(tuple(images.shape),))
 
 
-def _export_onnx(module: torch.nn.Module, images: Tensor, path: Path, cls_ref: Tensor, patches_ref: Tensor) -> Parity:
+def _spatial_axes_allowed(module: torch.nn.Module) -> tuple[bool, str]:
+    """Whether the graph of ``module`` can take any height and width, and why not."""
+    from .fixed_width import FixedDense
+
+    if isinstance(module, FixedDense) and getattr(module.model, "pos_embed_type", "") == "learned":
+        return False, ("a learned position table is interpolated to the grid with sizes fixed at export (and "
+                       "not at all at the table's own size); height and width are those of --resolution")
+    return True, ""
+
+
+def _export_onnx(module: torch.nn.Module, images: Tensor, path: Path,
+                 reference: Callable[[Tensor], tuple[Tensor, Tensor]], patch: int
+                 ) -> tuple[Parity, tuple[str, ...], tuple[tuple[int, ...], ...], list[str]]:
+    """Write ``module`` as ONNX with dynamic axes; check it with onnxruntime against ``reference`` on
+    ``images`` and on a larger batch (at another resolution when height and width are dynamic).
+    Returns (parity, dynamic axes, shapes checked, notes)."""
     try:
         import onnxscript  # noqa: F401  (the exporter needs it; a clear message beats its ImportError)
     except ImportError:
         raise ValueError("ONNX export needs onnx and onnxscript: pip install 'veca-ssl[onnx]'") from None
-    program = torch.onnx.export(module, (images,), dynamo=True, input_names=["images"],
-                                output_names=["cls", "patches"], verbose=False)
+    from torch.export import Dim
+
+    notes: list[str] = []
+    b, _, h, w = images.shape
+    # torch.export fixes an axis whose example size is 1 (it cannot tell 1 from "broadcast"): trace on
+    # two images at least, so a --batch-size 1 export still takes any batch
+    trace = images if b > 1 else torch.cat([images, images])
+    batch = {0: Dim("batch", min=1)}
+    spatial, why_not = _spatial_axes_allowed(module)
+    axes: dict[int, object] = dict(batch)
+    if spatial:
+        axes.update({2: patch * Dim("height_patches", min=1), 3: patch * Dim("width_patches", min=1)})
+    try:
+        program = _onnx_program(module, trace, axes)
+    except Exception as exc:  # the exporter could not keep height/width symbolic: fall back to batch only
+        if not spatial:
+            raise
+        spatial, why_not = False, f"the exporter could not keep them symbolic ({str(exc).strip().splitlines()[0]})"
+        program = _onnx_program(module, trace, batch)
+    if not spatial:
+        notes.append(f"ONNX height and width fixed at {h}x{w}: {why_not}")
     with fileio.atomic_path(path) as tmp:  # the temporary name ends in the target's, .onnx included
         program.save(str(tmp))
+    dynamic = ("batch", "height", "width") if spatial else ("batch",)
     try:
         import onnxruntime as ort
     except ImportError:
-        return Parity(None, None, "onnxruntime is not installed (pip install 'veca-ssl[onnx]')")
+        return (Parity(None, None, "onnxruntime is not installed (pip install 'veca-ssl[onnx]')"), dynamic, (),
+                notes)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    cls, patches = session.run(["cls", "patches"], {"images": images.numpy()})
-    return Parity(_diff(cls_ref, torch.from_numpy(cls)), _diff(patches_ref, torch.from_numpy(patches)))
+    other = example_input(b + 2, (h + patch, w + 2 * patch) if spatial else (h, w), images.shape[1], seed=1)
+    worst_cls = worst_patches = 0.0
+    for x in (images, other):
+        cls, patches = session.run(["cls", "patches"], {"images": x.numpy()})
+        ref_cls, ref_patches = reference(x)
+        worst_cls = max(worst_cls, _diff(ref_cls, torch.from_numpy(cls)))
+        worst_patches = max(worst_patches, _diff(ref_patches, torch.from_numpy(patches)))
+    return Parity(worst_cls, worst_patches), dynamic, (tuple(images.shape), tuple(other.shape)), notes
+
+
+def _onnx_program(module: torch.nn.Module, images: Tensor, axes: dict):
+    return torch.onnx.export(module, (images,), dynamo=True, input_names=["images"], output_names=["cls", "patches"],
+                             dynamic_shapes={"images": axes}, verbose=False)

@@ -86,6 +86,41 @@ def _safetensors_format(path: Path) -> str | None:
         return None
 
 
+class WeightsMismatchError(ValueError):
+    """Weights whose tensors do not fit the architecture their config (sidecar, checkpoint) describes."""
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "(" + ", ".join(map(str, t.shape)) + ")"
+
+
+def _first(items: list[str], limit: int = 3) -> str:
+    more = len(items) - limit
+    return "; ".join(items[:limit]) + (f" (and {more} more)" if more > 0 else "")
+
+
+def load_weights(model: Backbone, state: dict[str, torch.Tensor], source: str, config_from: str) -> None:
+    """``model.load_state_dict(state, strict=True)``, where weights that do not fit ``model`` (built from
+    the config in ``config_from``) raise one line naming the first tensors that differ and their shapes
+    (expected by the config vs found in the file), instead of torch's multi-line list of every tensor."""
+    expected = model.state_dict()
+    wrong = [f"{k}: expected {_shape(v)}, found {_shape(state[k])}" for k, v in expected.items()
+             if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if wrong or missing or unexpected:
+        arch = ", ".join(f"{k}={model.config[k]}" for k in ("embed_dim", "depth", "num_heads", "num_cores",
+                                                             "patch_size") if k in model.config)
+        parts = ([f"{len(wrong)} tensor(s) differ in shape: {_first(wrong)}"] if wrong else []) + \
+                ([f"{len(missing)} missing from the file: {_first(missing)}"] if missing else []) + \
+                ([f"{len(unexpected)} not in the model: {_first(unexpected)}"] if unexpected else [])
+        raise WeightsMismatchError(
+            f"{source} does not fit the architecture in {config_from} ({model.config['arch']} {arch}): "
+            f"{' — '.join(parts)}. The config and the weights come from different models: keep an export's "
+            f".safetensors and .json together (veca export and save_backbone write both)")
+    model.load_state_dict(state, strict=True)
+
+
 @dataclass
 class LoadedBackbone:
     """A backbone and where its weights came from.
@@ -105,7 +140,11 @@ class LoadedBackbone:
 
 def load_backbone(path: str | Path, map_location: str | torch.device = "cpu", which: str = "teacher",
                   **kwargs) -> Backbone:
-    """Load a backbone from an export (.safetensors + .json), a training checkpoint (the EMA teacher by
+    """Load a backbone, returned in eval mode (as DINOv2's and timm's loaders do): no drop-path and no
+    coordinate augmentation, so the same image always gives the same features. Call ``.train()`` on it
+    to train it.
+
+    Loads it from an export (.safetensors + .json), a training checkpoint (the EMA teacher by
     default, ``which="student"`` for the student; single-file or a sharded ``checkpoint-<step>/``
     directory of an FSDP2 run) or a directory holding either.
 
@@ -114,20 +153,30 @@ def load_backbone(path: str | Path, map_location: str | torch.device = "cpu", wh
     non-reference widths). External teachers (DINOv2/DINOv3/timm ``.pth`` state dicts, and
     ``.safetensors`` files that are not our exports, e.g. timm's) go through
     ``veca_ssl.models.convert``; extra ``kwargs`` are passed there (e.g. ``arch=``, ``num_heads=``).
+
+    Weights that do not fit the architecture their config describes raise :class:`WeightsMismatchError`
+    (a ``ValueError``), one line naming the first tensors that differ and their shapes.
     """
     return read_backbone(path, map_location, which, **kwargs).model
 
 
 def read_backbone(path: str | Path, map_location: str | torch.device = "cpu", which: str = "teacher",
                   **kwargs) -> LoadedBackbone:
-    """:func:`load_backbone` with the source format and per-tensor provenance (for ``init_from``)."""
-    path = _find_weights(Path(path))
+    """:func:`load_backbone` with the source format and per-tensor provenance (for ``init_from``); the
+    model is in eval mode."""
+    loaded = _read_backbone(Path(path), map_location, which, **kwargs)
+    loaded.model.eval()
+    return loaded
+
+
+def _read_backbone(path: Path, map_location: str | torch.device, which: str, **kwargs) -> LoadedBackbone:
+    path = _find_weights(path)
     if path.is_dir():  # a sharded training checkpoint (FSDP2): read whole tensors in this process
         from veca_ssl.train.sharded_checkpoint import load_backbone_state
 
         config, state = load_backbone_state(path, which)
         model = build_from_config(config)
-        model.load_state_dict(state, strict=True)
+        load_weights(model, state, str(path), "its veca.json")
         return LoadedBackbone(model, EXPORT_FORMAT_NAME)
     if path.suffix == ".safetensors":
         sidecar = path.with_suffix(".json")
@@ -137,7 +186,7 @@ def read_backbone(path: str | Path, map_location: str | torch.device = "cpu", wh
             raise FileNotFoundError(f"{path} has no config sidecar {sidecar}; export with save_backbone()")
         meta = json.loads(sidecar.read_text())
         model = build_from_config(meta["config"])
-        model.load_state_dict(_read_safetensors(path, map_location), strict=True)
+        load_weights(model, _read_safetensors(path, map_location), str(path), f"its sidecar {sidecar.name}")
         return LoadedBackbone(model, EXPORT_FORMAT_NAME)
     obj = _torch_load(path, map_location)
     if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
@@ -146,7 +195,7 @@ def read_backbone(path: str | Path, map_location: str | torch.device = "cpu", wh
         model = build_from_config(obj["backbone_config"])
         prefix = "backbone."
         state = {k[len(prefix):]: v for k, v in obj[which].items() if k.startswith(prefix)}
-        model.load_state_dict(state, strict=True)
+        load_weights(model, state, f"{path} ({which})", "its backbone_config")
         return LoadedBackbone(model, EXPORT_FORMAT_NAME)
     return _foreign(obj, str(path), kwargs)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ from veca_ssl.models.base import Backbone
 from veca_ssl.models.init import initial_backbone
 from veca_ssl.models.kernels import print_attention_kernels
 from veca_ssl.parallelize import parallelize_method
+from veca_ssl.progress import LogLines, progress_enabled
 from veca_ssl.train import sharded_checkpoint
 from veca_ssl.train.checkpoint import CheckpointManager, rng_state, set_rng_state
 from veca_ssl.train.data import TrainData, build_train_dataset
@@ -361,8 +363,13 @@ def train(cfg: DictConfig) -> dict:
     ``<output_dir>/checkpoints``. Returns a summary dict."""
     try:
         run = setup(cfg)
-        bar = tqdm(total=run.stop_at, initial=run.start_step, disable=not (run.main and cfg.train.progress),
+        show = bool(run.main and cfg.train.progress)
+        # a bar in a terminal; elsewhere (a batch job's log file) progress lines at a sane rate, not the
+        # bar's carriage-return updates, which a file keeps every one of
+        bar = tqdm(total=run.stop_at, initial=run.start_step, disable=not progress_enabled(show),
                    unit="step", dynamic_ncols=True, desc="train")
+        lines = (LogLines("train", run.stop_at, "step", initial=run.start_step, emit=_print_stderr)
+                 if show and bar.disable else None)
         steps_done = run.start_step
         for step in range(run.start_step, run.stop_at):
             try:
@@ -376,13 +383,22 @@ def train(cfg: DictConfig) -> dict:
                 bar.set_postfix(loss=f"{record['loss']:.3f}", C=int(record["width"]) or None,
                                 img_s=f"{record['images_per_s']:.0f}")
             bar.update(1)
+            if lines is not None:
+                lines.update(1, None if record is None else f"loss {record['loss']:.3f}, "
+                                f"{record['images_per_s']:.0f} img/s")
             if stop:
                 _report_stop(run, steps_done)
                 break
         bar.close()
+        if lines is not None:
+            lines.close()
         return finish(run, steps_done)
     finally:
         RunLock.release_held(cfg.output_dir)  # after an error: the next run must find the directory free
+
+
+def _print_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def _report_stop(run: Run, steps_done: int) -> None:

@@ -157,8 +157,12 @@ def _train(cfg) -> int:
         print("\nstudent (EMA) vs frozen teacher, per core width:")
         print(report_table(summary["distill_report"]))
     if "export" in summary:
-        print(f"\noutputs: {summary['output_dir']} (config.yaml, metrics.jsonl, tensorboard/, checkpoints/); "
-              f"teacher backbone: {summary['export']}")
+        from pathlib import Path
+
+        out = Path(summary["output_dir"])
+        written = [name for name in ("config.yaml", "metrics.jsonl", "tensorboard/", "checkpoints/")
+                   if (out / name).exists()]  # tensorboard/ only where the extra is installed and enabled
+        print(f"\noutputs: {out} ({', '.join(written)}); teacher backbone: {summary['export']}")
     return 0
 
 
