@@ -49,6 +49,8 @@ VECA = ["model.name=veca_tiny", "model.num_cores=16",
         "model.overrides={embed_dim: 32, depth: 2, num_heads: 2, coord_shift: 0.0, coord_rescale: [1.0, 1.0]}"]
 VIT = ["model.name=vit_tiny", "model.overrides={embed_dim: 32, depth: 2, num_heads: 2}"]
 MODELS = {"veca": VECA, "vit": VIT}
+# VECA with its coordinate augmentation (a shift and a rescale drawn from each rank's generator) and drop-path
+PER_RANK_RANDOMNESS = ["model.overrides={embed_dim: 32, depth: 2, num_heads: 2}", "model.drop_path_rate=0.2"]
 AC_AND_MONITOR = ["model.grad_checkpointing=true", "train.knn_monitor.enabled=true", "train.knn_monitor.every=2",
                   "train.knn_monitor.dataset=synthetic:n=32,val_n=16,size=32,classes=4,seed=1",
                   "train.knn_monitor.resolution=32", "train.knn_monitor.k=5"]
@@ -122,6 +124,13 @@ def _two_process_worker(base: str, kinds: list[str], teacher: str | None) -> dic
                 _copy_until(base_dir / src, base_dir / dst, 2)
             vd.barrier()
             _train(_overrides("ssl", "veca", None, base_dir / dst, "fsdp2", 4))
+        # per-rank randomness on (VECA's coordinate augmentation, drop-path): DDP stopped after step 2 and
+        # resumed on the same 2 processes must be bit-identical, so every rank must get its own stream back
+        for name in ("ddp-random", "ddp-random-resumed"):
+            if name.endswith("resumed") and rank == 0:
+                _copy_until(base_dir / "ddp-random", base_dir / name, 2)
+            vd.barrier()
+            _train(_overrides("ssl", "veca", None, base_dir / name, "ddp", 4, *PER_RANK_RANDOMNESS))
         # what FSDP2 holds per rank: DTensor shards of half of each parameter's rows
         run = setup(load_config(None, _overrides("ssl", "veca", None, base_dir / "inspect", "fsdp2", 4)))
         cores, t_cores = run.method.student.backbone.cores, run.method.teacher.backbone.cores
@@ -252,6 +261,18 @@ def test_sharded_checkpoint_resumes_on_one_and_two_processes(ssl_runs):
     assert_moved(uninterrupted, final_weights(tmp / "ssl-veca-fsdp2", step=2), "resume")
     assert r0["resumed_step"] == STEPS
     assert r0["rng_restored"] and r0["rng_differs_between_ranks"], "each rank resumes its own RNG stream"
+
+
+def test_ddp_resume_with_per_rank_randomness_is_bit_identical(ssl_runs):
+    """Each rank draws its own coordinate augmentation and drop-path masks; a checkpoint that kept only
+    rank 0's generator would hand rank 1 rank 0's stream after a resume and the weights would drift."""
+    tmp, _ = ssl_runs
+    uninterrupted = final_weights(tmp / "ddp-random")
+    assert_moved(uninterrupted, final_weights(tmp / "ddp-random", step=2), "per-rank randomness")
+    assert_close(final_weights(tmp / "ddp-random-resumed"), uninterrupted, 0.0, "DDP step 2 resumed on 2 processes")
+    state = torch.load(tmp / "ddp-random" / "checkpoints" / "checkpoint-00000004.pt", weights_only=True)
+    streams = state["rng_ranks"]
+    assert len(streams) == 2 and not torch.equal(streams[0]["torch"], streams[1]["torch"])
 
 
 def test_single_file_checkpoint_resumes_sharded(ssl_runs):

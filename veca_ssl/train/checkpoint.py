@@ -44,6 +44,15 @@ def rng_state() -> dict:
     return state
 
 
+def rank_rng(state: dict, rank: int) -> dict | None:
+    """The generator state ``rank`` resumes with from a single-file checkpoint: its own (``"rng_ranks"``,
+    one entry per rank that wrote it; ``"rng"`` alone in a checkpoint that kept rank 0's only), or None
+    for a rank the checkpoint has no stream for (more processes resume it than wrote it): that rank
+    keeps the stream ``seed_everything`` gave it, rather than a copy of another rank's."""
+    ranks = state.get("rng_ranks") or [state["rng"]]
+    return ranks[rank] if rank < len(ranks) else None
+
+
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():

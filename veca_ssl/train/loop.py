@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -36,7 +37,7 @@ from veca_ssl.models.kernels import print_attention_kernels
 from veca_ssl.parallelize import parallelize_method
 from veca_ssl.progress import LogLines, progress_enabled
 from veca_ssl.train import sharded_checkpoint
-from veca_ssl.train.checkpoint import CheckpointManager, rng_state, set_rng_state
+from veca_ssl.train.checkpoint import CheckpointManager, rank_rng, rng_state, set_rng_state
 from veca_ssl.train.data import TrainData, build_train_dataset
 from veca_ssl.train.lock import RunLock
 from veca_ssl.train.metrics import MetricLogger, MetricsWriteError
@@ -140,6 +141,8 @@ def setup(cfg: DictConfig) -> Run:
     """
     info = dist.init_distributed(cfg.device)
     if cfg.deterministic:
+        # cuBLAS refuses deterministic mode unless its workspace is fixed before its first use
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
     # the same seed on every rank while building: DDP syncs the student from rank 0, but the EMA
     # teacher and the loss modules are not wrapped, so they must start identical everywhere
@@ -290,7 +293,8 @@ def _resume(latest: Path | None, opened: dict | None, method: Method,
     else:
         method.load_state_dict(state)
         optimizer.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"])
+        if (rng := rank_rng(state, dist.get_rank())) is not None:
+            set_rng_state(rng)
     return int(state["step"]), state.get("data")  # stream layout and skip counts (veca_ssl.train.data)
 
 
@@ -302,11 +306,15 @@ def _save_checkpoint(run: Run, step: int) -> Path | None:
                 "data": run.data.state()}
         return sharded_checkpoint.save(run.checkpoints.directory, step, run.method, run.optimizer, meta,
                                        run.cfg.train.keep_last, run.cfg.train.keep_every)
-    return on_main(run.info, lambda: run.checkpoints.save(_state(run, step), step))
+    # every rank's own generator state: drop-path and VECA's coordinate augmentation draw from each
+    # rank's stream (seeded per rank), so a resume that gave every rank rank 0's stream would not be exact
+    rank_rngs = dist.all_gather_object(rng_state())
+    return on_main(run.info, lambda: run.checkpoints.save(_state(run, step, rank_rngs), step))
 
 
-def _state(run: Run, step: int) -> dict:
-    """The checkpoint: the method's state, optimiser, step, RNG and the config it was trained with."""
+def _state(run: Run, step: int, rank_rngs: list[dict]) -> dict:
+    """The checkpoint: the method's state, optimiser, step, RNG (every rank's) and the config it was
+    trained with."""
     return {
         "step": step,
         "world_size": run.info.world_size,  # with the config's per-process batch: the global batch
@@ -314,7 +322,8 @@ def _state(run: Run, step: int) -> dict:
         "backbone_config": run.method.backbone.config,
         **run.method.state_dict(),
         "optimizer": run.optimizer.state_dict(),
-        "rng": rng_state(),
+        "rng": rank_rngs[0],  # rank 0's (what a one-process resume restores)
+        "rng_ranks": rank_rngs,  # in rank order
         "data": run.data.state(),  # stream layout and skip counts
     }
 

@@ -43,7 +43,7 @@ import torch.distributed as tdist
 
 from veca_ssl import distributed as vd
 from veca_ssl import fileio
-from veca_ssl.train.checkpoint import CheckpointError, rng_state, set_rng_state
+from veca_ssl.train.checkpoint import CheckpointError, rank_rng, rng_state, set_rng_state
 
 FORMAT = "veca-ssl-sharded-checkpoint"
 META_FILE = "veca.json"
@@ -392,7 +392,8 @@ def load_full_state(state: dict, method: Any, optimizer: torch.optim.Optimizer) 
     osd = {"state": {order[i]: s for i, s in saved["state"].items()},
            "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in saved["param_groups"]]}
     set_optimizer_state_dict(method.student, optimizer, osd, options=full)
-    set_rng_state(state["rng"])
+    if (rng := rank_rng(state, vd.get_rank())) is not None:
+        set_rng_state(rng)
 
 
 def read_tensors(path: str | Path, prefix: str = "") -> dict[str, torch.Tensor]:
