@@ -32,9 +32,12 @@ from eval.extract_cli import FORMATS
 from veca_ssl.distributed import is_main_process
 from veca_ssl.fileio import atomic_write_bytes as _atomic_write_bytes
 from veca_ssl.fileio import sha256_file as _sha256
+from veca_ssl.fileio import writing
 from veca_ssl.widths import Width, resolve_widths
 
 MANIFEST = "manifest.json"
+#: What to do after a failed write (the finished shards stay: a rerun continues after them).
+_RESUME = "rerun the same command: it continues after the shards listed in manifest.json"
 DTYPES = {"float32": (torch.float32, np.float32), "float16": (torch.float16, np.float16)}
 #: Manifest fields that must match for a resume to continue an existing extraction.
 IDENTITY = ("model", "checkpoint", "width", "resolution", "dataset", "count", "dtype", "format",
@@ -60,7 +63,8 @@ def _write_shard(out_dir: Path, index: int, arrays: dict[str, np.ndarray], fmt: 
             blobs[f"{name}.{key}.npy"] = buf.getvalue()
     files = []
     for fname, data in blobs.items():
-        _atomic_write_bytes(out_dir / fname, data)
+        with writing(out_dir / fname, "feature shard", _RESUME):
+            _atomic_write_bytes(out_dir / fname, data)
         files.append({"file": fname, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
     return files
 
@@ -92,7 +96,8 @@ def _skip_totals(manifest: dict) -> dict:
 
 
 def _write_manifest(out_dir: Path, manifest: dict) -> None:
-    _atomic_write_bytes(out_dir / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+    with writing(out_dir / MANIFEST, "the extraction manifest", _RESUME):
+        _atomic_write_bytes(out_dir / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
 
 
 def extract_to_shards(

@@ -39,6 +39,8 @@ import numpy as np
 import webdataset as wds
 from tqdm import tqdm
 
+from veca_ssl.fileio import writing
+
 from .base import MapImageDataset
 from .decode import DEFAULT_MAX_PIXELS, Decoder, read_bytes
 from .errors import DataError, SkipCounter, UnreadableItem
@@ -49,6 +51,8 @@ from .specs import SPEC_KINDS, build_dataset
 from .tario import read_sample, scan_shard
 
 SHARD_NAME = "shard-%06d.tar"
+#: What to do after a failed write (the finished shards stay staged: a rerun continues after them).
+_CONTINUE = "rerun the same command: it continues after the shards finished so far"
 STAGING = ".make-shards-staging"
 PROGRESS = "progress.json"
 
@@ -93,6 +97,28 @@ def _encoded(ds: MapImageDataset, index: int, verify: bool) -> tuple[str, bytes]
     buf = io.BytesIO()
     rgb.save(buf, format="PNG")
     return "png", buf.getvalue()
+
+
+class _Sink:
+    """The shard file as the tar writer sees it: after a failed write (a full disk) every later write
+    is dropped, so the writer's stream, closed when it is collected, does not report a second error
+    on top of the first (the one that ends the run, naming the file)."""
+
+    def __init__(self, f: Any) -> None:
+        self.f, self.failed = f, False
+
+    def write(self, data: bytes) -> int:
+        if self.failed:
+            return len(data)
+        try:
+            return self.f.write(data)
+        except (OSError, ValueError):
+            self.failed = True
+            raise
+
+    def flush(self) -> None:
+        if not self.failed and not self.f.closed:
+            self.f.flush()
 
 
 def brace_pattern(dst: str | Path, num_shards: int) -> str:
@@ -250,32 +276,39 @@ def make_shards(
         partial = staging / (name + ".partial")
         written: list[tuple[str, int, str]] = []
         skipped: list[dict[str, str]] = []
-        with open(partial, "wb") as f:
-            sink = wds.TarWriter(f, mtime=0.0)
-            for index in order[i * shard_size:(i + 1) * shard_size].tolist():
-                bar.update(1)
-                try:
-                    ext, data = _encoded(ds, index, verify)
-                except UnreadableItem as err:
-                    skipped.append(err.record())
-                    counter.skip(err)
-                    continue
-                counter.ok()
-                label = int(ds.targets[index])
-                key = f"{index:0{width}d}"
-                meta = {"source": ds._name(index), "label": label,
-                        "class": classes[label] if classes and label >= 0 else None}
-                sink.write({"__key__": key, ext: data, "cls": str(label), "json": json.dumps(meta)})
-                written.append((key, label, hashlib.sha256(data).hexdigest()))
-            sink.close()
-            f.flush()
-            os.fsync(f.fileno())
+        with writing(partial, "shard", _CONTINUE):  # the cause is read once the partial file is gone
+            try:
+                with open(partial, "wb") as raw_file:
+                    f = _Sink(raw_file)
+                    sink = wds.TarWriter(f, mtime=0.0)
+                    for index in order[i * shard_size:(i + 1) * shard_size].tolist():
+                        bar.update(1)
+                        try:
+                            ext, data = _encoded(ds, index, verify)
+                        except UnreadableItem as err:
+                            skipped.append(err.record())
+                            counter.skip(err)
+                            continue
+                        counter.ok()
+                        label = int(ds.targets[index])
+                        key = f"{index:0{width}d}"
+                        meta = {"source": ds._name(index), "label": label,
+                                "class": classes[label] if classes and label >= 0 else None}
+                        sink.write({"__key__": key, ext: data, "cls": str(label), "json": json.dumps(meta)})
+                        written.append((key, label, hashlib.sha256(data).hexdigest()))
+                    sink.close()
+                    raw_file.flush()
+                    os.fsync(raw_file.fileno())
+            except BaseException:
+                partial.unlink(missing_ok=True)  # its space is free for the rerun the message asks for
+                raise
         os.replace(partial, staging / name)
         if verify:
             _verify_shard(staging / name, written, ds.decoder)
         done.append({"name": name, "count": len(written), "bytes": (staging / name).stat().st_size,
                      "skipped": skipped})
-        _write_json(staging / PROGRESS, {"identity": identity, "shards": done})
+        with writing(staging / PROGRESS, "the progress file", _CONTINUE):
+            _write_json(staging / PROGRESS, {"identity": identity, "shards": done})
         if on_shard is not None:
             on_shard(i)
     bar.close()
@@ -293,8 +326,10 @@ def make_shards(
         "shards": [{"name": e["name"], "count": e["count"], "bytes": e["bytes"]} for e in done],
         "identity": identity,
     }
-    _write_json(staging / MANIFEST_NAME, manifest)
+    with writing(staging / MANIFEST_NAME, "the manifest", _CONTINUE):
+        _write_json(staging / MANIFEST_NAME, manifest)
     new = [e["name"] for e in done]
-    _write_json(dst / COMMIT_JOURNAL, {"new": new, "remove": [n for n in old if n not in new]})
+    with writing(dst / COMMIT_JOURNAL, "the commit journal", _CONTINUE):
+        _write_json(dst / COMMIT_JOURNAL, {"new": new, "remove": [n for n in old if n not in new]})
     finish_commit(dst)
     return manifest

@@ -135,7 +135,8 @@ class KnnMonitor:
         the data over the ranks."""
         result = self.evaluate(backbone)
         if write:
-            fileio.atomic_write_json(self.before_path, result)
+            with fileio.writing(self.before_path, "the k-NN table of the untrained network"):
+                fileio.atomic_write_json(self.before_path, result)
 
     def untrained_backbone(self) -> Backbone:
         """The network at step 0, rebuilt: training builds it first thing after seeding with
