@@ -404,10 +404,12 @@ def _check_model_and_crops(cfg: DictConfig) -> None:
                           f"model.patch_size={patch}")
     phases = parse_phases(cfg.multires, patch, cfg.optim.epochs)  # raises ConfigError naming the key
     streaming = str(cfg.data.train).startswith("wds:")
-    if streaming and cfg.data.samples_per_epoch is None and _stream_length(cfg) is None:
-        raise ConfigError(f"data.samples_per_epoch is required for streaming data ({cfg.data.train}) whose shards "
-                          f"have no manifest.json with their counts: set it to the number of samples in the shards "
-                          f"(make-shards prints it and writes the manifest)")
+    if streaming and cfg.data.samples_per_epoch is None:
+        length, why = _stream_length(cfg)
+        if length is None:
+            raise ConfigError(f"data.samples_per_epoch is required for streaming data ({cfg.data.train}) whose "
+                              f"shards are not all counted ({why}): set it to the number of samples in the "
+                              f"shards (make-shards prints it and writes the manifest)")
     if streaming and phases:
         raise ConfigError(f"multires.phases needs map-style data (samples addressed by position); "
                           f"{cfg.data.train} streams")
@@ -468,7 +470,7 @@ MEANING_SECTIONS = ("mode", "seed", "model", "widths", "data", "crops", "multire
 #: Keys inside those sections that do not change the result (speed, memory, logging; model.init_from
 #: only matters at step 0: a resumed run continues from its own checkpoint).
 RESUME_FREE_KEYS = ("model.grad_checkpointing", "model.init_from", "data.num_workers", "data.max_skip_fraction",
-                    "distill.teacher_batch_size")
+                    "data.allow_empty_classes", "distill.teacher_batch_size")
 
 
 def _leaves(node: Any, prefix: str = "") -> dict[str, Any]:
@@ -500,11 +502,11 @@ def format_changes(changes: list[tuple[str, Any, Any]]) -> str:
     return "\n".join(f"  {key}: {_show(a)} -> {_show(b)}" for key, a, b in changes)
 
 
-def _stream_length(cfg: DictConfig) -> int | None:
-    """Samples in the ``wds:`` shards of ``data.train`` from their manifest (None without one)."""
-    from veca_ssl.data import stream_length
+def _stream_length(cfg: DictConfig) -> tuple[int | None, str | None]:
+    """Samples in the ``wds:`` shards of ``data.train`` from their manifest, or ``(None, why not)``."""
+    from veca_ssl.data.specs import stream_count
 
-    return stream_length(str(cfg.data.train), cfg.data.split, split_if_present=True)
+    return stream_count(str(cfg.data.train), cfg.data.split, split_if_present=True)
 
 
 def _check_data(cfg: DictConfig) -> None:

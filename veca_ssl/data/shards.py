@@ -57,14 +57,15 @@ STAGING = ".make-shards-staging"
 PROGRESS = "progress.json"
 
 
-def _source_dataset(src: str, split: str | None, counter: SkipCounter, max_pixels: int | None) -> MapImageDataset:
+def _source_dataset(src: str, split: str | None, counter: SkipCounter, max_pixels: int | None,
+                    allow_empty_classes: bool = False) -> MapImageDataset:
     kind = src.partition(":")[0].lower()
     # the dataset keeps its own (recording) counter: make_shards counts each source once, in ``counter``
     common: dict[str, Any] = {"dense": False, "max_pixels": max_pixels, "max_skip_fraction": counter.max_skip_fraction}
     if kind in SPEC_KINDS and ":" in src or src in SPEC_KINDS:
-        ds = build_dataset(src, split=split, **common)
+        ds = build_dataset(src, split=split, allow_empty_classes=allow_empty_classes, **common)
     elif os.path.isdir(src):
-        ds = ImageFolderDataset(src, **common)
+        ds = ImageFolderDataset(src, allow_empty_classes=allow_empty_classes, **common)
     elif src.endswith(".npz"):
         ds = NpzDataset(src, **common)
     elif not os.path.exists(src):
@@ -231,6 +232,7 @@ def make_shards(
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     progress: bool | None = None,
     on_shard: Callable[[int], None] | None = None,
+    allow_empty_classes: bool = False,
 ) -> dict[str, Any]:
     """Write ``dst/shard-000000.tar …`` from ``src`` crash-safely; return the manifest (with ``"spec"``).
 
@@ -241,12 +243,14 @@ def make_shards(
             (bytes, label, decode) before the new set replaces the old one.
         overwrite: replace an existing shard set in ``dst`` instead of refusing.
         on_shard: called with the shard number after each staged shard (tests interrupt here).
+        allow_empty_classes: keep an image folder's class folder without images as a class (listed in
+            the manifest's ``classes``) instead of refusing it.
     """
     if shard_size < 1:
         raise ValueError(f"--shard-size must be >= 1, got {shard_size}")
     dst = Path(dst).expanduser()
-    counter = SkipCounter(max_skip_fraction)
-    ds = _source_dataset(str(src), split, counter, max_pixels)  # a bad source leaves no destination behind
+    counter = SkipCounter(max_skip_fraction, option="--max-skip-fraction")
+    ds = _source_dataset(str(src), split, counter, max_pixels, allow_empty_classes)  # nothing made if it is bad
     try:
         dst.mkdir(parents=True, exist_ok=True)
     except FileExistsError:

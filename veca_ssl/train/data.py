@@ -61,7 +61,8 @@ def build_train_dataset(cfg: DictConfig) -> Any:
         if parse_spec(str(d.train))[0] == "wds":  # the endless, resumable training stream
             options = {"endless": True, "shuffle_buffer": d.shuffle_buffer, "resampled": d.resampled, "seed": cfg.seed}
         return build_dataset(str(d.train), split=d.split, split_if_present=True, max_pixels=d.max_pixels,
-                             max_skip_fraction=d.max_skip_fraction, **options)
+                             max_skip_fraction=d.max_skip_fraction, allow_empty_classes=d.allow_empty_classes,
+                             **options)
     except (ValueError, OSError) as exc:
         raise ConfigError(f"data.train={d.train}: {exc}") from None
 
