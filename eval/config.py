@@ -315,6 +315,11 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> EvalC
             raise EvalConfigError(f"cannot read eval config {path}: {str(exc).splitlines()[0]}") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise EvalConfigError(f"eval config {path} must be a mapping of keys, got a {type(loaded).__name__}")
+        from veca_ssl.config import empty_yaml
+
+        if not loaded and empty_yaml(path):
+            raise EvalConfigError(f"eval config {path} is empty (nothing but comments or blank lines); write the "
+                                  f"keys it should set (configs/eval/digits.yaml is an example)")
         data = loaded or {}
     bad = [o for o in overrides if "=" not in o]
     if bad:

@@ -59,7 +59,21 @@ def _load_yaml(path: Path) -> DictConfig:
     if not isinstance(loaded, DictConfig):
         raise ConfigError(f"{path} must hold a mapping of config keys (e.g. 'optim: {{epochs: 10}}'), but its top "
                           f"level is a {'list' if isinstance(loaded, ListConfig) else type(loaded).__name__}")
+    if not loaded and empty_yaml(path):
+        raise ConfigError(f"{path} is empty (nothing but comments or blank lines): it would silently run with every "
+                          f"default. Write the keys it should set (e.g. 'optim: {{epochs: 10}}'), or give another "
+                          f"file")
     return loaded
+
+
+def empty_yaml(path: Path) -> bool:
+    """Whether a YAML file holds no document at all (empty, or only comments): OmegaConf reads it as
+    ``{}``, which would pass for "every default" although the file was surely meant to say something.
+    An explicit ``{}`` is a document and is not empty."""
+    try:
+        return yaml.safe_load(Path(path).read_text()) is None
+    except (OSError, yaml.YAMLError):
+        return False
 
 
 #: Keys whose default is a value but which also accept null (the comment in default.yaml says what null means).

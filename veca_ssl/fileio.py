@@ -21,6 +21,7 @@ import errno
 import hashlib
 import json
 import os
+import pickletools
 import re
 import secrets
 import shutil
@@ -38,7 +39,7 @@ CHECKSUM_SUFFIX = ".sha256"
 
 __all__ = ["TMP_PREFIX", "CHECKSUM_SUFFIX", "CorruptFileError", "atomic_path", "atomic_open", "atomic_write_bytes",
            "atomic_write_text", "atomic_write_json", "remove_orphans", "sha256_file", "checksum_path",
-           "verify_checksum", "verify_file", "is_disk_full", "os_error_in", "write_failure",
+           "verify_checksum", "verify_file", "is_disk_full", "is_plain_pickle", "os_error_in", "write_failure",
            "WriteError", "writing", "describe_os_error"]
 
 
@@ -216,6 +217,39 @@ def os_error_in(exc: BaseException | None) -> OSError | None:
             code = int(found.group(1) or found.group(2))
             return OSError(code, os.strerror(code))
     return None
+
+
+#: How torch.save's legacy (pre-zip) format begins: pickle protocol 2, then its magic number.
+_TORCH_LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
+
+
+def is_plain_pickle(path: str | Path) -> bool:
+    """Whether ``path`` is a bare Python pickle (``pickle.dump``; protocol 2 or later), not a
+    ``torch.save`` file (a zip archive, or the legacy format that starts with torch's magic number).
+    Such a file can only be read by unpickling arbitrary objects, which veca-ssl never does."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return False
+    if not (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5) or head.startswith(_TORCH_LEGACY_MAGIC):
+        return False
+    # random bytes may start like a pickle too: its first opcodes must also disassemble (pickletools reads
+    # opcodes and their arguments only; nothing is constructed or imported)
+    ops = 0
+    try:
+        for opcode, _, _ in pickletools.genops(head):
+            ops += 1
+            if opcode.name == "STOP" or ops >= 16:
+                return True
+    except Exception:  # a broken opcode, or the head ends inside one
+        return ops >= 16
+    return False
+
+
+PLAIN_PICKLE = ("a plain Python pickle (pickle.dump), not a torch.save checkpoint: loading it means unpickling "
+                "arbitrary objects, which veca-ssl never does. Save its tensors with torch.save (a dict of "
+                "tensors and plain values) or safetensors, and give that file")
 
 
 def is_disk_full(exc: BaseException) -> bool:

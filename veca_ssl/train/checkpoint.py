@@ -171,6 +171,8 @@ class CheckpointManager:
         """Read a checkpoint, never unpickling objects (``weights_only=True``). With ``verify`` its
         sha256 (or its zip CRCs) is checked first. Raises ``CheckpointError`` naming the file and why."""
         path = Path(path)
+        if fileio.is_plain_pickle(path):
+            raise CheckpointError(f"{path}: {fileio.PLAIN_PICKLE}")
         try:
             if verify:
                 fileio.verify_file(path)
@@ -188,7 +190,9 @@ class CheckpointManager:
                 raise CheckpointError(f"{path}: holds a pickled Python object ({found.group(1)}), which is never "
                                       "loaded (only tensors and plain containers are): not a veca-ssl checkpoint") from None
             detail = re.search(r"WeightsUnpickler error: ([^\n]+)", text)
-            raise CheckpointError(f"{path}: unreadable ({detail.group(1) if detail else _first_line(exc)})") from None
+            # never torch's first line: it advises weights_only=False, exactly what must not be done here
+            raise CheckpointError(f"{path}: unreadable ({detail.group(1) if detail else 'not a torch checkpoint'})") \
+                from None
         except Exception as exc:  # torch raises RuntimeError/EOFError/... for damaged archives
             raise CheckpointError(f"{path}: unreadable ({_first_line(exc)})") from None
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
