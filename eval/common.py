@@ -25,6 +25,8 @@ log = logging.getLogger("eval")
 #: Resolution used when neither the option nor the checkpoint gives one (DINOv2's eval resolution).
 FALLBACK_RESOLUTION = 224
 REPORT_FILES = ("report.json", "report.md", "report.csv", "report.png")
+#: The option unusable images are judged by, named in the error (every eval command and veca extract).
+SKIP_OPTION = "--max-skip-fraction"
 
 
 # --------------------------------------------------------------------------------------------- device
@@ -149,9 +151,11 @@ def parse_dataset_spec(text: str) -> tuple[str, str | None]:
     return text.strip(), None
 
 
-def build_eval_dataset(text: str, resolution: int, max_pixels: int | None = None) -> torch.utils.data.Dataset:
+def build_eval_dataset(text: str, resolution: int, max_pixels: int | None = None,
+                       allow_empty_classes: bool = False) -> torch.utils.data.Dataset:
     """Build ``SPEC[@SPLIT]`` with the evaluation transform (resize, centre crop, normalise); images
-    declaring more than ``max_pixels`` pixels are unusable (None: the data path's default limit)."""
+    declaring more than ``max_pixels`` pixels are unusable (None: the data path's default limit). An
+    image folder's class folder without images is an error unless ``allow_empty_classes``."""
     from veca_ssl.data import build_dataset, parse_spec
     from veca_ssl.data.transforms import make_eval_transform
 
@@ -163,7 +167,8 @@ def build_eval_dataset(text: str, resolution: int, max_pixels: int | None = None
         options = {"dense": False}  # classification items (image, target) even for dense data
     if max_pixels is not None:
         options["max_pixels"] = max_pixels
-    return build_dataset(spec, split=split, transform=make_eval_transform(resolution), **options)
+    return build_dataset(spec, split=split, transform=make_eval_transform(resolution),
+                         allow_empty_classes=allow_empty_classes, **options)
 
 
 def require_labels(labels: torch.Tensor, spec: str) -> None:
@@ -240,10 +245,15 @@ def classification_features(model: torch.nn.Module, widths: list[Width], cfg: Ev
     Shared by k-NN, the linear probe and logistic regression. Returns
     ``{"train"|"test"|"val": {width: FeatureSet}}`` ("val" only when ``datasets.val`` is set).
     """
+    from veca_ssl.data.errors import DataSkipError
+    from veca_ssl.data.folder import check_same_classes
     from veca_ssl.features import extract_features
 
     specs = {k: getattr(cfg.datasets, k) for k in ("train", "test", "val") if getattr(cfg.datasets, k)}
-    datasets = {k: build_eval_dataset(s, resolution, cfg.max_pixels) for k, s in specs.items()}
+    datasets = {k: build_eval_dataset(s, resolution, cfg.max_pixels, cfg.allow_empty_classes)
+                for k, s in specs.items()}
+    check_same_classes({f"the {k} set {specs[k]}": getattr(ds, "classes", None) for k, ds in datasets.items()},
+                       hint=" (a class folder without images is kept as a class with --allow-empty-classes)")
     for k, ds in datasets.items():
         check_first_label(ds, specs[k])
     warn_if_upsampling(datasets["train"], specs["train"], resolution, why)
@@ -251,9 +261,12 @@ def classification_features(model: torch.nn.Module, widths: list[Width], cfg: Ev
     out: dict[str, dict] = {}
     for k, ds in datasets.items():
         log.info("extracting %s features of %s at %d px, widths %s", k, specs[k], resolution, widths)
-        out[k] = extract_features(model, ds, widths, resolution, cfg.batch_size, device, n_last_blocks=n_blocks,
-                                  with_patch_mean=patch_mean, num_workers=cfg.num_workers, progress=progress,
-                                  max_skip_fraction=cfg.max_skip_fraction)
+        try:
+            out[k] = extract_features(model, ds, widths, resolution, cfg.batch_size, device, n_last_blocks=n_blocks,
+                                      with_patch_mean=patch_mean, num_workers=cfg.num_workers, progress=progress,
+                                      max_skip_fraction=cfg.max_skip_fraction, skip_option=SKIP_OPTION)
+        except DataSkipError as exc:  # over the whole set, after the pass: say which set
+            raise DataSkipError(f"{k} set {specs[k]}: {exc}") from None
         require_labels(next(iter(out[k].values())).labels, specs[k])
     return out
 

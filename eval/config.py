@@ -209,6 +209,9 @@ class EvalConfig(ModelSource):
     # a test keeps them equal)
     max_pixels: int = opt(89_478_485, "images whose header declares more pixels are unusable, refused before "
                                       "decoding (0 = no limit beyond PIL's)", rule=at_least(0))
+    allow_empty_classes: bool = opt(False, "imagefolder: keep a class folder without images as a class with zero "
+                                           "images (without it, such a folder is an error naming it: leaving it out "
+                                           "would shift every later label)")
     device: str = opt("auto", "auto (CUDA when available) | cpu | cuda | cuda:N", metavar="DEVICE")
     output_dir: str = opt("eval_output", "results go to <output-dir>/<run name>/", metavar="DIR")
     name: str | None = opt(None, "run name, the sub-directory of --output-dir", metavar="NAME",
@@ -316,6 +319,11 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> EvalC
             raise EvalConfigError(f"cannot read eval config {path}: {str(exc).splitlines()[0]}") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise EvalConfigError(f"eval config {path} must be a mapping of keys, got a {type(loaded).__name__}")
+        from veca_ssl.config import empty_yaml
+
+        if not loaded and empty_yaml(path):
+            raise EvalConfigError(f"eval config {path} is empty (nothing but comments or blank lines); write the "
+                                  f"keys it should set (configs/eval/digits.yaml is an example)")
         data = loaded or {}
     bad = [o for o in overrides if "=" not in o]
     if bad:
@@ -338,7 +346,8 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
 def add_run_options(parser: argparse.ArgumentParser, resolution: bool = True, widths: bool = True) -> None:
     """The run options every eval command shares: widths, resolution, batch, device, output, progress."""
     g = parser.add_argument_group("run")
-    names = ["batch_size", "num_workers", "num_threads", "max_skip_fraction", "max_pixels", "device", "output_dir", "name", "overwrite", "progress"]
+    names = ["batch_size", "num_workers", "num_threads", "max_skip_fraction", "max_pixels", "allow_empty_classes",
+             "device", "output_dir", "name", "overwrite", "progress"]
     names = (["widths"] if widths else []) + (["resolution"] if resolution else []) + names
     add_fields(g, EvalConfig, only=names)
     add_debug_option(parser)

@@ -31,11 +31,11 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
-from eval.common import few_threads_if_small, parse_dataset_spec
+from eval.common import SKIP_OPTION, few_threads_if_small, parse_dataset_spec
 from eval.config import DenseProbeConfig
 from eval.stats import bootstrap_ci, mean_ci, with_ci
 from veca_ssl.data.decode import DECODE_ERRORS, DEFAULT_MAX_PIXELS, Decoder
-from veca_ssl.data.errors import DataError
+from veca_ssl.data.errors import DataError, DataSkipError
 from veca_ssl.data.transforms import DenseEvalTransform
 from veca_ssl.progress import track
 from veca_ssl.widths import width_label
@@ -423,8 +423,12 @@ def dense_features(model: torch.nn.Module, widths: list, train_spec: str, test_s
         ds = DenseEvalDataset(build_dense_dataset(spec, reduce_zero_label, max_pixels), resolution, spec)
         ds.targets([0])  # fails early (before extraction) on data without masks/depth
         log.info("extracting dense %s features of %s at %d px", name, spec, resolution)
-        feats = extract_features(model, ds, widths, resolution, batch_size, device, with_patches=True,
-                                 num_workers=num_workers, progress=progress, max_skip_fraction=max_skip_fraction)
+        try:
+            feats = extract_features(model, ds, widths, resolution, batch_size, device, with_patches=True,
+                                     num_workers=num_workers, progress=progress, max_skip_fraction=max_skip_fraction,
+                                     skip_option=SKIP_OPTION)
+        except DataSkipError as exc:  # over the whole set, after the pass: say which set
+            raise DataSkipError(f"dense {name} set {spec}: {exc}") from None
         sets[name] = (feats, ds.targets(next(iter(feats.values())).indices.tolist()))
     return sets["train"][0], sets["test"][0], sets["train"][1], sets["test"][1]
 

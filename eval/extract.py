@@ -28,13 +28,18 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset, Subset
 
+from eval.common import SKIP_OPTION
 from eval.extract_cli import FORMATS
+from veca_ssl.data.errors import DataSkipError, SkipCounter
 from veca_ssl.distributed import is_main_process
 from veca_ssl.fileio import atomic_write_bytes as _atomic_write_bytes
 from veca_ssl.fileio import sha256_file as _sha256
+from veca_ssl.fileio import writing
 from veca_ssl.widths import Width, resolve_widths
 
 MANIFEST = "manifest.json"
+#: What to do after a failed write (the finished shards stay: a rerun continues after them).
+_RESUME = "rerun the same command: it continues after the shards listed in manifest.json"
 DTYPES = {"float32": (torch.float32, np.float32), "float16": (torch.float16, np.float16)}
 #: Manifest fields that must match for a resume to continue an existing extraction.
 IDENTITY = ("model", "checkpoint", "width", "resolution", "dataset", "count", "dtype", "format",
@@ -60,7 +65,8 @@ def _write_shard(out_dir: Path, index: int, arrays: dict[str, np.ndarray], fmt: 
             blobs[f"{name}.{key}.npy"] = buf.getvalue()
     files = []
     for fname, data in blobs.items():
-        _atomic_write_bytes(out_dir / fname, data)
+        with writing(out_dir / fname, "feature shard", _RESUME):
+            _atomic_write_bytes(out_dir / fname, data)
         files.append({"file": fname, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
     return files
 
@@ -92,7 +98,8 @@ def _skip_totals(manifest: dict) -> dict:
 
 
 def _write_manifest(out_dir: Path, manifest: dict) -> None:
-    _atomic_write_bytes(out_dir / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+    with writing(out_dir / MANIFEST, "the extraction manifest", _RESUME):
+        _atomic_write_bytes(out_dir / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
 
 
 def extract_to_shards(
@@ -121,13 +128,13 @@ def extract_to_shards(
         info: identity of the run recorded in the manifest (``model``, ``checkpoint``, ``dataset``).
         max_shards: stop after writing this many new shards (the rest is done by a later call).
         on_shard: called with the shard index after each shard and its manifest entry are on disk.
-        max_skip_fraction: stop (``DataSkipError``) once more than this fraction of the items in the
-            finished shards is unusable; the shards written so far stay valid.
+        max_skip_fraction: raise ``DataSkipError`` when more than this fraction of the whole set is
+            unusable, judged once every shard is written (the shards stay valid); earlier only when every
+            item so far was unusable.
 
     Returns:
         The manifest (``manifest["complete"]`` tells whether every shard is written).
     """
-    from veca_ssl.data.errors import SkipCounter
     from veca_ssl.features import extract_features
 
     if fmt not in FORMATS:
@@ -164,6 +171,7 @@ def extract_to_shards(
             if entry["index"] != len(manifest["shards"]) or not _shard_ok(out, entry):
                 break
             manifest["shards"].append(entry)
+        manifest["skipped"] = _skip_totals(manifest)  # theirs count, even when no shard is left to do
     n = len(dataset)
     n_shards = max(1, -(-n // shard_size))
     torch_dtype, np_dtype = DTYPES[dtype]
@@ -197,17 +205,31 @@ def extract_to_shards(
         else:
             manifest["shards"].append({"index": index, "count": stop - start, "skipped": skipped})
             manifest["skipped"] = _skip_totals(manifest)
-        totals = SkipCounter(max_skip_fraction, min_seen=1)  # over every finished shard
-        totals.load_state({"seen": manifest["skipped"]["seen"], "skipped": manifest["skipped"]["count"],
-                           "first": [r for e in manifest["shards"] for r in e.get("skipped", [])][:10]})
-        totals.check()  # same manifest on every rank: all stop together
+        # only "every item so far unusable" stops early (a wrong path or format); the fraction is judged
+        # over the whole set once it is done, never on the part that happens to come first
+        _skip_totals_counter(manifest, max_skip_fraction, min_seen=n + 1).check()  # same on every rank
         written += 1
         if on_shard is not None:
             on_shard(index)
     manifest["complete"] = len(manifest["shards"]) == n_shards
     if is_main_process():
         _write_manifest(out, manifest)
+    if manifest["complete"]:
+        try:
+            _skip_totals_counter(manifest, max_skip_fraction, min_seen=1).check()
+        except DataSkipError as exc:
+            raise DataSkipError(f"{exc}. The features of the usable images are written to {out} (the unusable "
+                                f"ones are listed in its {MANIFEST}); rerun with a higher --max-skip-fraction to "
+                                f"accept them") from None
     return manifest
+
+
+def _skip_totals_counter(manifest: dict, max_skip_fraction: float, min_seen: int) -> SkipCounter:
+    """The skip counts over every finished shard (``min_seen``: attempts before the fraction is judged)."""
+    totals = SkipCounter(max_skip_fraction, min_seen=min_seen, log=False, option=SKIP_OPTION)
+    totals.load_state({"seen": manifest["skipped"]["seen"], "skipped": manifest["skipped"]["count"],
+                       "first": [r for e in manifest["shards"] for r in e.get("skipped", [])][:10]})
+    return totals
 
 
 def read_features(directory: str | Path) -> dict[str, np.ndarray]:

@@ -68,7 +68,7 @@ def build_parser() -> ArgumentParser:
     add_fields(g, ExtractOptions, required=("data", "output_dir"))
     r = p.add_argument_group("run")
     add_fields(r, EvalConfig, only=("resolution", "batch_size", "num_workers", "num_threads", "device", "progress",
-                                    "max_skip_fraction", "max_pixels"))
+                                    "max_skip_fraction", "max_pixels", "allow_empty_classes"))
     add_debug_option(p)
     return p
 
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             device = resolve_device(common.device)
             model = load_model(common, common.seed)
             resolution, why = resolve_resolution(common, model)
-            dataset = build_eval_dataset(opts.data, resolution, common.max_pixels)
+            dataset = build_eval_dataset(opts.data, resolution, common.max_pixels, common.allow_empty_classes)
             warn_if_upsampling(dataset, opts.data, resolution, why)
             info = {"model": model_description(common, model), "checkpoint": common.checkpoint, "dataset": opts.data}
             manifest = extract_to_shards(

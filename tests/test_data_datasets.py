@@ -46,13 +46,18 @@ def _folder(root: Path, classes: dict[str, int], start: int = 0) -> Path:
 def test_imagefolder_labels_from_sorted_class_names(tmp_path):
     _folder(tmp_path, {"zebra": 2, "ant": 3})
     (tmp_path / "ant" / "notes.txt").write_text("not an image")
-    (tmp_path / "empty").mkdir()
     ds = build_dataset(f"imagefolder:{tmp_path}")
     assert ds.classes == ["ant", "zebra"] and len(ds) == 5
     assert ds.targets.tolist() == [0, 0, 0, 1, 1]
     img, target = ds[3]
     assert isinstance(img, Image.Image) and img.mode == "RGB" and target == 1
     assert np.array_equal(np.asarray(ds[0][0]), _colour(2))  # ant images were written after zebra's
+    # a class folder without images would shift zebra to label 1 if left out: refused, or kept as a class
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="class folder empty holds no image"):
+        build_dataset(f"imagefolder:{tmp_path}")
+    kept = build_dataset(f"imagefolder:{tmp_path}", allow_empty_classes=True)
+    assert kept.classes == ["ant", "empty", "zebra"] and kept.targets.tolist() == [0, 0, 0, 2, 2]
 
 
 def test_flat_folder_is_unlabelled_and_missing_or_empty_raise(tmp_path):

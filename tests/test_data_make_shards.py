@@ -136,3 +136,32 @@ def test_bad_source_or_destination_is_one_message_and_leaves_nothing(tmp_path):
     proc = run("digits", "a_file")
     assert proc.returncode == 2 and "a_file exists and is not a directory" in proc.stderr, proc.stderr
     assert proc.stderr.count("\n") == 1
+
+
+def test_a_source_replaced_under_the_same_name_is_not_resumed_with_stale_bytes(tmp_path):
+    """Killed after 4 shards; then a source those shards hold is replaced by another image of the very
+    same size (BMP: the size depends on the dimensions only). The rerun must not reuse the stale
+    shards: its set equals a clean run's on the new sources."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    rng = np.random.default_rng(0)
+    for i in range(60):
+        (src / ("a" if i % 2 else "b")).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (9, 11, 3), dtype=np.uint8)).save(src / ("a" if i % 2 else "b") /
+                                                                              f"{i:04d}.bmp")
+    proc = subprocess.run([sys.executable, "-c", KILL_AFTER_SHARD, str(src), str(dst)], cwd=ROOT,
+                          capture_output=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr.decode()[-2000:]
+    staged = dst / ".make-shards-staging" / "shard-000000.tar"
+    key = build_dataset(f"wds:{staged}").shards.index(0).keys[0]  # the source index of shard 0's first sample
+    victim = Path(build_dataset(f"imagefolder:{src}").path(int(key)))
+    before = victim.read_bytes()
+    Image.fromarray(np.full((9, 11, 3), 7, np.uint8)).save(victim)
+    assert len(victim.read_bytes()) == len(before) and victim.read_bytes() != before
+    os.utime(victim, ns=(victim.stat().st_atime_ns, victim.stat().st_mtime_ns + 10**9))  # a later write
+    resumed_at: list[int] = []
+    make_shards(str(src), dst, shard_size=10, overwrite=True, progress=False, on_shard=resumed_at.append)
+    assert resumed_at == list(range(6))  # started over: the finished shards no longer match their sources
+    clean = tmp_path / "clean"
+    make_shards(str(src), clean, shard_size=10, progress=False)
+    assert {k: v for k, v in _snapshot(dst).items() if k != "manifest.json"} == \
+        {k: v for k, v in _snapshot(clean).items() if k != "manifest.json"}

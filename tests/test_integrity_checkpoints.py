@@ -187,3 +187,31 @@ def test_keep_every_keeps_milestones(tmp_path):
         n for s in (3, 6, 7) for n in (f"checkpoint-{s:08d}.pt", f"checkpoint-{s:08d}.pt.sha256"))
     for path in ckpts.all():
         assert fileio.verify_file(path) == "sha256"
+
+
+def test_a_plain_pickle_is_named_as_one_and_never_loaded(tmp_path, finished):
+    """``pickle.dump`` output given as a checkpoint (to eval, and found among a run's checkpoints): named
+    a plain Python pickle, never unpickled, without torch's advice to load it with weights_only=False."""
+    import pickle
+    import subprocess
+    import sys
+
+    from integrity_cli import ROOT
+
+    plain = tmp_path / "weights.pkl"
+    plain.write_bytes(pickle.dumps({"student": _Marker(str(tmp_path / "unpickled")), "w": [1.0, 2.0]}))
+    result = subprocess.run([sys.executable, "-m", "veca_ssl.cli", "eval", "knn", "--checkpoint", str(plain),
+                             "--train", "digits@train", "--test", "digits@val", "--no-speed"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"cannot read checkpoint {plain}: a plain Python pickle (pickle.dump), not a torch.save checkpoint" \
+        in result.stderr, result.stderr
+    assert "corrupt" not in result.stderr and "weights_only=False" not in result.stderr
+    out = _copy_run(finished, tmp_path / "run")
+    (out / "checkpoints" / "checkpoint-00000008.pt").write_bytes(plain.read_bytes())
+    fileio.checksum_path(out / "checkpoints" / "checkpoint-00000008.pt").unlink()
+    resumed = run(write_config(tmp_path / "exp.yaml", f"output_dir={out}"), "train.max_steps=8")
+    assert resumed.returncode == 0, resumed.stderr
+    assert re.search(r"skipping checkpoint checkpoint-00000008.pt: a plain Python pickle", resumed.stderr), \
+        resumed.stderr
+    assert "weights_only" not in resumed.stderr and not (tmp_path / "unpickled").exists()

@@ -107,3 +107,18 @@ def test_debug_shows_the_traceback(tmp_path):
 def test_load_config_raises_config_error_for_the_same_rules():
     with pytest.raises(ConfigError, match="optim.base_lr=-1"):
         load_config(None, [*TINY, "optim.base_lr=-1"])
+
+
+@pytest.mark.parametrize("content", ["", "# experiment: to be written\n\n"])
+def test_an_empty_config_file_is_named_not_run_with_every_default(tmp_path, content):
+    empty = tmp_path / "exp.yaml"
+    empty.write_text(content)
+    result = _cli("--config", str(empty), f"output_dir={tmp_path / 'run'}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr == (f"veca train: config error: {empty} is empty (nothing but comments or blank lines): it "
+                             f"would silently run with every default. Write the keys it should set (e.g. 'optim: "
+                             f"{{epochs: 10}}'), or give another file\n")
+    assert not (tmp_path / "run").exists()
+    evaluated = subprocess.run([sys.executable, "-m", "veca_ssl.cli", "eval", "all", "--config", str(empty)],
+                               cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert evaluated.returncode == 2 and f"eval config {empty} is empty" in evaluated.stderr, evaluated.stderr

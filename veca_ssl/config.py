@@ -72,7 +72,21 @@ def _load_yaml(path: Path) -> DictConfig:
     if not isinstance(loaded, DictConfig):
         raise ConfigError(f"{path} must hold a mapping of config keys (e.g. 'optim: {{epochs: 10}}'), but its top "
                           f"level is a {'list' if isinstance(loaded, ListConfig) else type(loaded).__name__}")
+    if not loaded and empty_yaml(path):
+        raise ConfigError(f"{path} is empty (nothing but comments or blank lines): it would silently run with every "
+                          f"default. Write the keys it should set (e.g. 'optim: {{epochs: 10}}'), or give another "
+                          f"file")
     return loaded
+
+
+def empty_yaml(path: Path) -> bool:
+    """Whether a YAML file holds no document at all (empty, or only comments): OmegaConf reads it as
+    ``{}``, which would pass for "every default" although the file was surely meant to say something.
+    An explicit ``{}`` is a document and is not empty."""
+    try:
+        return yaml.safe_load(Path(path).read_text()) is None
+    except (OSError, yaml.YAMLError):
+        return False
 
 
 #: Keys whose default is a value but which also accept null (the comment in default.yaml says what null means).
@@ -419,10 +433,12 @@ def _check_model_and_crops(cfg: DictConfig) -> None:
                           f"model.patch_size={patch}")
     phases = parse_phases(cfg.multires, patch, cfg.optim.epochs)  # raises ConfigError naming the key
     streaming = str(cfg.data.train).startswith("wds:")
-    if streaming and cfg.data.samples_per_epoch is None and _stream_length(cfg) is None:
-        raise ConfigError(f"data.samples_per_epoch is required for streaming data ({cfg.data.train}) whose shards "
-                          f"have no manifest.json with their counts: set it to the number of samples in the shards "
-                          f"(make-shards prints it and writes the manifest)")
+    if streaming and cfg.data.samples_per_epoch is None:
+        length, why = _stream_length(cfg)
+        if length is None:
+            raise ConfigError(f"data.samples_per_epoch is required for streaming data ({cfg.data.train}) whose "
+                              f"shards are not all counted ({why}): set it to the number of samples in the "
+                              f"shards (make-shards prints it and writes the manifest)")
     if streaming and phases:
         raise ConfigError(f"multires.phases needs map-style data (samples addressed by position); "
                           f"{cfg.data.train} streams")
@@ -500,7 +516,7 @@ MEANING_SECTIONS = ("mode", "seed", "model", "widths", "data", "crops", "multire
 #: Keys inside those sections that do not change the result (speed, memory, logging; model.init_from
 #: only matters at step 0: a resumed run continues from its own checkpoint).
 RESUME_FREE_KEYS = ("model.grad_checkpointing", "model.init_from", "data.num_workers", "data.max_skip_fraction",
-                    "distill.teacher_batch_size")
+                    "data.allow_empty_classes", "distill.teacher_batch_size")
 
 
 def _leaves(node: Any, prefix: str = "") -> dict[str, Any]:
@@ -532,11 +548,11 @@ def format_changes(changes: list[tuple[str, Any, Any]]) -> str:
     return "\n".join(f"  {key}: {_show(a)} -> {_show(b)}" for key, a, b in changes)
 
 
-def _stream_length(cfg: DictConfig) -> int | None:
-    """Samples in the ``wds:`` shards of ``data.train`` from their manifest (None without one)."""
-    from veca_ssl.data import stream_length
+def _stream_length(cfg: DictConfig) -> tuple[int | None, str | None]:
+    """Samples in the ``wds:`` shards of ``data.train`` from their manifest, or ``(None, why not)``."""
+    from veca_ssl.data.specs import stream_count
 
-    return stream_length(str(cfg.data.train), cfg.data.split, split_if_present=True)
+    return stream_count(str(cfg.data.train), cfg.data.split, split_if_present=True)
 
 
 def _check_data(cfg: DictConfig) -> None:

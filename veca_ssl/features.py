@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from veca_ssl import distributed as vd
-from veca_ssl.data.errors import SkipCounter, UnreadableItem
+from veca_ssl.data.errors import SKIP_CONFIG_KEY, SkipCounter, UnreadableItem
 from veca_ssl.data.wds import Skipped
 from veca_ssl.progress import track
 from veca_ssl.widths import Width, resolve_widths
@@ -183,6 +183,7 @@ def extract_features(
     progress: bool = True,
     dtype: torch.dtype = torch.float32,
     max_skip_fraction: float | None = 0.01,
+    skip_option: str = SKIP_CONFIG_KEY,
 ) -> dict[Width, FeatureSet]:
     """Extract frozen features of ``dataset`` at every width in one pass over the data.
 
@@ -199,6 +200,7 @@ def extract_features(
         dtype: storage dtype of the features (CPU tensors).
         max_skip_fraction: stop (``DataSkipError``, after the pass, on every rank alike) when more than
             this fraction of items is unusable; ``None`` = never stop, only list them.
+        skip_option: the setting the error names (a command's ``--max-skip-fraction``).
 
     Returns:
         ``{width: FeatureSet}`` in the order of ``widths``, rows in dataset-index order; unusable items
@@ -268,7 +270,7 @@ def extract_features(
     all_skipped = sorted(_gather_objects(skipped), key=lambda r: r["index"])
     # the whole pass is known: judge the fraction over all of it (min_seen=1); workers logged the items
     counter = SkipCounter(max_skip_fraction if max_skip_fraction is not None else 1.0, min_seen=1, enforce=False,
-                          log=False)
+                          log=False, option=skip_option)
     counter.add(len(all_indices) + len(all_skipped), all_skipped)
     if max_skip_fraction is not None:
         counter.check()  # the same gathered counts on every rank: all stop together

@@ -21,7 +21,10 @@ import errno
 import hashlib
 import json
 import os
+import pickletools
+import re
 import secrets
+import shutil
 import stat
 import zipfile
 from collections.abc import Iterator
@@ -36,7 +39,8 @@ CHECKSUM_SUFFIX = ".sha256"
 
 __all__ = ["TMP_PREFIX", "CHECKSUM_SUFFIX", "CorruptFileError", "atomic_path", "atomic_open", "atomic_write_bytes",
            "atomic_write_text", "atomic_write_json", "remove_orphans", "sha256_file", "checksum_path",
-           "verify_checksum", "verify_file", "is_disk_full"]
+           "verify_checksum", "verify_file", "is_disk_full", "is_plain_pickle", "os_error_in", "write_failure",
+           "WriteError", "writing", "describe_os_error"]
 
 
 class CorruptFileError(OSError):
@@ -195,15 +199,130 @@ def verify_file(path: str | Path) -> str:
     return "zip CRC-32"
 
 
-def is_disk_full(exc: BaseException) -> bool:
-    """Whether ``exc`` (or what caused it) is "no space left" / "quota exceeded"."""
+def os_error_in(exc: BaseException | None) -> OSError | None:
+    """The operating-system error behind ``exc``: ``exc`` itself, one in its cause/context chain, or, for
+    writers that report it only in text (safetensors' Rust core: ``"... (os error 28)"``), one rebuilt
+    from its errno. None when there is none (a bug, not the file system)."""
     seen: set[int] = set()
+    texts: list[str] = []
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
+        if isinstance(exc, OSError) and exc.errno is not None:
+            return exc
+        texts.append(str(exc))
         exc = exc.__cause__ or exc.__context__
+    for text in texts:
+        found = re.search(r"\(os error (\d+)\)|Os \{ code: (\d+)", text)
+        if found:
+            code = int(found.group(1) or found.group(2))
+            return OSError(code, os.strerror(code))
+    return None
+
+
+#: How torch.save's legacy (pre-zip) format begins: pickle protocol 2, then its magic number.
+_TORCH_LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
+
+
+def is_plain_pickle(path: str | Path) -> bool:
+    """Whether ``path`` is a bare Python pickle (``pickle.dump``; protocol 2 or later), not a
+    ``torch.save`` file (a zip archive, or the legacy format that starts with torch's magic number).
+    Such a file can only be read by unpickling arbitrary objects, which veca-ssl never does."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return False
+    if not (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5) or head.startswith(_TORCH_LEGACY_MAGIC):
+        return False
+    # random bytes may start like a pickle too: its first opcodes must also disassemble (pickletools reads
+    # opcodes and their arguments only; nothing is constructed or imported)
+    ops = 0
+    try:
+        for opcode, _, _ in pickletools.genops(head):
+            ops += 1
+            if opcode.name == "STOP" or ops >= 16:
+                return True
+    except Exception:  # a broken opcode, or the head ends inside one
+        return ops >= 16
     return False
+
+
+PLAIN_PICKLE = ("a plain Python pickle (pickle.dump), not a torch.save checkpoint: loading it means unpickling "
+                "arbitrary objects, which veca-ssl never does. Save its tensors with torch.save (a dict of "
+                "tensors and plain values) or safetensors, and give that file")
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it) is "no space left" / "quota exceeded"."""
+    error = os_error_in(exc)
+    return error is not None and error.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def _free_space(directory: Path) -> str:
+    while not directory.exists() and directory != directory.parent:
+        directory = directory.parent
+    try:
+        usage = shutil.disk_usage(directory)
+    except OSError:
+        return "free space unknown"
+    return f"{human_bytes(usage.free)} of {human_bytes(usage.total)} free now"
+
+
+def human_bytes(n: float) -> str:
+    """``"512 KiB"``, ``"98 MiB"``, ``"1.4 GiB"``."""
+    if n < 10 * 2**20:
+        return f"{n / 2**10:.0f} KiB"
+    if n < 10 * 2**30:
+        return f"{n / 2**20:.0f} MiB"
+    return f"{n / 2**30:.1f} GiB"
+
+
+def write_failure(exc: BaseException, path: str | Path) -> tuple[str, str]:
+    """Why writing ``path`` failed, in words, and what to do: ``(cause, remedy)``.
+
+    The cause names the directory and the real reason (``no space left on DIR (0 KiB of 2 MiB free
+    now)``, ``DIR is on a read-only file system``, ``permission denied: cannot create files in DIR``
+    or ``cannot write FILE`` for an existing file, ``disk quota exceeded on DIR``), whatever the
+    writer wrapped it in (torch's ``inline_container.cc`` text, safetensors' ``SafetensorError``).
+    The remedy is an imperative to put before "and rerun". Errors that do not come from the file
+    system keep their first line."""
+    directory = Path(path).parent
+    error = os_error_in(exc)
+    code = error.errno if error is not None else None
+    if code == errno.ENOSPC:
+        return f"no space left on {directory} ({_free_space(directory)})", "free space"
+    if code == errno.EDQUOT:
+        return f"disk quota exceeded on {directory}", "free space within your quota"
+    if code == errno.EROFS:
+        return f"{directory} is on a read-only file system", "remount it read-write (or move the directory)"
+    if code in (errno.EACCES, errno.EPERM):
+        # the file when it exists and is what refused; the directory when a new file could not be made in it
+        name = Path(path) if Path(path).exists() and not Path(path).is_dir() else None
+        where = f"cannot write {name}" if name is not None else f"cannot create files in {directory}"
+        return f"permission denied: {where}", "make it writable"
+    if error is not None:
+        return f"{error.strerror or error} ({directory})", "check that file system"
+    lines = str(exc).strip().splitlines()
+    return (lines[0] if lines else type(exc).__name__), "fix that"
+
+
+class WriteError(OSError):
+    """A file of a run that could not be written; the message names it, the cause and the way out."""
+
+
+@contextmanager
+def writing(path: str | Path, what: str, after: str = "rerun the same command") -> Iterator[None]:
+    """Turn a failed write of ``path`` (an OSError, or a writer's wrapper of one) into a
+    :class:`WriteError`: ``cannot write <what> <path>: <cause>. <remedy> and <after>``."""
+    try:
+        yield
+    except WriteError:
+        raise
+    except Exception as exc:
+        if os_error_in(exc) is None:
+            raise
+        cause, remedy = write_failure(exc, path)
+        raise WriteError(f"cannot write {what} {path}: {cause}. {remedy[0].upper()}{remedy[1:]} and {after}") from exc
 
 
 def describe_os_error(exc: BaseException) -> str:

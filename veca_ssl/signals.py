@@ -11,10 +11,15 @@ down before it can checkpoint, so workers ignore the stop signals (``ignore_in_w
 ``worker_init_fn``) and the main process alone decides. Until a worker reaches its init function it
 runs with the mask of the thread that started it: ``stop_signals_blocked()`` around the loader's
 start keeps the signals blocked there (they stay pending for the parent, nothing is lost).
+
+A second stop signal always ends the process: the first one resets a default disposition so the
+next terminates in the kernel, and a second one the main thread cannot handle (blocked in C code)
+is killed by a watchdog process (``_StuckWatch``).
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import signal
@@ -32,6 +37,8 @@ log = logging.getLogger(__name__)
 
 _PREEMPT_LOCK = threading.Lock()
 _PREEMPT: dict[str, Any] = {"requested": False, "signum": None, "previous": {}}
+#: Seconds a second stop signal waits for the main thread to handle it before the process is killed.
+STUCK_GRACE_S = 1.0
 
 
 def _default_preemption_signals() -> tuple[int, ...]:
@@ -42,8 +49,14 @@ def _default_preemption_signals() -> tuple[int, ...]:
 
 
 def _on_preemption_signal(signum: int, frame: Any) -> None:
+    if _WATCH["watch"] is not None:
+        _WATCH["watch"].acknowledge()
     if not _PREEMPT["requested"]:
         _PREEMPT["requested"], _PREEMPT["signum"] = True, signum
+        if _PREEMPT["previous"].get(signum, signal.SIG_DFL) in (signal.SIG_DFL, None):
+            # The next one terminates in the kernel, without waiting for Python: a process stuck in C
+            # code (a collective, a hung file system) runs no Python handler, and must still end.
+            signal.signal(signum, signal.SIG_DFL)
         log.warning("received %s: will checkpoint and stop after this step (send it again to stop at once)",
                     signal_name(signum))
         return
@@ -67,12 +80,129 @@ def signal_name(signum: int | None) -> str:
         return f"signal {signum}"
 
 
+# The watchdog process of _StuckWatch: counts the stop signals the parent received (its wakeup fd) and
+# handled (acknowledged by its handler); kills the parent when a second one stays unhandled. Ends when
+# the parent closes the pipes (uninstall) or exits.
+_WATCHDOG = """
+import os, select, signal, sys, time
+wake, ack, parent, grace = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+sigs = {int(s) for s in sys.argv[5].split(",")}
+for s in sigs:
+    signal.signal(s, signal.SIG_IGN)  # the group's stop signals are for the parent
+arrived = handled = 0
+deadline = None
+while True:
+    wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+    for fd in select.select([wake, ack], [], [], wait)[0]:
+        data = os.read(fd, 256)
+        if not data:
+            sys.exit(0)
+        if fd == wake:
+            arrived += sum(1 for b in data if b in sigs)
+        else:
+            handled += len(data)
+    if arrived < 2 or handled >= arrived:
+        deadline = None
+    elif deadline is None:
+        deadline = time.monotonic() + grace
+    elif time.monotonic() >= deadline:
+        os.write(2, b"second stop signal while the process is blocked: stopping it at once\\n")
+        os.kill(parent, signal.SIGKILL)
+        sys.exit(0)
+"""
+
+
+class _StuckWatch:
+    """Ends the process on a second stop signal that its main thread cannot handle.
+
+    Python runs signal handlers in the main thread, between bytecodes: a main thread blocked in C code
+    (a collective waiting for a dead rank, a store or file system that hangs), often holding the GIL,
+    handles no signal at all, so "send it again to stop at once" would do nothing. The C-level handler
+    still writes each signal's number to the wakeup fd (``signal.set_wakeup_fd``), and the Python
+    handler acknowledges each one it runs; a small watchdog process (no thread of this process could
+    run while the GIL is held) kills this process when a second stop signal stays unacknowledged for
+    ``STUCK_GRACE_S`` seconds.
+    """
+
+    def __init__(self, sigs: tuple[int, ...]) -> None:
+        import subprocess
+        import sys
+
+        wake_r, self.wake_w = os.pipe()
+        ack_r, self.ack_w = os.pipe()
+        for fd in (self.wake_w, self.ack_w):
+            os.set_blocking(fd, False)  # set_wakeup_fd requires it; a handler must never block
+        self.previous_fd = signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
+        if self.previous_fd != -1:  # someone else's (an asyncio loop): leave it alone, no watchdog
+            signal.set_wakeup_fd(self.previous_fd)
+            self.process = None
+        else:
+            self.process = subprocess.Popen(
+                [sys.executable, "-I", "-S", "-c", _WATCHDOG, str(wake_r), str(ack_r), str(os.getpid()),
+                 str(STUCK_GRACE_S), ",".join(map(str, sigs))], pass_fds=(wake_r, ack_r), stdin=subprocess.DEVNULL)
+        os.close(wake_r)
+        os.close(ack_r)
+
+    def acknowledge(self) -> None:
+        try:
+            os.write(self.ack_w, b"x")
+        except OSError:  # pipe full or closed: nothing to wait for
+            pass
+
+    def close_in_child(self) -> None:
+        for fd in (self.wake_w, self.ack_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def stop(self) -> None:
+        if self.process is not None:
+            try:
+                signal.set_wakeup_fd(-1)
+            except ValueError:  # not the main thread
+                pass
+        self.close_in_child()
+        if self.process is not None:
+            try:
+                self.process.wait(timeout=5)
+            except Exception:
+                self.process.kill()
+
+
+_WATCH: dict[str, _StuckWatch | None] = {"watch": None}
+
+
+def _forget_watch_in_child() -> None:
+    # a forked child (a DataLoader worker) must neither write to the watchdog's pipes nor keep them open
+    watch, _WATCH["watch"] = _WATCH["watch"], None
+    if watch is not None:
+        try:
+            signal.set_wakeup_fd(-1)
+        except ValueError:
+            pass
+        watch.close_in_child()
+
+
+os.register_at_fork(after_in_child=_forget_watch_in_child)
+
+
+@atexit.register
+def _end_watch() -> None:
+    # the watchdog leaves when its pipes close; waiting for it here leaves no defunct process behind
+    watch, _WATCH["watch"] = _WATCH["watch"], None
+    if watch is not None:
+        watch.stop()
+
+
 def install_preemption_handler(signals: Sequence[int] | None = None) -> tuple[int, ...]:
     """Make ``signals`` (default SIGUSR1, SIGUSR2, SIGTERM, SIGINT) set the checkpoint flag instead of
     killing.
 
     Idempotent; the handlers found first are remembered (``previous_handler``) and receive any
-    second signal. Only possible from the main thread: elsewhere it logs and installs nothing.
+    second signal. A second signal that the main thread cannot handle because it is blocked in C
+    code kills the process (``_StuckWatch``), unless the process already has a wakeup fd (an asyncio
+    loop). Only possible from the main thread: elsewhere it logs and installs nothing.
     """
     if threading.current_thread() is not threading.main_thread():
         log.warning("install_preemption_handler called off the main thread: no handler installed")
@@ -84,6 +214,8 @@ def install_preemption_handler(signals: Sequence[int] | None = None) -> tuple[in
             if current is not _on_preemption_signal:
                 _PREEMPT["previous"][sig] = current
                 signal.signal(sig, _on_preemption_signal)
+        if _WATCH["watch"] is None:
+            _WATCH["watch"] = _StuckWatch(sigs)
     return sigs
 
 
@@ -94,6 +226,9 @@ def uninstall_preemption_handler() -> None:
             if signal.getsignal(sig) is _on_preemption_signal:
                 signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
         _PREEMPT["previous"] = {}
+        watch, _WATCH["watch"] = _WATCH["watch"], None
+        if watch is not None:
+            watch.stop()
     clear_checkpoint_request()
 
 

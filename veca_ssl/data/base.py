@@ -92,11 +92,13 @@ class MapImageDataset(Dataset):
         prepare: Prepare | None = None,
         substitute: bool = False,
         skipped: list[dict[str, str]] | None = None,
+        count: bool = True,
     ) -> tuple[Image.Image, int, int]:
         """Decode item ``index``; return ``(rgb_image, target, used_index)``.
 
         ``prepare`` runs on the header-only image before pixels are decoded (see ``decode.py``).
-        Unusable items are counted in ``skip_counter`` and appended to ``skipped`` (records to carry to
+        Unusable items are counted in ``skip_counter`` (usable ones as seen; neither with ``count``
+        off, for an item the caller counted already) and appended to ``skipped`` (records to carry to
         the main process). Without ``substitute`` the first one raises :class:`UnreadableItem`; with
         it the next readable index is returned instead (``used_index`` tells which).
         """
@@ -109,13 +111,15 @@ class MapImageDataset(Dataset):
             try:
                 img = self._load_rgb(j, prepare)
             except UnreadableItem as err:
-                self.skip_counter.skip(err)
+                if count:
+                    self.skip_counter.skip(err)
                 if skipped is not None:
                     skipped.append(err.record())
                 if not substitute:
                     raise
                 continue
-            self.skip_counter.ok()
+            if count:
+                self.skip_counter.ok()
             return img, int(self.targets[j]), j
         raise UnreadableItem(type(self).__name__, f"no readable image among its {n} items", "unreadable")
 

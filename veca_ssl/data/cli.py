@@ -14,6 +14,9 @@ from veca_ssl.cli import HelpFormatter
 from .decode import DEFAULT_MAX_PIXELS
 from .errors import DataError
 
+_EMPTY_HELP = ("keep an image folder's class folder without images as a class with zero images (without it, "
+               "such a folder is an error naming it: leaving it out would shift every later label)")
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="veca data", formatter_class=HelpFormatter,
@@ -40,6 +43,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="stop when more than this fraction of the images is unreadable (0 to 1)")
     mk.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                     help=f"skip images with more pixels, without decoding them (default {DEFAULT_MAX_PIXELS}; 0 = no limit)")
+    mk.add_argument("--allow-empty-classes", action="store_true", help=_EMPTY_HELP)
 
     ins = sub.add_parser("inspect", formatter_class=HelpFormatter,
                          help="counts, classes, image sizes and a PNG grid of samples",
@@ -53,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     ins.add_argument("--json", action="store_true", help="print the summary as JSON")
     ins.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                      help="report images with more pixels as too large, without decoding them")
+    ins.add_argument("--allow-empty-classes", action="store_true", help=_EMPTY_HELP)
     return parser
 
 
@@ -75,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
                 overwrite=args.overwrite,
                 max_skip_fraction=args.max_skip_fraction,
                 max_pixels=args.max_pixels,
+                allow_empty_classes=args.allow_empty_classes,
             )
             print(
                 f"wrote {manifest['num_samples']} samples in {manifest['num_shards']} shard(s) "
@@ -83,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"use: {manifest['spec']}")
             return 0
         summary = inspect_dataset(args.spec, split=args.split, out=args.out, max_images=args.max_images,
-                                  num_samples=args.num_samples, max_pixels=args.max_pixels)
+                                  num_samples=args.num_samples, max_pixels=args.max_pixels,
+                                  allow_empty_classes=args.allow_empty_classes)
         print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
         return 0
     except (ValueError, OSError, DataError, RuntimeError) as err:

@@ -70,19 +70,21 @@ class SkipCounter:
         keep: how many skipped items are remembered (with their reasons) for reports.
         log: log each skipped item the first time (off for counters that sum records from processes
             that logged them already).
+        option: the setting named in the error (``data.max_skip_fraction`` in training; a command's
+            ``--max-skip-fraction``).
 
-    Raises (from :meth:`skip`, :meth:`ok` and :meth:`add` when ``enforce``):
-        DataSkipError naming the counts, the fraction, the threshold, ``data.max_skip_fraction`` and
-        the first bad items.
+    Raises (from :meth:`skip`, :meth:`ok` and :meth:`add` when ``enforce``; :meth:`check` always):
+        DataSkipError naming the counts, the fraction, the threshold, ``option`` and the first bad items.
     """
 
     def __init__(self, max_skip_fraction: float = 0.01, min_seen: int = 100, fail_fast: int = 10,
-                 enforce: bool = True, keep: int = 10, log: bool = True) -> None:
+                 enforce: bool = True, keep: int = 10, log: bool = True, option: str = SKIP_CONFIG_KEY) -> None:
         if not 0.0 <= float(max_skip_fraction) <= 1.0:
             raise ValueError(
-                f"{SKIP_CONFIG_KEY} must be a fraction in [0, 1], got {max_skip_fraction!r} "
+                f"{option} must be a fraction in [0, 1], got {max_skip_fraction!r} "
                 "(e.g. 0.01 tolerates 1% unreadable images)"
             )
+        self.option = option
         if min_seen < 1 or fail_fast < 1:
             raise ValueError(f"min_seen and fail_fast must be >= 1, got {min_seen}, {fail_fast}")
         self.max_skip_fraction = float(max_skip_fraction)
@@ -103,7 +105,7 @@ class SkipCounter:
         """Record ``n`` usable samples."""
         before = self.seen
         self.seen += int(n)
-        if self.skipped and before < self.min_seen <= self.seen:
+        if self.enforce and self.skipped and before < self.min_seen <= self.seen:
             self.check()
 
     def skip(self, item: str | UnreadableItem, error: BaseException | str = "", kind: str | None = None) -> None:
@@ -146,8 +148,8 @@ class SkipCounter:
         if self.seen >= self.min_seen and self.fraction > self.max_skip_fraction:
             raise DataSkipError(
                 f"{self.skipped} of {self.seen} samples were unusable ({self.fraction:.2%}), more than "
-                f"{SKIP_CONFIG_KEY}={self.max_skip_fraction:g} (first: {self._examples()}); repair or "
-                f"remove those files, or raise {SKIP_CONFIG_KEY}"
+                f"{self.option}={self.max_skip_fraction:g} (first: {self._examples()}); repair or "
+                f"remove those files, or raise {self.option}"
             )
 
     def _examples(self, n: int = 3) -> str:

@@ -94,9 +94,10 @@ def _inspect_map(ds: MapImageDataset, max_images: int, num_samples: int) -> tupl
         summary["mask_values"] = sorted(mask_values)
         summary["depth_range"] = depth_range if np.isfinite(depth_range[0]) else None
     images, captions = [], []
+    probed = set(probe.tolist())
     for i in np.unique(np.linspace(0, n - 1, min(n, num_samples)).astype(int)).tolist():
-        try:
-            img, target, _ = ds.load(i)  # counted in ds.skip_counter when unusable
+        try:  # an item is counted once: the size probe counted it already when it probed it
+            img, target, _ = ds.load(i, count=i not in probed)
         except UnreadableItem:
             continue
         images.append(img)
@@ -144,6 +145,7 @@ def inspect_dataset(
     max_images: int = 1000,
     num_samples: int = 16,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    allow_empty_classes: bool = False,
 ) -> dict[str, Any]:
     """Summarise the dataset named by ``spec``; write a grid of ``num_samples`` images to ``out``.
 
@@ -154,7 +156,7 @@ def inspect_dataset(
     """
     if max_images < 1 or num_samples < 0:
         raise ValueError(f"max_images must be >= 1 and num_samples >= 0, got {max_images}, {num_samples}")
-    ds = build_dataset(spec, split=split, max_pixels=max_pixels)
+    ds = build_dataset(spec, split=split, max_pixels=max_pixels, allow_empty_classes=allow_empty_classes)
     if isinstance(ds, WdsDataset):
         summary, images, captions = _inspect_wds(ds, max_images, num_samples)
     else:

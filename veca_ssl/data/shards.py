@@ -15,7 +15,9 @@ Crash safety — an interrupted run leaves either the old set or the new one, an
 
 1. New shards are written to ``DST/.make-shards-staging/`` (temporary ``.partial`` names, fsync, then
    renamed); a progress file lists the finished shards, so a rerun of the same command continues
-   after the last finished shard instead of starting over. ``DST`` is untouched meanwhile.
+   after the last finished shard instead of starting over — unless a source changed meanwhile (its
+   name, label, size or modification time: a file replaced under the same name), then it starts over.
+   ``DST`` is untouched meanwhile.
 2. When every shard (and, with ``--verify``, every re-read sample) is good, the new manifest is
    written into the staging folder and a commit journal into ``DST``; then the new shards are renamed
    into ``DST``, old shards that the new set does not have are removed, the manifest is renamed last
@@ -39,6 +41,8 @@ import numpy as np
 import webdataset as wds
 from tqdm import tqdm
 
+from veca_ssl.fileio import writing
+
 from .base import MapImageDataset
 from .decode import DEFAULT_MAX_PIXELS, Decoder, read_bytes
 from .errors import DataError, SkipCounter, UnreadableItem
@@ -49,18 +53,21 @@ from .specs import SPEC_KINDS, build_dataset
 from .tario import read_sample, scan_shard
 
 SHARD_NAME = "shard-%06d.tar"
+#: What to do after a failed write (the finished shards stay staged: a rerun continues after them).
+_CONTINUE = "rerun the same command: it continues after the shards finished so far"
 STAGING = ".make-shards-staging"
 PROGRESS = "progress.json"
 
 
-def _source_dataset(src: str, split: str | None, counter: SkipCounter, max_pixels: int | None) -> MapImageDataset:
+def _source_dataset(src: str, split: str | None, counter: SkipCounter, max_pixels: int | None,
+                    allow_empty_classes: bool = False) -> MapImageDataset:
     kind = src.partition(":")[0].lower()
     # the dataset keeps its own (recording) counter: make_shards counts each source once, in ``counter``
     common: dict[str, Any] = {"dense": False, "max_pixels": max_pixels, "max_skip_fraction": counter.max_skip_fraction}
     if kind in SPEC_KINDS and ":" in src or src in SPEC_KINDS:
-        ds = build_dataset(src, split=split, **common)
+        ds = build_dataset(src, split=split, allow_empty_classes=allow_empty_classes, **common)
     elif os.path.isdir(src):
-        ds = ImageFolderDataset(src, **common)
+        ds = ImageFolderDataset(src, allow_empty_classes=allow_empty_classes, **common)
     elif src.endswith(".npz"):
         ds = NpzDataset(src, **common)
     elif not os.path.exists(src):
@@ -93,6 +100,28 @@ def _encoded(ds: MapImageDataset, index: int, verify: bool) -> tuple[str, bytes]
     buf = io.BytesIO()
     rgb.save(buf, format="PNG")
     return "png", buf.getvalue()
+
+
+class _Sink:
+    """The shard file as the tar writer sees it: after a failed write (a full disk) every later write
+    is dropped, so the writer's stream, closed when it is collected, does not report a second error
+    on top of the first (the one that ends the run, naming the file)."""
+
+    def __init__(self, f: Any) -> None:
+        self.f, self.failed = f, False
+
+    def write(self, data: bytes) -> int:
+        if self.failed:
+            return len(data)
+        try:
+            return self.f.write(data)
+        except (OSError, ValueError):
+            self.failed = True
+            raise
+
+    def flush(self) -> None:
+        if not self.failed and not self.f.closed:
+            self.f.flush()
 
 
 def brace_pattern(dst: str | Path, num_shards: int) -> str:
@@ -146,14 +175,32 @@ def finish_commit(dst: Path) -> bool:
     return True
 
 
+def _stamp(path: str) -> str:
+    """Size and modification time (ns) of a source file; ``-`` when it cannot be read (skipped later)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return "-"
+    return f"{st.st_size}\t{st.st_mtime_ns}"
+
+
 def _identity(src: str, ds: MapImageDataset, split: str | None, shard_size: int, shuffle: bool, seed: int,
               verify: bool, max_pixels: int | None) -> dict[str, Any]:
-    """What a finished shard of an interrupted run must share with this run to be reused."""
+    """What a finished shard of an interrupted run must share with this run to be reused: the options,
+    and every source's name, label, size and modification time.
+
+    Size and mtime, not the bytes' hash: a replaced file gets a new mtime (cp, mv, a re-export), and a
+    stat per file costs a fraction of reading every image once more before any work starts (the same
+    trade make and rsync make). Files are stamped one by one; an in-memory source (an npz array) by
+    the file it was read from."""
     h = hashlib.sha256()
+    files = isinstance(ds, FileImageDataset)
+    whole = _stamp(ds.path) if isinstance(ds, NpzDataset) else ""
     for i in range(len(ds)):
-        h.update(f"{ds._name(i)}\t{int(ds.targets[i])}\n".encode("utf-8", "surrogateescape"))
-    return {"source": src, "split": split, "items": len(ds), "names_sha256": h.hexdigest(), "shard_size": shard_size,
-            "shuffle": shuffle, "seed": seed, "verify": verify, "max_pixels": max_pixels}
+        stamp = _stamp(ds.path(i)) if files else whole
+        h.update(f"{ds._name(i)}\t{int(ds.targets[i])}\t{stamp}\n".encode("utf-8", "surrogateescape"))
+    return {"source": src, "split": split, "items": len(ds), "sources_sha256": h.hexdigest(),
+            "shard_size": shard_size, "shuffle": shuffle, "seed": seed, "verify": verify, "max_pixels": max_pixels}
 
 
 def _resume_progress(staging: Path, identity: dict[str, Any]) -> list[dict[str, Any]]:
@@ -205,6 +252,7 @@ def make_shards(
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     progress: bool | None = None,
     on_shard: Callable[[int], None] | None = None,
+    allow_empty_classes: bool = False,
 ) -> dict[str, Any]:
     """Write ``dst/shard-000000.tar …`` from ``src`` crash-safely; return the manifest (with ``"spec"``).
 
@@ -215,12 +263,14 @@ def make_shards(
             (bytes, label, decode) before the new set replaces the old one.
         overwrite: replace an existing shard set in ``dst`` instead of refusing.
         on_shard: called with the shard number after each staged shard (tests interrupt here).
+        allow_empty_classes: keep an image folder's class folder without images as a class (listed in
+            the manifest's ``classes``) instead of refusing it.
     """
     if shard_size < 1:
         raise ValueError(f"--shard-size must be >= 1, got {shard_size}")
     dst = Path(dst).expanduser()
-    counter = SkipCounter(max_skip_fraction)
-    ds = _source_dataset(str(src), split, counter, max_pixels)  # a bad source leaves no destination behind
+    counter = SkipCounter(max_skip_fraction, option="--max-skip-fraction")
+    ds = _source_dataset(str(src), split, counter, max_pixels, allow_empty_classes)  # nothing made if it is bad
     try:
         dst.mkdir(parents=True, exist_ok=True)
     except FileExistsError:
@@ -250,32 +300,39 @@ def make_shards(
         partial = staging / (name + ".partial")
         written: list[tuple[str, int, str]] = []
         skipped: list[dict[str, str]] = []
-        with open(partial, "wb") as f:
-            sink = wds.TarWriter(f, mtime=0.0)
-            for index in order[i * shard_size:(i + 1) * shard_size].tolist():
-                bar.update(1)
-                try:
-                    ext, data = _encoded(ds, index, verify)
-                except UnreadableItem as err:
-                    skipped.append(err.record())
-                    counter.skip(err)
-                    continue
-                counter.ok()
-                label = int(ds.targets[index])
-                key = f"{index:0{width}d}"
-                meta = {"source": ds._name(index), "label": label,
-                        "class": classes[label] if classes and label >= 0 else None}
-                sink.write({"__key__": key, ext: data, "cls": str(label), "json": json.dumps(meta)})
-                written.append((key, label, hashlib.sha256(data).hexdigest()))
-            sink.close()
-            f.flush()
-            os.fsync(f.fileno())
+        with writing(partial, "shard", _CONTINUE):  # the cause is read once the partial file is gone
+            try:
+                with open(partial, "wb") as raw_file:
+                    f = _Sink(raw_file)
+                    sink = wds.TarWriter(f, mtime=0.0)
+                    for index in order[i * shard_size:(i + 1) * shard_size].tolist():
+                        bar.update(1)
+                        try:
+                            ext, data = _encoded(ds, index, verify)
+                        except UnreadableItem as err:
+                            skipped.append(err.record())
+                            counter.skip(err)
+                            continue
+                        counter.ok()
+                        label = int(ds.targets[index])
+                        key = f"{index:0{width}d}"
+                        meta = {"source": ds._name(index), "label": label,
+                                "class": classes[label] if classes and label >= 0 else None}
+                        sink.write({"__key__": key, ext: data, "cls": str(label), "json": json.dumps(meta)})
+                        written.append((key, label, hashlib.sha256(data).hexdigest()))
+                    sink.close()
+                    raw_file.flush()
+                    os.fsync(raw_file.fileno())
+            except BaseException:
+                partial.unlink(missing_ok=True)  # its space is free for the rerun the message asks for
+                raise
         os.replace(partial, staging / name)
         if verify:
             _verify_shard(staging / name, written, ds.decoder)
         done.append({"name": name, "count": len(written), "bytes": (staging / name).stat().st_size,
                      "skipped": skipped})
-        _write_json(staging / PROGRESS, {"identity": identity, "shards": done})
+        with writing(staging / PROGRESS, "the progress file", _CONTINUE):
+            _write_json(staging / PROGRESS, {"identity": identity, "shards": done})
         if on_shard is not None:
             on_shard(i)
     bar.close()
@@ -293,8 +350,10 @@ def make_shards(
         "shards": [{"name": e["name"], "count": e["count"], "bytes": e["bytes"]} for e in done],
         "identity": identity,
     }
-    _write_json(staging / MANIFEST_NAME, manifest)
+    with writing(staging / MANIFEST_NAME, "the manifest", _CONTINUE):
+        _write_json(staging / MANIFEST_NAME, manifest)
     new = [e["name"] for e in done]
-    _write_json(dst / COMMIT_JOURNAL, {"new": new, "remove": [n for n in old if n not in new]})
+    with writing(dst / COMMIT_JOURNAL, "the commit journal", _CONTINUE):
+        _write_json(dst / COMMIT_JOURNAL, {"new": new, "remove": [n for n in old if n not in new]})
     finish_commit(dst)
     return manifest

@@ -2,11 +2,14 @@
 
 Counts come from the ``manifest.json`` that ``veca data make-shards`` writes next to the shards (one
 entry per shard: name, sample count, byte size) — so a resumed run can skip whole shards by count
-without opening them. A shard the manifest does not describe, or whose byte size differs from the
-manifest's, is counted from its tar headers instead (``tario.scan_shard``; a warning says so).
+without opening them. A shard the manifest does not describe is counted from its tar headers
+instead (``tario.scan_shard``; a warning says so).
 
-A manifest count larger than what a (truncated) shard really holds is kept on purpose: the missing
-samples are then reported one by one as ``lost`` skips, so every lost sample counts.
+A shard whose byte size differs from the manifest's (truncated by a copy cut short or a full disk,
+unreadable, or replaced) keeps the manifest's count when it holds fewer samples: the missing samples
+are then reported one by one as ``lost`` skips (training counts them against
+``data.max_skip_fraction``; extraction lists them and every later row keeps its global index), so
+every lost sample counts. A warning names the shard.
 """
 
 from __future__ import annotations
@@ -84,11 +87,14 @@ class ShardSet:
         self._cache: OrderedDict[int, ShardIndex] = OrderedDict()
         self._cache_size = max(1, int(cache))
         self._warned = False
+        self._unlisted: list[int] = []  # shards in a directory whose manifest does not list them
+        self._manifests: dict[str, bool] = {}  # directory -> has a readable manifest
         by_dir: dict[str, list[int]] = {}
         for i, u in enumerate(self.urls):
             by_dir.setdefault(os.path.dirname(os.path.abspath(u)), []).append(i)
         for directory, members in by_dir.items():
             meta = read_manifest(directory)
+            self._manifests[directory] = meta is not None
             if meta is None:
                 continue
             self.classes = self.classes or meta.get("classes")
@@ -96,12 +102,20 @@ class ShardSet:
             for i in members:
                 entry = listed.get(os.path.basename(self.urls[i]))
                 if entry is None:
-                    continue
-                if int(entry.get("bytes", -1)) != os.path.getsize(self.urls[i]):
-                    logger.warning("wds: %s has %d bytes but the manifest says %s; counting its samples from "
-                                   "the tar headers", self.urls[i], os.path.getsize(self.urls[i]), entry.get("bytes"))
+                    self._unlisted.append(i)
                     continue
                 self._counts[i] = int(entry["count"])
+                size = os.path.getsize(self.urls[i])
+                if int(entry.get("bytes", -1)) != size:
+                    # truncated (a copy cut short, a full disk) or replaced: every sample the manifest
+                    # promises keeps its position, and those the file lacks are counted as lost; a file
+                    # holding more samples than promised is counted from its headers
+                    found = len(self.index(i))
+                    self._counts[i] = max(self._counts[i], found)
+                    logger.warning("wds: shard %s has %d bytes but %s lists %s; it holds %d of the %d samples "
+                                   "listed%s", self.urls[i], size, os.path.join(directory, MANIFEST_NAME),
+                                   entry.get("bytes"), found, int(entry["count"]),
+                                   "; the missing ones count as lost" if found < int(entry["count"]) else "")
 
     def __len__(self) -> int:
         return len(self.urls)
@@ -110,6 +124,17 @@ class ShardSet:
     def fully_counted(self) -> bool:
         """Whether every count is known without reading shards (a manifest describes them all)."""
         return all(c is not None for c in self._counts)
+
+    def why_not_counted(self) -> str | None:
+        """Why some counts are unknown (no manifest, or one that does not list a shard); None when all are."""
+        missing = [d for d, found in self._manifests.items() if not found]
+        if missing:
+            return f"{missing[0]} has no readable {MANIFEST_NAME}"
+        if self._unlisted:
+            first = self.urls[self._unlisted[0]]
+            return (f"the {MANIFEST_NAME} in {os.path.dirname(os.path.abspath(first))} does not list "
+                    f"{len(self._unlisted)} of the shards (e.g. {os.path.basename(first)})")
+        return None
 
     def count(self, i: int) -> int:
         """Samples in shard ``i`` (the manifest's promise, else what its headers hold)."""

@@ -120,11 +120,19 @@ def _resolve_path(kind: str, path: str, split: str | None, spec: str, split_if_p
 def stream_length(spec: str, split: str | None = None, split_if_present: bool = False) -> int | None:
     """Samples in the shards of a ``wds:`` spec when a manifest counts every one of them (no shard is
     opened), else ``None``."""
+    return stream_count(spec, split, split_if_present)[0]
+
+
+def stream_count(spec: str, split: str | None = None, split_if_present: bool = False) -> tuple[int | None, str | None]:
+    """``(samples, None)`` when a manifest counts every shard of a ``wds:`` spec, else ``(None, why not)``
+    (``(None, None)`` for other specs)."""
     kind, arg = parse_spec(spec)
     if kind != "wds":
-        return None
+        return None, None
     shards = ShardSet(expand_shards(_resolve_path(kind, arg, split, spec, split_if_present)))
-    return int(sum(shards.counts())) if shards.fully_counted else None
+    if not shards.fully_counted:
+        return None, shards.why_not_counted()
+    return int(sum(shards.counts())), None
 
 
 def check_spec(spec: str, split: str | None = None, split_if_present: bool = False) -> str:
@@ -159,6 +167,7 @@ def build_dataset(
     skip_counter: SkipCounter | None = None,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     split_if_present: bool = False,
+    allow_empty_classes: bool = False,
     **options: Any,
 ) -> Any:
     """Build the dataset named by ``spec`` (see the module docstring).
@@ -172,6 +181,8 @@ def build_dataset(
         max_skip_fraction: tolerated fraction of unreadable images (config ``data.max_skip_fraction``).
         skip_counter: share one counter between datasets (overrides ``max_skip_fraction``).
         max_pixels: images declaring more pixels are skipped before decoding (``data.max_pixels``).
+        allow_empty_classes: ``imagefolder``: keep a class folder without images as a class with zero
+            images instead of refusing it (other kinds ignore it).
         options: kind-specific options: ``dense`` (map-style: None/True/False, see ``MapImageDataset``),
             WebDataset streaming options (``shuffle_buffer``, ``endless``, ``seed``, ``rank``, …).
 
@@ -196,6 +207,7 @@ def build_dataset(
     else:
         spec_str = spec
     kind, arg = parse_spec(spec_str)
+    allow_empty_classes = bool(options.pop("allow_empty_classes", allow_empty_classes))  # from a config block
     unknown = set(options) - _OPTIONS[kind]
     if unknown:
         raise ValueError(
@@ -213,7 +225,8 @@ def build_dataset(
         return TexturesDataset(split=split, transform=transform, **parsed, **common, **options)
     path = _resolve_path(kind, arg, split, spec_str, split_if_present)
     if kind == "imagefolder":
-        return ImageFolderDataset(path, transform=transform, **common, **options)
+        return ImageFolderDataset(path, transform=transform, allow_empty_classes=allow_empty_classes, **common,
+                                  **options)
     if kind == "filelist":
         return FileListDataset(path, transform=transform, **common, **options)
     if kind == "npz":

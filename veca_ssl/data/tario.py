@@ -62,6 +62,14 @@ def _add(index: ShardIndex, name: str, offset: int, size: int) -> None:
     index.members[-1][ext.lower()] = (offset, size)
 
 
+def _drop_partial(index: ShardIndex, cut_member: str) -> None:
+    """The sample a cut-off member belongs to is incomplete: leave it out (it counts as lost)."""
+    match = _KEY_EXT.match(cut_member)
+    if match is not None and index.keys and index.keys[-1] == match.group(1):
+        index.keys.pop()
+        index.members.pop()
+
+
 def _octal(field: bytes) -> int:
     text = field.rstrip(b"\0 ").lstrip(b" ")
     return int(text, 8) if text else 0
@@ -94,6 +102,8 @@ def _scan_ustar(path: str, size: int) -> ShardIndex | None:
             if len(header) < 512:
                 if header.strip(b"\0") or offset < size:
                     index.problem = f"tar headers end early at byte {offset}"
+                else:  # every tar writer ends with zero blocks: a file that stops at a header was cut
+                    index.problem = f"the file ends at byte {size} without the tar end-of-archive blocks"
                 return index
             if not header.strip(b"\0"):  # end-of-archive block
                 return index
@@ -129,14 +139,15 @@ def _scan_ustar(path: str, size: int) -> ShardIndex | None:
             elif kind in (b"0", b"\0", b"7"):
                 if b"size" in pending:
                     member_size = int(pending[b"size"])
-                if data + member_size > size:  # header present, data cut off
-                    index.problem = f"a member is cut off at byte {size}"
-                    return index
                 name = header[:100].split(b"\0", 1)[0]
                 if header[257:262] == b"ustar" and header[345]:
                     name = header[345:500].split(b"\0", 1)[0] + b"/" + name
-                name = pending.get(b"path", name)
-                _add(index, name.decode("utf-8", "surrogateescape"), data, member_size)
+                name = pending.get(b"path", name).decode("utf-8", "surrogateescape")
+                if data + member_size > size:  # header present, data cut off
+                    index.problem = f"member {name} is cut off at byte {size}"
+                    _drop_partial(index, name)
+                    return index
+                _add(index, name, data, member_size)
                 pending = {}
             else:
                 pending = {}
@@ -164,6 +175,7 @@ def _scan_tarfile(path: str, size: int) -> ShardIndex:
                 continue
             if info.offset_data + info.size > size:  # header present, data cut off
                 index.problem = f"member {info.name} is cut off at byte {size}"
+                _drop_partial(index, info.name)
                 break
             _add(index, info.name, info.offset_data, info.size)
     return index

@@ -22,9 +22,9 @@ resumable at any sample without decoding — or even opening — what came befor
   starts at worker 0, so each reader's own count follows, and worker ``w`` of a resumed loader plays
   reader stream ``(w + batches) mod K``. Whole visits are skipped by their counts from the manifest;
   inside the current window only the samples still to come are read (by seek), none is decoded.
-- An unusable sample (corrupt image, bad label, sample lost from a truncated shard) is counted and
-  replaced by the next usable one of the same window (in window order), so every position yields
-  exactly one sample and positions stay exact whatever the data holds.
+- An unusable sample (corrupt image, bad label, sample lost from a truncated shard) is counted once,
+  at its own position, and replaced by the next usable one of the same window (in window order), so
+  every position yields exactly one sample and positions stay exact whatever the data holds.
 - Changing the world size, the number of workers, the per-rank batch or the window on resume starts
   a new *segment*: its readers continue at the first visit of Σ that no old reader had started.
   Nothing is read twice (no sample repeats within an epoch); the unread rest of the interrupted visits
@@ -389,7 +389,14 @@ class WdsDataset(IterableDataset):
 
     def _usable(self, make: Callable[[RawSample, int], T], seed: int, candidates: Iterator[int], rmap: _ReaderMap,
                 lo: int, files: _Files, raw: dict[int, RawSample]) -> tuple[T, list[dict[str, str]]]:
+        """The sample of one position: its own (the first candidate) or the first usable substitute.
+
+        Only the position's own sample is recorded when unusable: every substitute is some position's own
+        sample in this window or a later one of this reader, and is counted there, so each unusable
+        sample counts once per visit however many positions try it."""
         skipped: list[dict[str, str]] = []
+        first: UnreadableItem | None = None
+        tried = 0
         for q in candidates:
             if q not in raw:  # a substitute from the part of the window read before a resume
                 self._load_window(rmap, lo, [q], files, raw)
@@ -399,13 +406,16 @@ class WdsDataset(IterableDataset):
                     raise sample.problem
                 item = make(sample, seed)
             except UnreadableItem as err:
-                self.skip_counter.skip(err)
-                skipped.append(err.record())
+                if not tried:
+                    self.skip_counter.skip(err)
+                    skipped.append(err.record())
+                first, tried = first or err, tried + 1
                 continue
             self.skip_counter.ok()
             return item, skipped
-        raise DataError(f"wds: {len(skipped)} consecutive samples are unusable (e.g. {skipped[0]['item']}: "
-                        f"{skipped[0]['reason']}); check the shards")
+        assert first is not None
+        raise DataError(f"wds: {tried} consecutive samples are unusable (e.g. {first.item}: {first.reason}); check "
+                        f"the shards")
 
     # -- one pass ------------------------------------------------------------------------------------
     def subset(self, start: int, stop: int) -> WdsDataset:

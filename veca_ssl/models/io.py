@@ -205,6 +205,8 @@ def _torch_load(path: Path, map_location) -> object:
         fileio.verify_file(path)  # torch.load does not notice flipped bytes inside a tensor
     except fileio.CorruptFileError as exc:
         raise ValueError(f"cannot read checkpoint {path}: {exc}") from None
+    if fileio.is_plain_pickle(path):
+        raise ValueError(f"cannot read checkpoint {path}: {fileio.PLAIN_PICKLE}")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:

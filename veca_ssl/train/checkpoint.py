@@ -21,7 +21,6 @@ from __future__ import annotations
 import os
 import pickle
 import re
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -62,6 +61,17 @@ def set_rng_state(state: dict) -> None:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
+
+
+def _tensor_bytes(obj: object) -> int:
+    """Bytes of the tensors in a (nested) checkpoint state."""
+    if torch.is_tensor(obj):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, list | tuple):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
 
 
 def state_mismatch(expected: dict[str, torch.Tensor], found: object, what: str) -> str | None:
@@ -116,15 +126,20 @@ class CheckpointManager:
         Raises ``CheckpointError`` (the previous checkpoints are untouched) when it cannot be written."""
         final = self.path(step)
         try:
-            with fileio.atomic_path(final, checksum=True) as tmp:
-                torch.save({"format": CHECKPOINT_FORMAT, **state}, tmp)
+            # through a file object of ours: when a write fails, ``with`` closes it at once (a file torch
+            # opens itself can stay open, unlinked and holding its space, while the error is handled),
+            # and the OSError (ENOSPC, EROFS, ...) stays the cause of torch's error
+            with fileio.atomic_path(final, checksum=True) as tmp, open(tmp, "wb") as f:
+                torch.save({"format": CHECKPOINT_FORMAT, **state}, f)
         except Exception as exc:
-            free = shutil.disk_usage(self.directory).free if self.directory.is_dir() else 0
+            cause, remedy = fileio.write_failure(exc, final)
             previous = self.latest()
             intact = f"The newest intact checkpoint is {previous}" if previous else "No checkpoint was written yet"
-            raise CheckpointError(
-                f"cannot write checkpoint {final}: {_first_line(exc)} ({free / 2**20:.0f} MiB free on that "
-                f"filesystem). {intact}; free space (or lower train.keep_last) and rerun to resume.") from exc
+            if fileio.is_disk_full(exc):
+                cause += f"; a checkpoint of this run takes about {fileio.human_bytes(_tensor_bytes(state))}"
+                remedy += " (or lower train.keep_last)"
+            raise CheckpointError(f"cannot write checkpoint {final}: {cause}. {intact}; {remedy} and rerun the same "
+                                  f"command to resume.") from exc
         self._prune()
         return final
 
@@ -165,6 +180,8 @@ class CheckpointManager:
         """Read a checkpoint, never unpickling objects (``weights_only=True``). With ``verify`` its
         sha256 (or its zip CRCs) is checked first. Raises ``CheckpointError`` naming the file and why."""
         path = Path(path)
+        if fileio.is_plain_pickle(path):
+            raise CheckpointError(f"{path}: {fileio.PLAIN_PICKLE}")
         try:
             if verify:
                 fileio.verify_file(path)
@@ -182,7 +199,9 @@ class CheckpointManager:
                 raise CheckpointError(f"{path}: holds a pickled Python object ({found.group(1)}), which is never "
                                       "loaded (only tensors and plain containers are): not a veca-ssl checkpoint") from None
             detail = re.search(r"WeightsUnpickler error: ([^\n]+)", text)
-            raise CheckpointError(f"{path}: unreadable ({detail.group(1) if detail else _first_line(exc)})") from None
+            # never torch's first line: it advises weights_only=False, exactly what must not be done here
+            raise CheckpointError(f"{path}: unreadable ({detail.group(1) if detail else 'not a torch checkpoint'})") \
+                from None
         except Exception as exc:  # torch raises RuntimeError/EOFError/... for damaged archives
             raise CheckpointError(f"{path}: unreadable ({_first_line(exc)})") from None
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:

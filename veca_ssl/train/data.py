@@ -22,7 +22,9 @@ ranks stop together with the same message.
 
 from __future__ import annotations
 
+import atexit
 import logging
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -37,6 +39,16 @@ from veca_ssl.train.multires import MultiResSchedule
 
 log = logging.getLogger("veca_ssl.train")
 
+#: Loaders not closed yet: closed at interpreter exit at the latest (``TrainData.close``). This module
+#: is imported after torch, so the handler runs before torch's and multiprocessing's exit handlers.
+_OPEN: weakref.WeakSet[TrainData] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_loaders() -> None:
+    for data in list(_OPEN):
+        data.close()
+
 
 def build_train_dataset(cfg: DictConfig) -> Any:
     """The dataset of ``cfg.data.train`` (``data.split`` where the spec has splits; a spec naming one
@@ -49,7 +61,8 @@ def build_train_dataset(cfg: DictConfig) -> Any:
         if parse_spec(str(d.train))[0] == "wds":  # the endless, resumable training stream
             options = {"endless": True, "shuffle_buffer": d.shuffle_buffer, "resampled": d.resampled, "seed": cfg.seed}
         return build_dataset(str(d.train), split=d.split, split_if_present=True, max_pixels=d.max_pixels,
-                             max_skip_fraction=d.max_skip_fraction, **options)
+                             max_skip_fraction=d.max_skip_fraction, allow_empty_classes=d.allow_empty_classes,
+                             **options)
     except (ValueError, OSError) as exc:
         raise ConfigError(f"data.train={d.train}: {exc}") from None
 
@@ -147,6 +160,7 @@ class TrainData:
         self.loader = build_train_loader(cfg, dataset, patch_size, info, start_sample, multires=multires,
                                          start_step=start_step)
         self._batches: Iterator[dict[str, Any]] | None = None
+        _OPEN.add(self)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return self
@@ -159,6 +173,24 @@ class TrainData:
         batch = next(self._batches)
         self.local.add(batch.pop("data_seen", 0), batch.pop("data_skips", ()))
         return batch
+
+    def close(self) -> None:
+        """Shut the loader's worker processes down now (idempotent; the next batch would start new ones).
+
+        Called when a run ends, by error too: the workers ignore stop signals (``ignore_in_worker``),
+        so a loader left to the interpreter's exit would have ``multiprocessing`` SIGTERM and then wait
+        for them forever. A worker that does not leave within the loader's own grace time is killed."""
+        batches, self._batches = self._batches, None
+        shutdown = getattr(batches, "_shutdown_workers", None)
+        if shutdown is None:  # no iterator yet, or no worker processes
+            return
+        try:
+            shutdown()
+        finally:
+            for worker in getattr(batches, "_workers", []):
+                if worker.is_alive():
+                    worker.kill()
+                    worker.join(timeout=5)
 
     def _global(self, counts: list[int], records: list[dict[str, str]]) -> SkipCounter:
         total = SkipCounter(self.max_skip_fraction, log=False)

@@ -334,6 +334,12 @@ def _final_resolution(run: Run) -> int:
     return int(run.cfg.crops.global_size)
 
 
+def _rewrite(run: Run) -> str:
+    """What to do when an output of a finished run cannot be written (``fileio.writing``)."""
+    return (f"rerun the same command: it resumes from the last checkpoint {run.last_checkpoint}, which holds the "
+            f"finished run, and writes it")
+
+
 def finish(run: Run, steps_done: int) -> dict:
     """Export the EMA backbone, the final k-NN table (and distillation report) and ``summary.json``;
     release the output directory. The export records the step its weights come from."""
@@ -346,9 +352,10 @@ def finish(run: Run, steps_done: int) -> dict:
         if run.main:
             # the resolution it was trained at (the last multi-resolution phase's largest side) lets
             # evaluation default to it
-            export = save_backbone(ema, run.output_dir / "export" / "teacher.safetensors",
-                                   extra={"steps": steps_done, "mode": run.cfg.mode,
-                                          "resolution": _final_resolution(run)})
+            target = run.output_dir / "export" / "teacher.safetensors"
+            with fileio.writing(target, "the exported teacher backbone", _rewrite(run)):
+                export = save_backbone(ema, target, extra={"steps": steps_done, "mode": run.cfg.mode,
+                                                           "resolution": _final_resolution(run)})
             summary["export"] = str(export)
         if run.monitor is not None:
             summary["knn"] = run.monitor.final(ema)
@@ -360,7 +367,8 @@ def finish(run: Run, steps_done: int) -> dict:
 
                 summary["distill_report"] = distillation_report(run.method, run.cfg, run.info.device, teacher)
         if run.main:
-            fileio.atomic_write_json(run.output_dir / "summary.json", summary, default=str)
+            with fileio.writing(run.output_dir / "summary.json", "the run summary", _rewrite(run)):
+                fileio.atomic_write_json(run.output_dir / "summary.json", summary, default=str)
     run.logger.close()
     if run.lock is not None:
         run.lock.release()
@@ -369,7 +377,12 @@ def finish(run: Run, steps_done: int) -> dict:
 
 def train(cfg: DictConfig) -> dict:
     """Train from ``cfg`` (validated by ``veca_ssl.config.load_config``); resume automatically from
-    ``<output_dir>/checkpoints``. Returns a summary dict."""
+    ``<output_dir>/checkpoints``. Returns a summary dict.
+
+    However the run ends, its loader workers are shut down and its lock released before this returns
+    or raises: an error (a failed write, too many unusable samples) ends the process at once instead of
+    leaving it waiting for workers that ignore stop signals."""
+    run = None
     try:
         run = setup(cfg)
         show = bool(run.main and cfg.train.progress)
@@ -385,7 +398,7 @@ def train(cfg: DictConfig) -> dict:
                 stop, record = train_step(run, step)
             except MetricsWriteError as exc:
                 raise MetricsWriteError(f"{exc}. The run stopped; its newest checkpoint is "
-                                        f"{run.last_checkpoint or '(none yet)'}: free space and rerun the same "
+                                        f"{run.last_checkpoint or '(none yet)'}: {exc.remedy} and rerun the same "
                                         f"command to resume.") from exc
             steps_done = step + 1
             if record is not None:
@@ -401,13 +414,27 @@ def train(cfg: DictConfig) -> dict:
         bar.close()
         if lines is not None:
             lines.close()
+        run.data.close()  # the workers' memory is free for the export and the final evaluation
         return finish(run, steps_done)
     finally:
+        if run is not None:
+            _release(run)
         RunLock.release_held(cfg.output_dir)  # after an error: the next run must find the directory free
 
 
 def _print_stderr(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
+
+
+def _release(run: Run) -> None:
+    """What a run holds besides its lock: the loader's worker processes and the metric writers."""
+    try:
+        run.data.close()
+    finally:
+        try:
+            run.logger.close()
+        except Exception as exc:  # e.g. TensorBoard on a full disk: the error that ended the run matters more
+            log.warning("closing the metric writers failed: %s", exc)
 
 
 def _report_stop(run: Run, steps_done: int) -> None:

@@ -2,8 +2,8 @@
 
 Every failure ends as one message on stderr and a non-zero exit, without a traceback: 2 for what the
 user can fix (a config value, a locked or unusable output directory, a refused resume, a diverged
-run, a full disk), 1 for anything unexpected (its traceback also goes to ``<output_dir>/error.log``),
-130 after a second Ctrl-C. ``--debug`` shows the traceback instead. At start-up the process sets its
+run, a failed write: a full disk, a read-only or unwritable directory), 1 for anything unexpected
+(its traceback also goes to ``<output_dir>/error.log``), 130 after a second Ctrl-C. ``--debug`` shows the traceback instead. At start-up the process sets its
 CPU threads by ``train.num_threads`` (``veca_ssl.threads``).
 """
 
@@ -58,13 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors whose message already says what happened and what to do."""
     from veca_ssl.data.errors import DataError
+    from veca_ssl.fileio import WriteError
     from veca_ssl.train.checkpoint import CheckpointError
     from veca_ssl.train.lock import RunLockedError
     from veca_ssl.train.loop import NonFiniteLossError
     from veca_ssl.train.metrics import MetricsWriteError
 
-    # DataError: too many unusable samples, a half-replaced shard set, ...
-    return ConfigError, CheckpointError, RunLockedError, NonFiniteLossError, MetricsWriteError, DataError
+    # DataError: too many unusable samples, a half-replaced shard set, ...; WriteError: a full disk, a
+    # read-only or unwritable directory
+    return (ConfigError, CheckpointError, RunLockedError, NonFiniteLossError, MetricsWriteError, DataError,
+            WriteError)
 
 
 def _is_main_process() -> bool:

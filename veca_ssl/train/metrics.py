@@ -12,8 +12,8 @@ repaired when a run starts (``MetricLogger(..., resume_step=N)``):
   newline or its closing brace. ``read_metrics`` drops it too (with a warning), so a crashed run's
   metrics stay readable.
 
-A failed append (disk full, quota) raises ``MetricsWriteError`` naming the file; the TensorBoard
-events get the same treatment through ``purge_step``.
+A failed append (disk full, quota, read-only, permissions) raises ``MetricsWriteError`` naming the
+file and the cause; the TensorBoard events get the same treatment through ``purge_step``.
 """
 
 from __future__ import annotations
@@ -32,7 +32,10 @@ log = logging.getLogger(__name__)
 
 
 class MetricsWriteError(OSError):
-    """``metrics.jsonl`` could not be appended to (disk full, quota, permissions)."""
+    """``metrics.jsonl`` could not be appended to (disk full, quota, permissions); ``remedy`` says what
+    to do (``fileio.write_failure``)."""
+
+    remedy = "fix that"
 
 
 def _parse_lines(path: Path) -> tuple[list[dict], bool]:
@@ -145,9 +148,10 @@ class MetricLogger:
             with open(self.path, "a") as f:  # one write per record: a kill tears at most the last line
                 f.write(line)
         except OSError as exc:
-            reason = "the disk is full" if fileio.is_disk_full(exc) else exc.strerror or str(exc)
+            cause, remedy = fileio.write_failure(exc, self.path)
+            reason = f"the disk is full ({cause})" if fileio.is_disk_full(exc) else cause
             error = MetricsWriteError(f"cannot append step {step} to {self.path}: {reason}")
-            error.errno = exc.errno
+            error.errno, error.remedy = exc.errno, remedy
             raise error from exc
         if self.writer is not None:
             for k, v in record.items():

@@ -75,8 +75,18 @@ class KnnMonitor:
 
         m = cfg.train.knn_monitor
         self.k, self.resolution, self.device = int(m.k), int(m.resolution), device
-        self.train_set = build_dataset(m.dataset, split=m.train_split)
-        self.val_set = build_dataset(m.dataset, split=m.val_split)
+        from veca_ssl.config import ConfigError
+        from veca_ssl.data.folder import check_same_classes
+
+        empty = bool(cfg.data.get("allow_empty_classes", False))
+        try:
+            self.train_set = build_dataset(m.dataset, split=m.train_split, allow_empty_classes=empty)
+            self.val_set = build_dataset(m.dataset, split=m.val_split, allow_empty_classes=empty)
+            check_same_classes({f"split {m.train_split}": getattr(self.train_set, "classes", None),
+                                f"split {m.val_split}": getattr(self.val_set, "classes", None)},
+                               hint=" (a class folder without images is kept with data.allow_empty_classes=true)")
+        except (ValueError, OSError) as exc:
+            raise ConfigError(f"train.knn_monitor.dataset={m.dataset}: {exc}") from None
         if m.max_train and len(self.train_set) > m.max_train:
             targets = getattr(self.train_set, "targets", None)
             if targets is None or len(targets) != len(self.train_set):
@@ -135,7 +145,8 @@ class KnnMonitor:
         the data over the ranks."""
         result = self.evaluate(backbone)
         if write:
-            fileio.atomic_write_json(self.before_path, result)
+            with fileio.writing(self.before_path, "the k-NN table of the untrained network"):
+                fileio.atomic_write_json(self.before_path, result)
 
     def untrained_backbone(self) -> Backbone:
         """The network at step 0, rebuilt: training builds it first thing after seeding with

@@ -151,8 +151,9 @@ def open_run_dir(cfg: DictConfig, out: Path, lock: RunLock, checkpoints: Checkpo
         if changes:
             log.warning("continuing %s with a changed config (train.allow_config_change=true):\n%s", path.name,
                         format_changes(changes))
-    _keep_previous_config(cfg, out, start_step)
-    save_config(cfg, out / "config.yaml")
+    with fileio.writing(out / "config.yaml", "the resolved config"):
+        _keep_previous_config(cfg, out, start_step)
+        save_config(cfg, out / "config.yaml")
     return path, state
 
 

@@ -260,14 +260,14 @@ def save(directory: str | Path, step: int, method: Any, optimizer: torch.optim.O
         mine = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
                 for p in sorted(tmp.glob(f"__{rank}_*.distcp"))}
     except Exception as exc:
-        raise CheckpointError(f"cannot write sharded checkpoint {final}: {_first_line(exc)}") from exc
+        raise CheckpointError(_write_error(final, exc)) from exc
     gathered: list[Any] = vd.all_gather_object(mine)
     error = None
     if rank == 0:
         try:
             _finalise(directory, tmp, final, step, gathered, meta, keep_last, keep_every)
         except Exception as exc:
-            error = f"cannot write sharded checkpoint {final}: {_first_line(exc)}"
+            error = _write_error(final, exc)
     # every rank learns rank 0's outcome: all stop together, none waits in a collective
     error = vd.broadcast_object(error, src=0)
     if error is not None:
@@ -275,8 +275,11 @@ def save(directory: str | Path, step: int, method: Any, optimizer: torch.optim.O
     return final
 
 
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+def _write_error(final: Path, exc: BaseException) -> str:
+    """One message for a sharded checkpoint that could not be written: the real cause and the way out."""
+    cause, remedy = fileio.write_failure(exc, final)
+    return (f"cannot write sharded checkpoint {final}: {cause}. The previous checkpoints are intact; {remedy} and "
+            f"rerun the same command to resume.")
 
 
 def _finalise(directory: Path, tmp: Path, final: Path, step: int, gathered: list[dict], meta: dict,
